@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpod.cli import main
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_data_stats_json_on_gsm8k_train(shared_data: Path, capsys) -> None:
+    code, out, _ = run(["data", "stats", str(shared_data / "gsm8k/train.jsonl"), "--json"], capsys)
+    stats = json.loads(out)
+    assert code == 0
+    assert stats["n_examples"] == 7473 and stats["n_questions"] == 7473
+    assert stats["answer_parse_rate"] == 1.0
+    assert 3.0 < stats["mean_steps"] < 4.5
+
+
+@pytest.mark.parametrize("name", ["gsm8k/test.jsonl", "asdiv-gpt35/train.json", "asdiv-gpt35/test.json"])
+def test_gold_answers_parse_completely(shared_data: Path, capsys, name: str) -> None:
+    code, out, _ = run(["data", "stats", str(shared_data / name), "--json"], capsys)
+    assert code == 0 and json.loads(out)["answer_parse_rate"] == 1.0
+
+
+def test_stats_table_and_problems(tmp_path: Path, capsys) -> None:
+    rows = [{"question": "q1", "answer": "1 + 1 = 2\n#### 3"}, {"question": "q2", "answer": "x\n#### ?"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(["data", "stats", str(path), "--skip-invalid"], capsys)
+    assert code == 0
+    assert "answer parse rate  50.00 %" in out
+    assert "skipped 1 records" in out
+    assert "end on a number other than the gold answer" in out
+
+
+def test_synth_then_stats(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "arith.jsonl"
+    code, out, _ = run(["data", "synth", "arithmetic", "-n", "50", "--out", str(out_file)], capsys)
+    assert code == 0 and "wrote 50" in out
+    code, out, _ = run(["data", "stats", str(out_file), "--json"], capsys)
+    stats = json.loads(out)
+    assert stats["n_examples"] == 50 and stats["answer_parse_rate"] == 1.0
+
+
+def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "a\\n#### 1"}\n{"question": "q2"}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "kpod.cli", "data", "stats", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"kpod: error: {path}, line 2, field 'answer': missing field"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_explains_every_subcommand(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "stats", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--format", "--skip-invalid", "--keep-calculator", "--columns", "--json", "--tokenizer"):
+        assert option in out
