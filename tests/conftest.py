@@ -13,3 +13,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (present beside every kpod checkout and in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory) -> Path:
+    """A tiny random LLaMA-style causal LM with a tiny BPE tokenizer and a chat template."""
+    from tiny_models import build_causal
+
+    return build_causal(tmp_path_factory.mktemp("tiny-causal"))
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory) -> Path:
+    """A tiny random T5-style encoder-decoder with the same tokenizer."""
+    from tiny_models import build_seq2seq
+
+    return build_seq2seq(tmp_path_factory.mktemp("tiny-seq2seq"))

