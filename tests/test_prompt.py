@@ -89,6 +89,6 @@ def test_tokenized_segments_rebuild_each_piece(tiny_causal, style: str) -> None:
     t = tokenize_rendered(r, tok, fmt)
     assert len(t.input_ids) == len(t.segments)
     for seg, span in enumerate([*r.steps, r.answer]):
-        pieces = [tok.decode([i]) for i, s in zip(t.input_ids, t.segments) if s == seg]
+        pieces = [tok.decode([i]) for i, s in zip(t.input_ids, t.segments, strict=True) if s == seg]
         assert "".join(pieces).strip() == r.text[span.start : span.end]
     assert t.segments == sorted(t.segments)  # pieces never interleave
