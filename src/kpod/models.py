@@ -217,10 +217,10 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable; older releases only have the old name.
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None:
         from peft import LoraConfig, TaskType, get_peft_model
