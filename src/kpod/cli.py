@@ -100,6 +100,89 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kpod.io import write_jsonl
+    from kpod.teacher.client import ChatClient, RetryPolicy, api_key_from_env
+    from kpod.teacher.generate import (
+        GenerationSettings,
+        TeacherPrompt,
+        filter_rationales,
+        generate_rationales,
+        questions_of,
+    )
+    from kpod.teacher.store import RationaleStore
+
+    examples, report = _load(args)
+    questions = questions_of(examples)[: args.limit] if args.limit else questions_of(examples)
+    settings = GenerationSettings(
+        n_samples=args.n,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        concurrency=args.concurrency,
+    )
+    prompt = TeacherPrompt(system=args.system or None)
+    if (args.base_url is None) == (args.local_model is None):
+        raise KpodError("name exactly one teacher: --base-url URL --model NAME, or --local-model PATH")
+    if args.base_url is not None:
+        if not args.model:
+            raise KpodError("--base-url needs --model, the teacher model's name on that server")
+        teacher = ChatClient(
+            args.base_url,
+            args.model,
+            api_key=api_key_from_env(args.api_key_env),
+            policy=RetryPolicy(max_retries=args.max_retries, timeout_s=args.timeout),
+            max_requests=args.max_requests,
+        )
+        server = args.base_url
+    else:
+        from kpod.teacher.local import LocalTeacher
+
+        teacher = LocalTeacher(args.local_model)
+        server = "local"
+
+    async def run():
+        try:
+            with RationaleStore(args.store) as store:
+                summary = await generate_rationales(
+                    questions, teacher, store, settings, prompt, server=server, progress=not args.quiet
+                )
+                return summary, list(store)
+        finally:
+            await teacher.aclose()
+
+    summary, records = asyncio.run(run())
+    for line in summary.lines():
+        print(line)
+    kept, filtered = filter_rationales(
+        records, teacher=teacher.model, prompt_hash=prompt.hash, keep_incorrect=args.keep_incorrect
+    )
+    wanted = {q.qid for q in questions}
+    kept = [e for e in kept if e.qid in wanted]
+    print(filtered.line())
+    if args.out:
+        write_jsonl(args.out, [e.to_dict() for e in kept])
+        print(f"wrote {len(kept)} examples to {args.out} (format: kpod)")
+    return 1 if summary.left_undone else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kpod.serve import serve
+    from kpod.teacher.client import api_key_from_env
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        model_id=args.model_id,
+        api_key=api_key_from_env(args.api_key_env),
+        fault_rate=args.inject_faults,
+        precision=args.precision,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +222,73 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", type=Path, required=True, help="output JSONL file")
     synth.set_defaults(func=cmd_data_synth)
+
+    teacher = sub.add_parser("teacher", help="generate teacher rationales")
+    teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="SUBCOMMAND")
+    teacher_sub.required = True
+    gen = teacher_sub.add_parser(
+        "generate",
+        help="ask a teacher LLM for step-by-step rationales, resumably",
+        description="Prompt a teacher (any OpenAI-compatible server, or a local model) with the paper's "
+        "zero-shot chain-of-thought prompt for every question of a data file, n samples each. "
+        "Completions go to an append-only store (--store) that survives a crash; a re-run "
+        "generates only what is missing. Rationales whose final answer matches the gold answer "
+        "are written to --out as kpod JSONL. Exit code 1 when samples were left undone.",
+    )
+    _add_load_options(gen)
+    gen.add_argument(
+        "--base-url", help="API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
+    )
+    gen.add_argument("--model", help="the teacher model's name on that server")
+    gen.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key (the key is never logged or stored)",
+    )
+    gen.add_argument(
+        "--local-model", help="use a local Hugging Face model as the teacher instead of a server"
+    )
+    gen.add_argument("--store", type=Path, required=True, help="append-only JSONL store of completions")
+    gen.add_argument("--out", type=Path, help="write the answer-filtered rationales here (kpod JSONL)")
+    gen.add_argument("-n", type=int, default=1, help="samples per question (default 1)")
+    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    gen.add_argument("--max-tokens", type=int, default=512, help="completion length limit (default 512)")
+    gen.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
+    gen.add_argument("--max-requests", type=int, help="request budget of this run, retries included")
+    gen.add_argument("--max-retries", type=int, default=6, help="retries per request (default 6)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    gen.add_argument("--limit", type=int, help="only the first N questions")
+    gen.add_argument("--system", help="the teacher's system message (default: asks for the answer phrase)")
+    gen.add_argument(
+        "--keep-incorrect",
+        action="store_true",
+        help="also keep rationales whose answer is wrong (default: drop)",
+    )
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_teacher_generate)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve a local model over an OpenAI-compatible API",
+        description="Serve any local model (a distilled student included) at /v1/chat/completions, "
+        "streaming included, so that OpenAI clients can talk to it.",
+    )
+    srv.add_argument("model", help="local directory, hub id, or smollm2-135m-instruct")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--model-id", help="the model name clients use (default: MODEL)")
+    srv.add_argument(
+        "--api-key-env", metavar="VAR", help="require the API key held in this environment variable"
+    )
+    srv.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    srv.add_argument(
+        "--inject-faults",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="for testing clients: answer this share of requests with HTTP 429/500 or a dropped connection",
+    )
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

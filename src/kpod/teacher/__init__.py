@@ -1,0 +1,1 @@
+"""Teacher rationales: OpenAI-compatible client, crash-safe store, generation and filtering."""
