@@ -22,8 +22,12 @@ from common import RESULTS, provenance  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh-cache", action="store_true", help="convert into an empty cache directory first")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--fresh-cache", action="store_true", help="convert into an empty cache directory first"
+    )
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     tmp = None
@@ -47,8 +51,13 @@ def main() -> None:
     samples = {}
     for name, messages in {
         "chat": [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
-        "word-problem": [{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. "
-                          "How many clips did she sell in all? Let's think step by step."}],
+        "word-problem": [
+            {
+                "role": "user",
+                "content": "Natalia sold 48 clips in April and half as many in May. "
+                "How many clips did she sell in all? Let's think step by step.",
+            }
+        ],
     }.items():
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
@@ -57,7 +66,7 @@ def main() -> None:
             out = model.generate(**ids, max_new_tokens=64, do_sample=False)
         n_new = out.shape[1] - ids["input_ids"].shape[1]
         samples[name] = {
-            "text": tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True),
+            "text": tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True),
             "tokens_per_s_bf16_batch1": round(n_new / (time.perf_counter() - start), 1),
         }
     result["samples"] = samples
