@@ -1,0 +1,384 @@
+"""Training the token weighting module (Eqs. 4-7) and writing the per-token weights.
+
+For each rationale: ``w = weighter(r)``, a hard Gumbel mask ``m ~ w`` (Eq. 4), the masked
+rationale ``r[m]`` in embedding space, and an answer predictor that must produce the answer from
+the question and *prefixes* of ``r[m]`` (Eq. 5; the full rationale is always one of the prefixes,
+the others are drawn at random, so the predictor cannot rely on the last step repeating results).
+The objective is ``L_k = L_p + alpha * L_m`` (Eqs. 6-7), averaged over the rationales of a batch.
+
+The answer predictor (paper: FlanT5-Large) defaults to the student's own pretrained model: it
+shares the student's tokenizer and embeddings, so no projection is needed, and it works offline.
+Another model can be named; rationale embeddings then go through a learned linear projection into
+its hidden size (question and answer are tokenized with its own tokenizer).
+
+Which predictor parts train is ``predictor_mode``: ``frozen`` (default), ``lora`` or ``full``.
+Frozen is the default because a trainable predictor can learn to answer from the question alone
+(a shortcut that makes every rationale token look useless and collapses ``w`` to 0), and because
+it keeps the module cheap: only the attention layer, the MLP and the mask embedding train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kpod.data.schema import Example
+from kpod.errors import ConfigError
+from kpod.io import write_json, write_jsonl
+from kpod.models import DEFAULT_STUDENT, LoraSettings, autocast, load_model
+from kpod.prompt import answer_phrase, render_prompt
+from kpod.weighting.maths import apply_mask, binary_gumbel_mask, keypoint_objective, mask_ratio_loss
+from kpod.weighting.module import KeypointWeighter, WeighterShape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """Settings of the token weighting module and its training.
+
+    Attributes:
+        student: the student whose tokenizer and input embeddings the module uses.
+        predictor: the answer predictor's model (``None``: the student's pretrained model).
+        predictor_mode: ``frozen``, ``lora`` or ``full`` (see the module docstring for the default).
+        alpha: weight of the mask-ratio loss (Eq. 7); the paper's App. A says 0.5, its Fig. 3a
+            peaks at 0.7.
+        normalize_mask_loss: divide L_m by the rationale's length (not in the paper).
+        tau: Gumbel-softmax temperature; ``tau_final`` anneals it linearly to that value.
+        n_prefixes: rationale prefixes per example in L_p (the full one included).
+        epochs, batch_size, lr, predictor_lr: optimisation (AdamW).
+        max_rationale_tokens: longer rationales are truncated (their tail gets weight 1).
+        precision: ``bf16`` autocast (CPU or GPU) or ``fp32``.
+        num_heads, mlp_hidden: the module's attention heads and MLP width.
+    """
+
+    student: str = DEFAULT_STUDENT
+    predictor: str | None = None
+    predictor_mode: Literal["frozen", "lora", "full"] = "frozen"
+    alpha: float = 0.5
+    normalize_mask_loss: bool = False
+    tau: float = 1.0
+    tau_final: float | None = None
+    n_prefixes: int = 2
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    predictor_lr: float = 1e-4
+    max_rationale_tokens: int = 256
+    precision: Literal["fp32", "bf16"] = "bf16"
+    num_heads: int = 4
+    mlp_hidden: int = 256
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.predictor_mode not in ("frozen", "lora", "full"):
+            raise ConfigError(f"predictor_mode must be frozen, lora or full, got '{self.predictor_mode}'")
+        if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"bad weighting settings: {self}")
+
+
+def rationale_key(example: Example) -> str:
+    """Identifies one rationale of one question (several rationales share a qid)."""
+    return hashlib.sha256(f"{example.qid}\x00{example.rationale}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Encoded:
+    example: Example
+    rationale_ids: list[int]
+    offsets: list[tuple[int, int]]
+    question_ids: list[int]
+    answer_ids: list[int]
+
+
+class AnswerPredictor(nn.Module):
+    """Eq. (5): answer NLL from the question and a (masked) rationale prefix, per sequence."""
+
+    def __init__(self, loaded: Any, student_hidden: int) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.kind = loaded.kind
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        self.proj: nn.Module = (
+            nn.Identity() if hidden == student_hidden else nn.Linear(student_hidden, hidden)
+        )
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        emb = self.model.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
+
+    def answer_nll(
+        self, questions: list[list[int]], rationales: list[torch.Tensor], answers: list[list[int]]
+    ) -> torch.Tensor:
+        """Summed answer-token NLL of each sequence, shape ``[n_sequences]``."""
+        if self.kind == "seq2seq":
+            return self._seq2seq_nll(questions, rationales, answers)
+        seqs = [
+            torch.cat([self.embed(q), self.proj(r), self.embed(a)])
+            for q, r, a in zip(questions, rationales, answers, strict=True)
+        ]
+        longest = max(s.shape[0] for s in seqs)
+        n_answer = max(len(a) for a in answers)
+        dim = seqs[0].shape[1]
+        batch = torch.zeros(len(seqs), longest, dim, dtype=seqs[0].dtype, device=seqs[0].device)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
+        labels = torch.full((len(seqs), n_answer), -100, dtype=torch.long, device=batch.device)
+        for i, (s, a) in enumerate(zip(seqs, answers, strict=True)):
+            batch[i, longest - s.shape[0] :] = s  # left padding: every answer ends at the last position
+            mask[i, longest - s.shape[0] :] = 1
+            labels[i, n_answer - len(a) :] = torch.tensor(a, device=batch.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            inputs_embeds=batch, attention_mask=mask, position_ids=positions, logits_to_keep=n_answer + 1
+        )
+        logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        return nll.view(len(seqs), n_answer).sum(-1)
+
+    def _seq2seq_nll(self, questions, rationales, answers) -> torch.Tensor:
+        seqs = [torch.cat([self.embed(q), self.proj(r)]) for q, r in zip(questions, rationales, strict=True)]
+        longest = max(s.shape[0] for s in seqs)
+        batch = torch.zeros(len(seqs), longest, seqs[0].shape[1], dtype=seqs[0].dtype, device=seqs[0].device)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
+        n_answer = max(len(a) for a in answers)
+        labels = torch.full((len(seqs), n_answer), -100, dtype=torch.long, device=batch.device)
+        for i, (s, a) in enumerate(zip(seqs, answers, strict=True)):
+            batch[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = 1
+            labels[i, : len(a)] = torch.tensor(a, device=batch.device)
+        logits = self.model(inputs_embeds=batch, attention_mask=mask, labels=labels).logits.float()
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        return nll.view(len(seqs), n_answer).sum(-1)
+
+
+def _encode(
+    examples: Sequence[Example], student_tok: Any, predictor_tok: Any, max_tokens: int
+) -> list[_Encoded]:
+    out = []
+    for e in examples:
+        if not e.steps:
+            continue
+        enc = student_tok(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])[:max_tokens]
+        offsets = [tuple(o) for o in enc["offset_mapping"]][:max_tokens]
+        question = predictor_tok(render_prompt(e.question), add_special_tokens=True)["input_ids"]
+        answer = predictor_tok(" " + answer_phrase(e), add_special_tokens=False)["input_ids"]
+        out.append(_Encoded(e, ids, offsets, list(question), list(answer)))  # type: ignore[arg-type]
+    return out
+
+
+def _pad(batch: list[_Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(b.rationale_ids) for b in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    mask = torch.zeros(len(batch), longest, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b.rationale_ids)] = torch.tensor(b.rationale_ids)
+        mask[i, : len(b.rationale_ids)] = 1
+    return ids, mask
+
+
+@dataclass
+class WeightingModel:
+    """A trained (or freshly built) weighter with the student tokenizer it weighs tokens of."""
+
+    weighter: KeypointWeighter
+    tokenizer: Any
+    config: WeightingConfig
+
+    @torch.no_grad()
+    def weigh(self, examples: Sequence[Example], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Per-token weights of every rationale, with the tokens' character offsets."""
+        self.weighter.eval()
+        encoded = _encode(examples, self.tokenizer, self.tokenizer, self.config.max_rationale_tokens)
+        rows = []
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            ids, mask = _pad(batch)
+            w = self.weighter(ids.to(self.config.device), mask.to(self.config.device)).float().cpu()
+            for i, b in enumerate(batch):
+                n = len(b.rationale_ids)
+                rows.append(
+                    {
+                        "qid": b.example.qid,
+                        "key": rationale_key(b.example),
+                        "offsets": [list(o) for o in b.offsets],
+                        "weights": [round(float(x), 5) for x in w[i, :n]],
+                    }
+                )
+        return rows
+
+
+def build_weighting_model(config: WeightingConfig) -> tuple[WeightingModel, Any]:
+    """The weighter (embedding copied from the student) and the loaded student."""
+    student = load_model(config.student, trainable=False)
+    emb = student.model.get_input_embeddings().weight
+    shape = WeighterShape(
+        vocab_size=emb.shape[0],
+        hidden_size=emb.shape[1],
+        num_heads=config.num_heads,
+        mlp_hidden=config.mlp_hidden,
+    )
+    torch.manual_seed(config.seed)
+    weighter = KeypointWeighter(shape, emb).to(config.device)
+    return WeightingModel(weighter, student.tokenizer, config), student
+
+
+def train_weighting(
+    examples: Sequence[Example], config: WeightingConfig, out_dir: Path | None = None, progress: bool = True
+) -> tuple[WeightingModel, list[dict[str, float]]]:
+    """Train the module on ``examples``; with ``out_dir``, save checkpoint, history and weights."""
+    rng = random.Random(config.seed)
+    model, student = build_weighting_model(config)
+    if config.predictor is None:
+        predictor_loaded = student
+        if config.predictor_mode != "frozen":
+            predictor_loaded = load_model(
+                config.student, lora=LoraSettings() if config.predictor_mode == "lora" else None
+            )
+    else:
+        predictor_loaded = load_model(
+            config.predictor,
+            lora=LoraSettings() if config.predictor_mode == "lora" else None,
+            trainable=config.predictor_mode != "frozen",
+        )
+    predictor = AnswerPredictor(predictor_loaded, model.weighter.shape.hidden_size).to(config.device)
+    if config.predictor_mode == "frozen":
+        predictor.model.requires_grad_(False)
+    predictor.model.train(config.predictor_mode != "frozen")
+    encoded = _encode(examples, model.tokenizer, predictor.tokenizer, config.max_rationale_tokens)
+    if not encoded:
+        raise ConfigError("token weighting needs examples with rationales")
+    groups = [
+        {"params": [p for p in model.weighter.parameters() if p.requires_grad], "lr": config.lr},
+        {"params": list(predictor.proj.parameters()), "lr": config.lr},
+    ]
+    predictor_params = [p for p in predictor.model.parameters() if p.requires_grad]
+    if predictor_params:
+        groups.append({"params": predictor_params, "lr": config.predictor_lr})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    n_steps = config.epochs * math.ceil(len(encoded) / config.batch_size)
+    history: list[dict[str, float]] = []
+    step = 0
+    bar = tqdm(total=n_steps, desc="token weighting", unit="step", disable=not progress)
+    start_time = time.perf_counter()
+    model.weighter.train()
+    for epoch in range(config.epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            batch = [encoded[i] for i in order[start : start + config.batch_size]]
+            tau = config.tau
+            if config.tau_final is not None and n_steps > 1:
+                tau = config.tau + (config.tau_final - config.tau) * step / (n_steps - 1)
+            ids, mask = _pad(batch)
+            ids, mask = ids.to(config.device), mask.to(config.device)
+            with autocast(config.device.split(":")[0], config.precision):
+                w = model.weighter(ids, mask)
+                keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
+                masked = apply_mask(model.weighter.embeddings(ids), keep, model.weighter.mask_embedding)
+                questions, rationales, answers, owner = [], [], [], []
+                for i, b in enumerate(batch):
+                    n = len(b.rationale_ids)
+                    prefixes = {n} | {rng.randrange(0, n) for _ in range(config.n_prefixes - 1)}
+                    for k in sorted(prefixes):
+                        questions.append(b.question_ids)
+                        rationales.append(masked[i, :k])
+                        answers.append(b.answer_ids)
+                        owner.append(i)
+                nll = predictor.answer_nll(questions, rationales, answers)
+            answer_loss = torch.zeros(len(batch), device=nll.device).index_add(
+                0, torch.tensor(owner, device=nll.device), nll
+            )
+            mask_loss = mask_ratio_loss(keep, mask.float(), config.normalize_mask_loss)
+            loss = keypoint_objective(answer_loss, mask_loss, config.alpha).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            valid = mask.float()
+            kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
+            history.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(loss),
+                    "answer_loss": float(answer_loss.mean()),
+                    "mask_loss": float(mask_loss.mean()),
+                    "kept_ratio": kept_ratio,
+                    "tau": tau,
+                }
+            )
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.2f}", kept=f"{kept_ratio:.2f}")
+    bar.close()
+    final_kept = history[-1]["kept_ratio"]
+    if final_kept < 0.05 or final_kept > 0.95:
+        log.warning(
+            "token weights collapsed towards all-%s (mean w = %.3f): try a %s alpha or normalize_mask_loss",
+            "masked" if final_kept < 0.05 else "kept",
+            final_kept,
+            "smaller" if final_kept < 0.05 else "larger",
+        )
+    if out_dir is not None:
+        save_weighting(model, examples, out_dir, history, time.perf_counter() - start_time)
+    return model, history
+
+
+def save_weighting(
+    model: WeightingModel,
+    examples: Sequence[Example],
+    out_dir: Path,
+    history: list[dict[str, float]],
+    seconds: float,
+) -> None:
+    """Write the module checkpoint, its config, the training history and ``weights.jsonl``."""
+    out_dir = Path(out_dir)
+    model.weighter.save(out_dir)
+    write_json(out_dir / "config.json", asdict(model.config))
+    write_jsonl(out_dir / "history.jsonl", history)
+    rows = model.weigh(examples)
+    write_jsonl(out_dir / "weights.jsonl", rows)
+    write_json(
+        out_dir / "summary.json",
+        {
+            "train_seconds": round(seconds, 1),
+            "rationales": len(rows),
+            "final": history[-1] if history else {},
+        },
+    )
+
+
+def load_weights(path: Path) -> dict[str, dict[str, Any]]:
+    """``weights.jsonl`` (a file, or the directory holding it) by rationale key."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights.jsonl"
+    with open(path, encoding="utf-8") as f:
+        return {row["key"]: row for row in map(json.loads, f)}
+
+
+def load_weighting_model(directory: Path) -> WeightingModel:
+    """A trained module from its directory (the student is loaded for its embeddings)."""
+    directory = Path(directory)
+    config = WeightingConfig(**json.loads((directory / "config.json").read_text()))
+    student = load_model(config.student, trainable=False)
+    weighter = KeypointWeighter.load(directory, student.model.get_input_embeddings().weight).to(config.device)
+    return WeightingModel(weighter, student.tokenizer, config)

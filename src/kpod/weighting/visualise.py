@@ -1,0 +1,83 @@
+"""Seeing the learned weights: terminal colouring and an HTML heat-map like the paper's Figure 2."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from kpod.data.schema import Example
+from kpod.weighting.train import rationale_key
+
+# Eight background shades from white to dark red (256-colour terminal palette).
+_SHADES = (231, 224, 217, 210, 203, 196, 160, 124)
+
+
+def _pieces(example: Example, row: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """The rationale cut into (text, weight) pieces; text between tokens gets ``None``."""
+    out: list[tuple[str, float | None]] = []
+    pos = 0
+    for (start, end), w in zip(row["offsets"], row["weights"], strict=True):
+        if start > pos:
+            out.append((example.rationale[pos:start], None))
+        out.append((example.rationale[start:end], w))
+        pos = max(pos, end)
+    if pos < len(example.rationale):
+        out.append((example.rationale[pos:], None))
+    return out
+
+
+def terminal_heatmap(example: Example, row: dict[str, Any]) -> str:
+    """The rationale with each token's background shaded by its weight (ANSI 256 colours)."""
+    parts = []
+    for text, w in _pieces(example, row):
+        if w is None:
+            parts.append(text)
+            continue
+        shade = _SHADES[min(len(_SHADES) - 1, int(w * len(_SHADES)))]
+        fg = 231 if shade in (196, 160, 124) else 16
+        parts.append(f"\x1b[48;5;{shade}m\x1b[38;5;{fg}m{text}\x1b[0m")
+    return "".join(parts)
+
+
+def html_heatmap(
+    examples: Sequence[Example], rows: dict[str, dict[str, Any]], title: str = "Token weights"
+) -> str:
+    """A self-contained HTML page: each rationale's tokens shaded by weight, values on hover."""
+    blocks = []
+    for e in examples:
+        row = rows.get(rationale_key(e))
+        if row is None:
+            continue
+        spans = []
+        for text, w in _pieces(e, row):
+            if w is None:
+                spans.append(html.escape(text).replace("\n", "<br>"))
+            else:
+                spans.append(
+                    f'<span class="t" style="background: rgba(200, 30, 30, {w:.3f})" '
+                    f'title="w = {w:.3f}">{html.escape(text)}</span>'
+                )
+        blocks.append(
+            f'<div class="ex"><div class="q"><b>{html.escape(e.qid)}</b> {html.escape(e.question)}</div>'
+            f'<div class="r">{"".join(spans)}</div></div>'
+        )
+    legend = "".join(
+        f'<span class="t" style="background: rgba(200, 30, 30, {v / 4:.2f})">w = {v / 4:.2f}</span> '
+        for v in range(5)
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; line-height: 1.9; }}
+.ex {{ border-bottom: 1px solid #ddd; padding: 0.8rem 0; }}
+.q {{ color: #444; margin-bottom: 0.4rem; }}
+.r {{ font-family: ui-monospace, monospace; font-size: 0.95rem; white-space: normal; }}
+.t {{ border-radius: 3px; padding: 0 1px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Each rationale token is shaded by its learned weight w (the probability that the mask generator
+keeps it): darker red means more important to predicting the answer. {legend}</p>
+{"".join(blocks)}
+</body></html>
+"""
