@@ -183,6 +183,84 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_train(args: argparse.Namespace) -> int:
+    from kpod.weighting.train import WeightingConfig, train_weighting
+
+    examples, report = _load(args)
+    if args.limit:
+        examples = examples[: args.limit]
+    config = WeightingConfig(
+        student=args.student,
+        predictor=args.predictor,
+        predictor_mode=args.predictor_mode,
+        alpha=args.alpha,
+        normalize_mask_loss=args.normalize_mask_loss,
+        tau=args.tau,
+        tau_final=args.tau_final,
+        n_prefixes=args.prefixes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+    )
+    _, history = train_weighting(examples, config, out_dir=args.out)
+    last = history[-1]
+    print(
+        f"trained on {len(examples)} rationales in {len(history)} steps; final loss {last['loss']:.3f}, "
+        f"mean w {last['kept_ratio']:.3f}; weights in {args.out / 'weights.jsonl'}"
+    )
+    return 0
+
+
+def _weights_and_examples(args: argparse.Namespace):
+    from kpod.weighting.train import load_weights
+
+    examples, _ = _load(args)
+    rows = load_weights(args.weights)
+    return examples, rows
+
+
+def cmd_weights_show(args: argparse.Namespace) -> int:
+    from kpod.io import atomic_open
+    from kpod.weighting.train import rationale_key
+    from kpod.weighting.visualise import html_heatmap, terminal_heatmap
+
+    examples, rows = _weights_and_examples(args)
+    chosen = [e for e in examples if rationale_key(e) in rows]
+    if args.qid:
+        chosen = [e for e in chosen if e.qid in set(args.qid)]
+    chosen = chosen[: args.n]
+    if not chosen:
+        raise KpodError(f"none of the examples in {args.path} has weights in {args.weights}")
+    if args.html:
+        with atomic_open(args.html) as f:
+            f.write(html_heatmap(chosen, rows))
+        print(f"wrote a heat-map of {len(chosen)} rationales to {args.html}")
+    else:
+        for e in chosen:
+            print(f"{e.qid}: {e.question}")
+            print(terminal_heatmap(e, rows[rationale_key(e)]))
+            print()
+    return 0
+
+
+def cmd_weights_eval(args: argparse.Namespace) -> int:
+    from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
+
+    examples, rows = _weights_and_examples(args)
+    result = token_class_metrics(examples, rows)
+    if any(e.keypoints for e in examples):
+        result.update(keypoint_metrics(examples, rows))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:24s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,6 +344,64 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_teacher_generate)
+
+    weights = sub.add_parser("weights", help="token weighting by mask learning (paper section 3.3)")
+    weights_sub = weights.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
+    weights_sub.required = True
+    wtrain = weights_sub.add_parser(
+        "train",
+        help="learn per-token keypoint weights for every rationale of a data file",
+        description="Train the mask generator (the student's embeddings, one self-attention layer, a "
+        "two-layer MLP) so that an answer predictor still finds the answer from the masked "
+        "rationale while as few tokens as possible are kept (Eqs. 2-7). Writes the module and "
+        "weights.jsonl (per-token weights with character offsets) to --out.",
+    )
+    _add_load_options(wtrain)
+    wtrain.add_argument("--out", type=Path, required=True, help="output directory")
+    wtrain.add_argument(
+        "--student", default="smollm2-135m-instruct", help="the student (tokenizer, embeddings)"
+    )
+    wtrain.add_argument(
+        "--predictor", help="answer predictor model (default: the student's pretrained model)"
+    )
+    wtrain.add_argument("--predictor-mode", choices=("frozen", "lora", "full"), default="frozen")
+    wtrain.add_argument(
+        "--alpha", type=float, default=0.5, help="mask-ratio loss weight (Eq. 7; default 0.5)"
+    )
+    wtrain.add_argument("--normalize-mask-loss", action="store_true", help="divide L_m by rationale length")
+    wtrain.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature (default 1.0)")
+    wtrain.add_argument("--tau-final", type=float, help="anneal the temperature linearly to this value")
+    wtrain.add_argument("--prefixes", type=int, default=2, help="rationale prefixes per example in L_p")
+    wtrain.add_argument("--epochs", type=int, default=1)
+    wtrain.add_argument("--batch-size", type=int, default=8)
+    wtrain.add_argument("--lr", type=float, default=1e-3)
+    wtrain.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    wtrain.add_argument("--device", default="cpu")
+    wtrain.add_argument("--seed", type=int, default=0)
+    wtrain.add_argument("--limit", type=int, help="only the first N rationales")
+    wtrain.set_defaults(func=cmd_weights_train)
+
+    wshow = weights_sub.add_parser(
+        "show",
+        help="print rationales with tokens shaded by weight, or write an HTML heat-map",
+        description="Terminal colouring (darker red = larger weight) or, with --html, a page like the "
+        "paper's Figure 2.",
+    )
+    _add_load_options(wshow)
+    wshow.add_argument("weights", type=Path, help="weights.jsonl or the directory of `kpod weights train`")
+    wshow.add_argument("-n", type=int, default=5, help="how many rationales (default 5)")
+    wshow.add_argument("--qid", action="append", help="show this question id (repeatable)")
+    wshow.add_argument("--html", type=Path, help="write an HTML heat-map here instead of printing")
+    wshow.set_defaults(func=cmd_weights_show)
+
+    weval = weights_sub.add_parser(
+        "eval",
+        help="measure the weights: keypoint ROC-AUC (synthetic data), digits/operators vs frequent words",
+    )
+    _add_load_options(weval)
+    weval.add_argument("weights", type=Path, help="weights.jsonl or the directory of `kpod weights train`")
+    weval.add_argument("--json", action="store_true", help="print one JSON object")
+    weval.set_defaults(func=cmd_weights_eval)
 
     srv = sub.add_parser(
         "serve",

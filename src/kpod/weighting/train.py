@@ -34,11 +34,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kpod.data.answers import ANSWER_PHRASE
 from kpod.data.schema import Example
 from kpod.errors import ConfigError
 from kpod.io import write_json, write_jsonl
 from kpod.models import DEFAULT_STUDENT, LoraSettings, autocast, load_model
-from kpod.prompt import answer_phrase, render_prompt
+from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.maths import apply_mask, binary_gumbel_mask, keypoint_objective, mask_ratio_loss
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 
@@ -101,7 +102,8 @@ class _Encoded:
     rationale_ids: list[int]
     offsets: list[tuple[int, int]]
     question_ids: list[int]
-    answer_ids: list[int]
+    answer_ids: list[int]  # " Therefore, the answer is" + " <answer>"
+    n_scored: int  # the last n_scored answer ids (the answer itself) carry the loss
 
 
 class AnswerPredictor(nn.Module):
@@ -122,11 +124,18 @@ class AnswerPredictor(nn.Module):
         return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
 
     def answer_nll(
-        self, questions: list[list[int]], rationales: list[torch.Tensor], answers: list[list[int]]
+        self,
+        questions: list[list[int]],
+        rationales: list[torch.Tensor],
+        answers: list[list[int]],
+        scored: list[int],
     ) -> torch.Tensor:
-        """Summed answer-token NLL of each sequence, shape ``[n_sequences]``."""
+        """Summed NLL of the last ``scored[i]`` tokens of each answer segment, shape ``[n_sequences]``.
+
+        Eq. (5) scores the answer y; the template phrase before it is context, not target.
+        """
         if self.kind == "seq2seq":
-            return self._seq2seq_nll(questions, rationales, answers)
+            return self._seq2seq_nll(questions, rationales, answers, scored)
         seqs = [
             torch.cat([self.embed(q), self.proj(r), self.embed(a)])
             for q, r, a in zip(questions, rationales, answers, strict=True)
@@ -137,10 +146,10 @@ class AnswerPredictor(nn.Module):
         batch = torch.zeros(len(seqs), longest, dim, dtype=seqs[0].dtype, device=seqs[0].device)
         mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
         labels = torch.full((len(seqs), n_answer), -100, dtype=torch.long, device=batch.device)
-        for i, (s, a) in enumerate(zip(seqs, answers, strict=True)):
+        for i, (s, a, k) in enumerate(zip(seqs, answers, scored, strict=True)):
             batch[i, longest - s.shape[0] :] = s  # left padding: every answer ends at the last position
             mask[i, longest - s.shape[0] :] = 1
-            labels[i, n_answer - len(a) :] = torch.tensor(a, device=batch.device)
+            labels[i, n_answer - k :] = torch.tensor(a[len(a) - k :], device=batch.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             inputs_embeds=batch, attention_mask=mask, position_ids=positions, logits_to_keep=n_answer + 1
@@ -151,8 +160,13 @@ class AnswerPredictor(nn.Module):
         )
         return nll.view(len(seqs), n_answer).sum(-1)
 
-    def _seq2seq_nll(self, questions, rationales, answers) -> torch.Tensor:
-        seqs = [torch.cat([self.embed(q), self.proj(r)]) for q, r in zip(questions, rationales, strict=True)]
+    def _seq2seq_nll(self, questions, rationales, answers, scored) -> torch.Tensor:
+        # The encoder reads question, rationale and the template phrase; the decoder writes the answer.
+        seqs = [
+            torch.cat([self.embed(q), self.proj(r), self.embed(a[: len(a) - k])])
+            for q, r, a, k in zip(questions, rationales, answers, scored, strict=True)
+        ]
+        answers = [a[len(a) - k :] for a, k in zip(answers, scored, strict=True)]
         longest = max(s.shape[0] for s in seqs)
         batch = torch.zeros(len(seqs), longest, seqs[0].shape[1], dtype=seqs[0].dtype, device=seqs[0].device)
         mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
@@ -180,8 +194,11 @@ def _encode(
         ids = list(enc["input_ids"])[:max_tokens]
         offsets = [tuple(o) for o in enc["offset_mapping"]][:max_tokens]
         question = predictor_tok(render_prompt(e.question), add_special_tokens=True)["input_ids"]
-        answer = predictor_tok(" " + answer_phrase(e), add_special_tokens=False)["input_ids"]
-        out.append(_Encoded(e, ids, offsets, list(question), list(answer)))  # type: ignore[arg-type]
+        template = predictor_tok(" " + ANSWER_PHRASE, add_special_tokens=False)["input_ids"]
+        value = predictor_tok(" " + answer_text(e), add_special_tokens=False)["input_ids"]
+        out.append(
+            _Encoded(e, ids, offsets, list(question), list(template) + list(value), len(value))  # type: ignore[arg-type]
+        )
     return out
 
 
@@ -294,7 +311,7 @@ def train_weighting(
                 w = model.weighter(ids, mask)
                 keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
                 masked = apply_mask(model.weighter.embeddings(ids), keep, model.weighter.mask_embedding)
-                questions, rationales, answers, owner = [], [], [], []
+                questions, rationales, answers, scored, owner = [], [], [], [], []
                 for i, b in enumerate(batch):
                     n = len(b.rationale_ids)
                     prefixes = {n} | {rng.randrange(0, n) for _ in range(config.n_prefixes - 1)}
@@ -302,8 +319,9 @@ def train_weighting(
                         questions.append(b.question_ids)
                         rationales.append(masked[i, :k])
                         answers.append(b.answer_ids)
+                        scored.append(b.n_scored)
                         owner.append(i)
-                nll = predictor.answer_nll(questions, rationales, answers)
+                nll = predictor.answer_nll(questions, rationales, answers, scored)
             answer_loss = torch.zeros(len(batch), device=nll.device).index_add(
                 0, torch.tensor(owner, device=nll.device), nll
             )
@@ -318,7 +336,7 @@ def train_weighting(
                 {
                     "step": step,
                     "epoch": epoch,
-                    "loss": float(loss),
+                    "loss": float(loss.detach()),
                     "answer_loss": float(answer_loss.mean()),
                     "mask_loss": float(mask_loss.mean()),
                     "kept_ratio": kept_ratio,
@@ -327,7 +345,7 @@ def train_weighting(
             )
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.2f}", kept=f"{kept_ratio:.2f}")
+            bar.set_postfix(loss=f"{history[-1]['loss']:.2f}", kept=f"{kept_ratio:.2f}")
     bar.close()
     final_kept = history[-1]["kept_ratio"]
     if final_kept < 0.05 or final_kept > 0.95:

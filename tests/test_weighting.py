@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from kpod.data.synthetic import arithmetic_examples
+from kpod.weighting.evaluate import keypoint_labels, keypoint_metrics, token_class_metrics
+from kpod.weighting.maths import (
+    align_weights,
+    apply_mask,
+    binary_gumbel_mask,
+    keypoint_objective,
+    mask_ratio_loss,
+)
+from kpod.weighting.module import KeypointWeighter, WeighterShape
+from kpod.weighting.train import (
+    WeightingConfig,
+    load_weighting_model,
+    load_weights,
+    rationale_key,
+    train_weighting,
+)
+from kpod.weighting.visualise import html_heatmap, terminal_heatmap
+
+
+def test_gumbel_hard_samples_keep_with_probability_w() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.97]).expand(20000, 5)
+    for tau in (0.3, 1.0, 3.0):
+        m = binary_gumbel_mask(w, tau=tau, hard=True, generator=g)
+        assert torch.all((m - m.round()).abs() < 1e-6)  # hard 0/1 values (straight-through adds ~1e-8)
+        freq = m.mean(0)
+        # 4 standard errors of a Bernoulli mean over 20000 draws.
+        tol = 4 * torch.sqrt(w[0] * (1 - w[0]) / 20000)
+        assert torch.all((freq - w[0]).abs() < tol), (tau, freq)
+
+
+def test_straight_through_gradient_reaches_w() -> None:
+    w = torch.full((1000,), 0.5, requires_grad=True)
+    m = binary_gumbel_mask(w, tau=1.0, hard=True, generator=torch.Generator().manual_seed(1))
+    m.sum().backward()
+    # d m / d w is positive on average: raising w raises the chance to keep.
+    assert w.grad is not None and w.grad.mean() > 0
+
+
+def test_apply_mask_and_losses_by_hand() -> None:
+    e = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    keep = torch.tensor([[1.0, 0.0, 1.0]])
+    mask_emb = torch.tensor([9.0, 9.0])
+    assert apply_mask(e, keep, mask_emb).tolist() == [[[1, 2], [9, 9], [5, 6]]]
+    valid = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    assert mask_ratio_loss(keep, valid).tolist() == [1.0]  # Eq. 6: a sum over valid tokens
+    assert mask_ratio_loss(keep, valid, normalize=True).tolist() == [0.5]
+    assert keypoint_objective(torch.tensor(2.0), torch.tensor(3.0), 0.5).item() == 3.5  # Eq. 7
+
+
+def test_align_weights_by_offsets() -> None:
+    # "Natalia sold 48" tokenized two ways.
+    src = [(0, 7), (7, 12), (12, 15)]  # "Natalia", " sold", " 48"
+    w = [0.2, 0.4, 0.9]
+    dst = [(0, 3), (3, 7), (8, 12), (12, 13), (13, 15), (20, 21)]  # "Nat","alia","sold"," ","48", beyond
+    assert align_weights(src, w, dst, default=1.0) == pytest.approx([0.2, 0.2, 0.4, 0.9, 0.9, 1.0])
+    # A token straddling two source tokens takes the overlap-weighted mean.
+    assert align_weights(src, w, [(5, 9)]) == [pytest.approx((2 * 0.2 + 2 * 0.4) / 4)]
+
+
+def _tiny_weighter(vocab: int = 50, hidden: int = 8) -> KeypointWeighter:
+    torch.manual_seed(0)
+    return KeypointWeighter(WeighterShape(vocab, hidden, num_heads=2, mlp_hidden=16), torch.randn(vocab, hidden))
+
+
+def test_answer_loss_gradient_reaches_the_mlp_only_through_the_mask() -> None:
+    weighter = _tiny_weighter()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    target = torch.randn(8)
+
+    def answer_loss(cut: bool) -> torch.Tensor:
+        weighter.zero_grad()
+        w = weighter(ids, mask)
+        keep = binary_gumbel_mask(w, generator=torch.Generator().manual_seed(0))
+        if cut:
+            keep = keep.detach()  # what swapping token ids does
+        masked = apply_mask(weighter.embeddings(ids), keep, weighter.mask_embedding)
+        return ((masked.mean(1) - target) ** 2).sum()  # a stand-in predictor: needs the kept tokens
+
+    answer_loss(cut=False).backward()
+    assert weighter.mlp[0].weight.grad is not None and weighter.mlp[0].weight.grad.abs().sum() > 0
+    assert weighter.attention.in_proj_weight.grad.abs().sum() > 0
+    assert weighter.embed.weight.grad is None  # the student's embeddings stay frozen
+    answer_loss(cut=True).backward()
+    assert weighter.mlp[0].weight.grad is None or weighter.mlp[0].weight.grad.abs().sum() == 0
+
+
+def test_padding_gets_zero_weight() -> None:
+    weighter = _tiny_weighter()
+    ids = torch.randint(0, 50, (1, 5))
+    w = weighter(ids, torch.tensor([[1, 1, 1, 0, 0]]))
+    assert torch.all(w[0, 3:] == 0) and torch.all(w[0, :3] > 0)
+
+
+def test_keypoint_labels_follow_offsets() -> None:
+    e = arithmetic_examples(1, seed=3)[0]
+    k = e.keypoints[0]
+    offsets = [[k.start - 1, k.end], [0, 3], [k.end, k.end + 1]]  # " 12", "Let", a following char
+    labels = keypoint_labels(e, offsets)
+    assert labels[0] == 1 and labels[1] == 0
+
+
+def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> None:
+    examples = arithmetic_examples(24, seed=5)
+    config = WeightingConfig(
+        student=str(tiny_causal), epochs=2, batch_size=8, n_prefixes=2, num_heads=2, mlp_hidden=16,
+        precision="fp32", alpha=0.5,
+    )
+    model, history = train_weighting(examples, config, out_dir=tmp_path / "w", progress=False)
+    assert len(history) == 6
+    assert all(math.isfinite(h["loss"]) and 0 < h["kept_ratio"] < 1 for h in history)
+    # The sparsity term pushes the kept ratio down from its start (about 0.73).
+    assert history[-1]["kept_ratio"] < history[0]["kept_ratio"]
+    rows = load_weights(tmp_path / "w")
+    assert set(rows) == {rationale_key(e) for e in examples}
+    row = rows[rationale_key(examples[0])]
+    assert len(row["offsets"]) == len(row["weights"])
+    assert all(examples[0].rationale[s:e] for s, e in row["offsets"])
+    again = load_weighting_model(tmp_path / "w").weigh(examples[:1])[0]
+    assert again["weights"] == pytest.approx(row["weights"], abs=1e-4)
+    metrics = keypoint_metrics(examples, rows)
+    assert 0 <= metrics["auc"] <= 1 and metrics["n_keypoint_tokens"] > 0
+    classes = token_class_metrics(examples, rows)
+    assert classes["n_digit_operator_tokens"] > 0
+    assert "\x1b[48;5;" in terminal_heatmap(examples[0], row)
+    page = html_heatmap(examples[:2], rows)
+    assert page.count('class="ex"') == 2 and "w = " in page
