@@ -67,3 +67,36 @@ def test_help_explains_every_subcommand(capsys) -> None:
     out = capsys.readouterr().out
     for option in ("--format", "--skip-invalid", "--keep-calculator", "--columns", "--json", "--tokenizer"):
         assert option in out
+
+
+def test_weights_train_show_eval(tiny_causal: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "arith.jsonl"
+    assert main(["data", "synth", "arithmetic", "-n", "16", "--seed", "2", "--out", str(data)]) == 0
+    out_dir = tmp_path / "w"
+    code = main(
+        [
+            "weights",
+            "train",
+            str(data),
+            "--out",
+            str(out_dir),
+            "--student",
+            str(tiny_causal),
+            "--batch-size",
+            "8",
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert (
+        code == 0 and (out_dir / "weights.jsonl").is_file() and (out_dir / "weighter.safetensors").is_file()
+    )
+    capsys.readouterr()
+    assert main(["weights", "eval", str(data), str(out_dir), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"auc", "mean_w_keypoint", "mean_w_other", "kept_ratio"} <= set(metrics)
+    assert main(["weights", "show", str(data), str(out_dir), "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("\x1b[48;5;") > 10
+    page = tmp_path / "heat.html"
+    assert main(["weights", "show", str(data), str(out_dir), "--html", str(page)]) == 0
+    assert page.read_text().count('class="ex"') == 5

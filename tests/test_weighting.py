@@ -66,7 +66,9 @@ def test_align_weights_by_offsets() -> None:
 
 def _tiny_weighter(vocab: int = 50, hidden: int = 8) -> KeypointWeighter:
     torch.manual_seed(0)
-    return KeypointWeighter(WeighterShape(vocab, hidden, num_heads=2, mlp_hidden=16), torch.randn(vocab, hidden))
+    return KeypointWeighter(
+        WeighterShape(vocab, hidden, num_heads=2, mlp_hidden=16), torch.randn(vocab, hidden)
+    )
 
 
 def test_answer_loss_gradient_reaches_the_mlp_only_through_the_mask() -> None:
@@ -110,8 +112,14 @@ def test_keypoint_labels_follow_offsets() -> None:
 def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> None:
     examples = arithmetic_examples(24, seed=5)
     config = WeightingConfig(
-        student=str(tiny_causal), epochs=2, batch_size=8, n_prefixes=2, num_heads=2, mlp_hidden=16,
-        precision="fp32", alpha=0.5,
+        student=str(tiny_causal),
+        epochs=2,
+        batch_size=8,
+        n_prefixes=2,
+        num_heads=2,
+        mlp_hidden=16,
+        precision="fp32",
+        alpha=0.5,
     )
     model, history = train_weighting(examples, config, out_dir=tmp_path / "w", progress=False)
     assert len(history) == 6
