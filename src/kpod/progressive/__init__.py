@@ -1,0 +1,1 @@
+"""In-rationale progressive distillation: step difficulty, pacing, value function, schedule."""

@@ -1,0 +1,176 @@
+"""Planning the whole in-rationale schedule c_i(t) ahead of training (paper Algorithm 1).
+
+c_i(t) is the number of leading steps of question i given as *input* at stage t; the student
+generates the remaining n_i - c_i(t) steps and the answer. Stage t = epoch t.
+
+Start (the paper does not say how the initial difficulty reaches C0; we take option (A) of the
+digest): every question starts with c_i = n_i (only the answer is generated, H = 0); then the
+stage-0 selection is repeated with budget C0 - H, each pass moving the chosen questions Delta_s
+steps into the output, until a pass selects nothing or the budget is met.
+
+Stage t = 1 .. T-1: Delta D(t) = D(t) - H(t-1) (Eq. 11), S(t) = select_stage(...) over the questions
+with c_i > 0, each moves Delta_s steps; so Delta H <= Delta D always holds.
+
+Stage t >= T: every question is trained on its full rationale (c_i = 0), as Algorithm 1 forces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kpod.errors import ConfigError
+from kpod.progressive.maths import difficulty_budget, select_stage
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Schedule hyper-parameters (paper App. A defaults).
+
+    Attributes:
+        stages: T, the stage by which every question is on its full rationale (paper: epochs / 2).
+        p: pacing exponent (0.5).
+        initial_fraction: C0 / B (0.3).
+        beta: diversity weight (12); 0 is the "w/o div" ablation.
+        n_clusters: K (5).
+        step_size: Delta_s, steps moved per selection (1; not given in the paper).
+    """
+
+    stages: int = 10
+    p: float = 0.5
+    initial_fraction: float = 0.3
+    beta: float = 12.0
+    n_clusters: int = 5
+    step_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.step_size < 1 or self.n_clusters < 1 or self.beta < 0:
+            raise ConfigError(f"bad schedule settings: {self}")
+        if not 0 <= self.initial_fraction <= 1:
+            raise ConfigError(f"initial_fraction (C0 / B) must be in [0, 1], got {self.initial_fraction}")
+
+
+@dataclass
+class Schedule:
+    """c[i, t] for t = 0 .. T (column T is all zeros), with per-stage facts for reports."""
+
+    c: np.ndarray
+    budget: list[float]
+    achieved: list[float]
+    advanced: list[int]
+    cluster_counts: list[list[int]]
+    total_difficulty: float
+    config: ScheduleConfig
+    clusters: list[int] = field(default_factory=list)
+
+    def inputs_at(self, stage: int) -> np.ndarray:
+        """c_i at a training stage (epoch); every stage at or after T gives zeros."""
+        return self.c[:, min(stage, self.c.shape[1] - 1)]
+
+    def to_dict(self) -> dict:
+        return {
+            "c": self.c.tolist(),
+            "budget": self.budget,
+            "achieved": self.achieved,
+            "advanced": self.advanced,
+            "cluster_counts": self.cluster_counts,
+            "total_difficulty": self.total_difficulty,
+            "config": asdict(self.config),
+            "clusters": self.clusters,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        return cls(
+            c=np.asarray(d["c"], dtype=np.int64),
+            budget=d["budget"],
+            achieved=d["achieved"],
+            advanced=d["advanced"],
+            cluster_counts=d["cluster_counts"],
+            total_difficulty=d["total_difficulty"],
+            config=ScheduleConfig(**d["config"]),
+            clusters=d.get("clusters", []),
+        )
+
+
+def output_difficulty(difficulties: Sequence[np.ndarray], c: np.ndarray) -> float:
+    """Eq. (9) summed over questions: H = sum_i sum_{j > c_i} d_ij."""
+    return float(sum(d[int(ci) :].sum() for d, ci in zip(difficulties, c, strict=True)))
+
+
+def _gains(difficulties: Sequence[np.ndarray], c: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eligible questions (c_i > 0) and the difficulty their next Delta_s steps add."""
+    eligible = np.flatnonzero(c > 0)
+    gains = np.array([difficulties[i][max(0, int(c[i]) - step) : int(c[i])].sum() for i in eligible])
+    return eligible, gains
+
+
+def plan_schedule(
+    difficulties: Sequence[Sequence[float]], clusters: Sequence[int], config: ScheduleConfig = ScheduleConfig()
+) -> Schedule:
+    """The whole schedule (Algorithm 1, lines 4-5) from per-step difficulties and clusters."""
+    diffs = [np.maximum(np.asarray(d, dtype=np.float64), 0.0) for d in difficulties]
+    if len(diffs) != len(clusters):
+        raise ValueError("one cluster per question is needed")
+    n_steps = np.array([len(d) for d in diffs], dtype=np.int64)
+    total = float(sum(d.sum() for d in diffs))
+    initial = config.initial_fraction * total
+    clusters_arr = np.asarray(clusters, dtype=np.int64)
+    T = config.stages
+    c = np.zeros((len(diffs), T + 1), dtype=np.int64)
+    state = n_steps.copy()
+    budget, achieved, advanced, counts = [], [], [], []
+
+    def run_selection(limit: float) -> np.ndarray:
+        eligible, gains = _gains(diffs, state, config.step_size)
+        if eligible.size == 0:
+            return eligible
+        chosen = select_stage(
+            gains.tolist(), clusters_arr[eligible].tolist(), limit, config.beta, config.n_clusters
+        )
+        picked = eligible[chosen]
+        state[picked] = np.maximum(state[picked] - config.step_size, 0)
+        return picked
+
+    # Stage 0: reach C0 from "answer only" by repeated passes.
+    moved_total = np.zeros(len(diffs), dtype=bool)
+    h = 0.0
+    while True:
+        picked = run_selection(initial - h)
+        if picked.size == 0:
+            break
+        moved_total[picked] = True
+        h = output_difficulty(diffs, state)
+        if h >= initial - 1e-9:
+            break
+    c[:, 0] = state
+    budget.append(initial)
+    achieved.append(h)
+    advanced.append(int(moved_total.sum()))
+    counts.append(np.bincount(clusters_arr[moved_total], minlength=config.n_clusters).tolist())
+    for t in range(1, T):
+        d_t = difficulty_budget(t, total, initial, T, config.p)
+        picked = run_selection(d_t - h)
+        h = output_difficulty(diffs, state)
+        c[:, t] = state
+        budget.append(d_t)
+        achieved.append(h)
+        advanced.append(int(picked.size))
+        counts.append(np.bincount(clusters_arr[picked], minlength=config.n_clusters).tolist())
+    # Stage T: the full rationale for everyone.
+    budget.append(total)
+    achieved.append(total)
+    advanced.append(int((state > 0).sum()))
+    counts.append(np.bincount(clusters_arr[state > 0], minlength=config.n_clusters).tolist())
+    return Schedule(
+        c=c,
+        budget=budget,
+        achieved=achieved,
+        advanced=advanced,
+        cluster_counts=counts,
+        total_difficulty=total,
+        config=config,
+        clusters=clusters_arr.tolist(),
+    )

@@ -1,0 +1,148 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kpod.progressive.maths import (
+    difficulty_budget,
+    select_stage,
+    selection_value,
+    step_difficulty,
+    value_function,
+)
+from kpod.progressive.schedule import ScheduleConfig, output_difficulty, plan_schedule
+
+
+def test_step_difficulty_by_hand() -> None:
+    logprobs = [math.log(0.5), math.log(0.25)]
+    # Uniform: the mean NLL.
+    assert step_difficulty(logprobs) == pytest.approx((math.log(2) + math.log(4)) / 2)
+    # Weights 0 and ln 3: softmax = (1/4, 3/4).
+    expected = 0.25 * math.log(2) + 0.75 * math.log(4)
+    assert step_difficulty(logprobs, [0.0, math.log(3)]) == pytest.approx(expected)
+    assert step_difficulty([], None) == 0.0
+
+
+def test_pacing_by_hand() -> None:
+    # B = 100, C0 = 30, T = 4, p = 0.5: D(1) = 30 + 70 * (1/4)^1.5 = 38.75.
+    assert difficulty_budget(0, 100, 30, 4) == 30
+    assert difficulty_budget(1, 100, 30, 4) == pytest.approx(38.75)
+    assert difficulty_budget(4, 100, 30, 4) == 100
+    assert difficulty_budget(9, 100, 30, 4) == 100
+    values = [difficulty_budget(t, 100, 30, 10) for t in range(11)]
+    assert all(b > a for a, b in zip(values, values[1:], strict=False))
+
+
+def test_value_function_by_hand() -> None:
+    # Delta D = 10, Delta H = 7, clusters of sizes 4 and 1, beta = 2: -(3) + 2 * (2 + 1) = 3.
+    assert value_function(10, 7, [4, 1, 0], beta=2) == 3
+
+
+def brute_force(gains, clusters, budget, beta):
+    best = 0.0
+    for r in range(len(gains) + 1):
+        for subset in itertools.combinations(range(len(gains)), r):
+            if sum(gains[i] for i in subset) <= budget + 1e-12:
+                best = max(best, selection_value(subset, gains, clusters, beta))
+    return best
+
+
+instances = st.integers(min_value=1, max_value=9).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.floats(min_value=0, max_value=10, allow_nan=False), min_size=n, max_size=n),
+        st.lists(st.integers(min_value=0, max_value=2), min_size=n, max_size=n),
+        st.floats(min_value=0, max_value=30, allow_nan=False),
+        st.sampled_from([0.0, 1.0, 12.0]),
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances)
+def test_greedy_reaches_half_of_the_optimum_and_is_feasible(instance) -> None:
+    gains, clusters, budget, beta = instance
+    chosen = select_stage(gains, clusters, budget, beta, n_clusters=3)
+    assert len(set(chosen)) == len(chosen)
+    assert sum(gains[i] for i in chosen) <= budget + 1e-9
+    assert (
+        selection_value(chosen, gains, clusters, beta)
+        >= 0.5 * brute_force(gains, clusters, budget, beta) - 1e-9
+    )
+
+
+def test_greedy_is_often_optimal_on_random_instances() -> None:
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(200):
+        n = int(rng.integers(3, 10))
+        gains = rng.uniform(0, 5, n).round(2).tolist()
+        clusters = rng.integers(0, 3, n).tolist()
+        budget = float(rng.uniform(0, sum(gains)))
+        opt = brute_force(gains, clusters, budget, 12.0)
+        ratios.append(
+            selection_value(select_stage(gains, clusters, budget, 12.0, 3), gains, clusters, 12.0) / opt
+            if opt
+            else 1.0
+        )
+    assert min(ratios) >= 0.5 and np.mean(ratios) > 0.9
+
+
+@given(
+    st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.integers(0, 3)), min_size=2, max_size=8),
+    st.data(),
+)
+def test_value_is_monotone_and_submodular(items, data) -> None:
+    gains = [g for g, _ in items]
+    clusters = [k for _, k in items]
+    n = len(items)
+    a = set(data.draw(st.sets(st.integers(0, n - 1))))
+    b = a | set(data.draw(st.sets(st.integers(0, n - 1))))
+    x = data.draw(st.integers(0, n - 1).filter(lambda i: i not in b))  # noqa: B023
+    f = lambda s: selection_value(sorted(s), gains, clusters, 12.0)  # noqa: E731
+    assert f(b) >= f(a) - 1e-9  # monotone
+    assert f(a | {x}) - f(a) >= f(b | {x}) - f(b) - 1e-9  # diminishing returns
+
+
+def random_problem(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    diffs = [rng.uniform(0.1, 3.0, int(rng.integers(1, 8))) for _ in range(n)]
+    clusters = rng.integers(0, 5, n).tolist()
+    return diffs, clusters
+
+
+@pytest.mark.parametrize("beta", [0.0, 12.0])
+def test_schedule_invariants(beta: float) -> None:
+    diffs, clusters = random_problem(300, seed=1)
+    config = ScheduleConfig(stages=8, beta=beta)
+    sched = plan_schedule(diffs, clusters, config)
+    c = sched.c
+    n_steps = np.array([len(d) for d in diffs])
+    assert c.shape == (300, 9)
+    assert np.all((c >= 0) & (c <= n_steps[:, None]))
+    assert np.all(np.diff(c, axis=1) <= 0)  # c_i(t) never increases
+    assert np.all(c[:, -1] == 0) and np.all(sched.inputs_at(20) == 0)
+    assert np.all(np.diff(c[:, :-1], axis=1) >= -config.step_size)  # at most Delta_s per stage
+    for t in range(1, config.stages):
+        h_prev = output_difficulty(diffs, c[:, t - 1])
+        h_t = output_difficulty(diffs, c[:, t])
+        assert h_t - h_prev <= sched.budget[t] - h_prev + 1e-9  # Delta H <= Delta D
+        assert sched.achieved[t] == pytest.approx(h_t)
+    # Stage 0 reaches (close to) C0 without exceeding it, from "answer only".
+    assert sched.achieved[0] <= sched.budget[0] + 1e-9
+    assert sched.achieved[0] >= 0.9 * sched.budget[0]
+    assert sched.budget[0] == pytest.approx(0.3 * sum(d.sum() for d in diffs))
+    again = plan_schedule(diffs, clusters, config)
+    assert np.array_equal(again.c, c)
+
+
+def test_diversity_spreads_selection_over_clusters() -> None:
+    # Two clusters: cluster 0 has many cheap questions, cluster 1 slightly dearer ones.
+    diffs = [np.array([1.0, 1.0])] * 20 + [np.array([1.2, 1.2])] * 20
+    clusters = [0] * 20 + [1] * 20
+    plain = plan_schedule(diffs, clusters, ScheduleConfig(stages=4, beta=0.0, n_clusters=2))
+    diverse = plan_schedule(diffs, clusters, ScheduleConfig(stages=4, beta=12.0, n_clusters=2))
+    spread = lambda s: min(s.cluster_counts[0]) / max(1, max(s.cluster_counts[0]))  # noqa: E731
+    assert spread(diverse) > spread(plain)
