@@ -108,7 +108,9 @@ def _gains(difficulties: Sequence[np.ndarray], c: np.ndarray, step: int) -> tupl
 
 
 def plan_schedule(
-    difficulties: Sequence[Sequence[float]], clusters: Sequence[int], config: ScheduleConfig = ScheduleConfig()
+    difficulties: Sequence[Sequence[float]],
+    clusters: Sequence[int],
+    config: ScheduleConfig = ScheduleConfig(),
 ) -> Schedule:
     """The whole schedule (Algorithm 1, lines 4-5) from per-step difficulties and clusters."""
     diffs = [np.maximum(np.asarray(d, dtype=np.float64), 0.0) for d in difficulties]
