@@ -77,46 +77,43 @@ def select_stage(
     for m in members:
         m.sort(key=lambda i: (gains[i], i))
     sorted_gains = [[gains[i] for i in m] for m in members]
+    largest = max((len(m) for m in members), default=0)
+    step_gain = [beta * (math.sqrt(n + 1) - math.sqrt(n)) for n in range(largest + 1)]  # diversity gain
     taken = [0] * k_count  # the first taken[k] of members[k] are selected
     order: list[int] = []
     used = 0.0
     value = 0.0
-
-    def marginal(k: int, g: float) -> float:
-        n = taken[k]
-        return g + beta * (math.sqrt(n + 1) - math.sqrt(n))
-
-    def best_augment(remaining: float) -> tuple[float, int]:
-        best_gain, best_elem = -1.0, -1
-        for k in range(k_count):
-            pos = bisect.bisect_right(sorted_gains[k], remaining + 1e-12) - 1
-            if pos >= taken[k]:
-                gain = marginal(k, sorted_gains[k][pos])
-                if gain > best_gain:
-                    best_gain, best_elem = gain, members[k][pos]
-        return best_gain, best_elem
-
     best_value, best_prefix, best_extra = 0.0, 0, -1
+    eps = 1e-12
     while True:
-        gain, elem = best_augment(budget - used)
-        if elem >= 0 and value + gain > best_value:
-            best_value, best_prefix, best_extra = value + gain, len(order), elem
+        remaining = budget - used
+        # Max step: the best single element that still fits, added to the current prefix. Within a
+        # cluster the largest fitting gain is best. Skipped when even an upper bound cannot win.
+        if value + remaining + beta > best_value:
+            for k in range(k_count):
+                pos = bisect.bisect_right(sorted_gains[k], remaining + eps) - 1
+                if pos >= taken[k]:
+                    candidate = value + sorted_gains[k][pos] + step_gain[taken[k]]
+                    if candidate > best_value:
+                        best_value, best_prefix, best_extra = candidate, len(order), members[k][pos]
         # Greedy step: the densest next element over clusters that still fits.
         pick, pick_density = -1, -1.0
         for k in range(k_count):
-            if taken[k] < len(members[k]):
-                g = sorted_gains[k][taken[k]]
-                if used + g <= budget + 1e-12:
-                    density = math.inf if g <= 0 else marginal(k, g) / g
+            t = taken[k]
+            if t < len(members[k]):
+                g = sorted_gains[k][t]
+                if g <= remaining + eps:
+                    density = math.inf if g <= 0 else (g + step_gain[t]) / g
                     if density > pick_density:
                         pick, pick_density = k, density
         if pick < 0:
             break
-        g = sorted_gains[pick][taken[pick]]
-        value += marginal(pick, g)
+        t = taken[pick]
+        g = sorted_gains[pick][t]
+        value += g + step_gain[t]
         used += g
-        order.append(members[pick][taken[pick]])
-        taken[pick] += 1
+        order.append(members[pick][t])
+        taken[pick] = t + 1
         if value > best_value:
             best_value, best_prefix, best_extra = value, len(order), -1
     chosen = order[:best_prefix]

@@ -100,11 +100,14 @@ def output_difficulty(difficulties: Sequence[np.ndarray], c: np.ndarray) -> floa
     return float(sum(d[int(ci) :].sum() for d, ci in zip(difficulties, c, strict=True)))
 
 
-def _gains(difficulties: Sequence[np.ndarray], c: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eligible questions (c_i > 0) and the difficulty their next Delta_s steps add."""
-    eligible = np.flatnonzero(c > 0)
-    gains = np.array([difficulties[i][max(0, int(c[i]) - step) : int(c[i])].sum() for i in eligible])
-    return eligible, gains
+def _prefix_sums(difficulties: Sequence[np.ndarray]) -> np.ndarray:
+    """prefix[i, c] = sum of the first c step difficulties of question i (rows zero-padded)."""
+    longest = max((len(d) for d in difficulties), default=0)
+    prefix = np.zeros((len(difficulties), longest + 1))
+    for i, d in enumerate(difficulties):
+        prefix[i, 1 : len(d) + 1] = np.cumsum(d)
+        prefix[i, len(d) + 1 :] = prefix[i, len(d)]
+    return prefix
 
 
 def plan_schedule(
@@ -123,10 +126,19 @@ def plan_schedule(
     T = config.stages
     c = np.zeros((len(diffs), T + 1), dtype=np.int64)
     state = n_steps.copy()
+    prefix = _prefix_sums(diffs)
+    rows = np.arange(len(diffs))
+    totals = prefix[rows, n_steps]
+
+    def difficulty_of(state: np.ndarray) -> float:  # Eq. (9), vectorised
+        return float((totals - prefix[rows, state]).sum())
+
     budget, achieved, advanced, counts = [], [], [], []
 
     def run_selection(limit: float) -> np.ndarray:
-        eligible, gains = _gains(diffs, state, config.step_size)
+        eligible = np.flatnonzero(state > 0)
+        c_now = state[eligible]
+        gains = prefix[eligible, c_now] - prefix[eligible, np.maximum(c_now - config.step_size, 0)]
         if eligible.size == 0:
             return eligible
         chosen = select_stage(
@@ -144,7 +156,7 @@ def plan_schedule(
         if picked.size == 0:
             break
         moved_total[picked] = True
-        h = output_difficulty(diffs, state)
+        h = difficulty_of(state)
         if h >= initial - 1e-9:
             break
     c[:, 0] = state
@@ -155,7 +167,7 @@ def plan_schedule(
     for t in range(1, T):
         d_t = difficulty_budget(t, total, initial, T, config.p)
         picked = run_selection(d_t - h)
-        h = output_difficulty(diffs, state)
+        h = difficulty_of(state)
         c[:, t] = state
         budget.append(d_t)
         achieved.append(h)
