@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalize-mask-loss", action="store_true")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
     args = parser.parse_args()

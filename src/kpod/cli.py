@@ -374,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--prefixes", type=int, default=2, help="rationale prefixes per example in L_p")
     wtrain.add_argument("--epochs", type=int, default=1)
     wtrain.add_argument("--batch-size", type=int, default=8)
-    wtrain.add_argument("--lr", type=float, default=1e-3)
+    wtrain.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="AdamW learning rate (default 1e-4; 1e-3 collapses w within steps)",
+    )
     wtrain.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     wtrain.add_argument("--device", default="cpu")
     wtrain.add_argument("--seed", type=int, default=0)

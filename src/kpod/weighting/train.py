@@ -59,7 +59,10 @@ class WeightingConfig:
         normalize_mask_loss: divide L_m by the rationale's length (not in the paper).
         tau: Gumbel-softmax temperature; ``tau_final`` anneals it linearly to that value.
         n_prefixes: rationale prefixes per example in L_p (the full one included).
-        epochs, batch_size, lr, predictor_lr: optimisation (AdamW).
+        epochs, batch_size, lr, predictor_lr: optimisation (AdamW). The sparsity gradient is the
+            same sign for every token while the answer gradient is noisy, so Adam at 1e-3 drives
+            every w to 0 within a few steps (measured on SmolLM2-135M); 1e-4 lets keypoints
+            separate (see BENCHMARKS.md).
         max_rationale_tokens: longer rationales are truncated (their tail gets weight 1).
         precision: ``bf16`` autocast (CPU or GPU) or ``fp32``.
         num_heads, mlp_hidden: the module's attention heads and MLP width.
@@ -75,7 +78,7 @@ class WeightingConfig:
     n_prefixes: int = 2
     epochs: int = 1
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1e-4
     predictor_lr: float = 1e-4
     max_rationale_tokens: int = 256
     precision: Literal["fp32", "bf16"] = "bf16"
