@@ -146,3 +146,77 @@ def test_diversity_spreads_selection_over_clusters() -> None:
     diverse = plan_schedule(diffs, clusters, ScheduleConfig(stages=4, beta=12.0, n_clusters=2))
     spread = lambda s: min(s.cluster_counts[0]) / max(1, max(s.cluster_counts[0]))  # noqa: E731
     assert spread(diverse) > spread(plain)
+
+
+def test_difficulty_scoring_matches_eq8_and_resumes(tiny_causal, tmp_path) -> None:
+    import torch
+
+    from kpod.data.synthetic import arithmetic_examples
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
+    from kpod.prompt import render_example, tokenize_rendered
+    from kpod.weighting.train import rationale_key
+
+    student = load_model(str(tiny_causal), trainable=False)
+    examples = arithmetic_examples(6, seed=4)
+    cache = tmp_path / "difficulty.jsonl"
+    uniform = score_difficulties(examples[:3], student, None, batch_size=2, cache=cache, progress=False)
+    assert len(cache.read_text().splitlines()) == 3
+    both = score_difficulties(examples, student, None, batch_size=4, cache=cache, progress=False)
+    assert len(cache.read_text().splitlines()) == 6  # resumed: only the 3 new ones were scored
+    assert all(both[k] == v for k, v in uniform.items())
+    # Recompute one example's step difficulties by hand: mean NLL of each step's tokens.
+    e = examples[4]
+    t = tokenize_rendered(render_example(e, tokenizer=student.tokenizer), student.tokenizer)
+    with torch.no_grad():
+        logits = student.model(input_ids=torch.tensor([t.input_ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    for k, d in enumerate(both[rationale_key(e)]):
+        pos = [p for p, s in enumerate(t.segments) if s == k]
+        expected = -float(sum(logp[p - 1, t.input_ids[p]] for p in pos)) / len(pos)
+        assert d == pytest.approx(expected, rel=1e-4)
+    # Weights concentrated on one token per step make that token's NLL the difficulty (Eq. 8 softmax).
+    rows = {}
+    for ex in examples:
+        enc = student.tokenizer(ex.rationale, add_special_tokens=False, return_offsets_mapping=True)
+        rows[rationale_key(ex)] = {"offsets": enc["offset_mapping"], "weights": [0.5] * len(enc["input_ids"])}
+    flat = score_difficulties(examples, student, rows, progress=False)
+    # Equal weights give the uniform result (softmax of a constant).
+    assert flat[rationale_key(e)] == pytest.approx(both[rationale_key(e)], rel=1e-5)
+    emb = question_embeddings([x.question for x in examples], student)
+    assert emb.shape == (6, 32)
+    assert sorted(set(cluster_questions(emb, 3).tolist())) == [0, 1, 2]
+
+
+def test_schedule_cli_plans_and_plots(tiny_causal, tmp_path, capsys) -> None:
+    import json
+
+    from kpod.cli import main
+
+    data = tmp_path / "a.jsonl"
+    assert main(["data", "synth", "arithmetic", "-n", "30", "--out", str(data)]) == 0
+    out = tmp_path / "plan"
+    assert (
+        main(
+            [
+                "schedule",
+                "plan",
+                str(data),
+                "--out",
+                str(out),
+                "--student",
+                str(tiny_causal),
+                "--epochs",
+                "8",
+                "--clusters",
+                "3",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads((out / "schedule.json").read_text())
+    assert len(plan["c"]) == 30 and len(plan["c"][0]) == 5
+    assert (out / "schedule.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["schedule", "show", str(out)]) == 0
+    assert "budget/B" in capsys.readouterr().out

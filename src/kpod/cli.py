@@ -261,6 +261,57 @@ def cmd_weights_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule_plan(args: argparse.Namespace) -> int:
+    from kpod.io import write_json
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
+    from kpod.progressive.schedule import ScheduleConfig, plan_schedule
+    from kpod.report import plot_schedule, schedule_table
+    from kpod.weighting.train import load_weights, rationale_key
+
+    examples, _ = _load(args)
+    examples = [e for e in examples if e.steps]
+    if not examples:
+        raise KpodError(f"{args.path} has no rationales to schedule")
+    config = ScheduleConfig(
+        stages=args.stages or max(1, args.epochs // 2),
+        p=args.p,
+        initial_fraction=args.c0,
+        beta=args.beta,
+        n_clusters=args.clusters,
+    )
+    weights = None if args.weights is None else load_weights(args.weights)
+    student = load_model(args.student, trainable=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    diffs = score_difficulties(
+        examples, student, weights, batch_size=args.batch_size, cache=args.out / "difficulty.jsonl"
+    )
+    emb = question_embeddings([e.question for e in examples], student)
+    clusters = cluster_questions(emb, config.n_clusters, seed=args.seed)
+    schedule = plan_schedule([diffs[rationale_key(e)] for e in examples], clusters.tolist(), config)
+    plan = schedule.to_dict()
+    plan["keys"] = [rationale_key(e) for e in examples]
+    plan["qids"] = [e.qid for e in examples]
+    write_json(args.out / "schedule.json", plan)
+    plot = plot_schedule(schedule, args.out / "schedule.png")
+    print(schedule_table(schedule))
+    print(f"schedule of {len(examples)} rationales in {args.out / 'schedule.json'}; plot in {plot}")
+    return 0
+
+
+def cmd_schedule_show(args: argparse.Namespace) -> int:
+    from kpod.progressive.schedule import Schedule
+    from kpod.report import plot_schedule, schedule_table
+
+    path = args.schedule / "schedule.json" if args.schedule.is_dir() else args.schedule
+    if not path.is_file():
+        raise KpodError(f"no schedule at {path}; make one with `kpod schedule plan`")
+    schedule = Schedule.from_dict(json.loads(path.read_text()))
+    print(schedule_table(schedule))
+    print(f"plot in {plot_schedule(schedule, path.with_suffix('.png'))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -407,6 +458,38 @@ def build_parser() -> argparse.ArgumentParser:
     weval.add_argument("weights", type=Path, help="weights.jsonl or the directory of `kpod weights train`")
     weval.add_argument("--json", action="store_true", help="print one JSON object")
     weval.set_defaults(func=cmd_weights_eval)
+
+    sched = sub.add_parser("schedule", help="the in-rationale progressive schedule (paper Eqs. 8-13)")
+    sched_sub = sched.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
+    sched_sub.required = True
+    splan = sched_sub.add_parser(
+        "plan",
+        help="score step difficulty with the student and plan c_i(t) for every stage",
+        description="Score every step's difficulty with the pretrained student (Eq. 8, token weights "
+        "softmax-normalised within the step), cluster the questions, and plan which rationales "
+        "move steps from input to output at each stage (Eqs. 10-13, Greedy+Max). Writes "
+        "difficulty.jsonl (resumable), schedule.json and schedule.png to --out.",
+    )
+    _add_load_options(splan)
+    splan.add_argument("--out", type=Path, required=True, help="output directory")
+    splan.add_argument(
+        "--weights", type=Path, help="weights.jsonl or its directory (default: uniform weights)"
+    )
+    splan.add_argument("--student", default="smollm2-135m-instruct")
+    splan.add_argument("--epochs", type=int, default=20, help="training epochs; T = epochs / 2 (default 20)")
+    splan.add_argument("--stages", type=int, help="T directly (overrides --epochs)")
+    splan.add_argument("--p", type=float, default=0.5, help="pacing exponent (default 0.5)")
+    splan.add_argument(
+        "--c0", type=float, default=0.3, help="initial difficulty as a share of B (default 0.3)"
+    )
+    splan.add_argument("--beta", type=float, default=12.0, help="diversity weight (default 12; 0 = w/o div)")
+    splan.add_argument("--clusters", type=int, default=5, help="K-means clusters K (default 5)")
+    splan.add_argument("--batch-size", type=int, default=8)
+    splan.add_argument("--seed", type=int, default=0)
+    splan.set_defaults(func=cmd_schedule_plan)
+    sshow = sched_sub.add_parser("show", help="print a planned schedule and (re)draw its plot")
+    sshow.add_argument("schedule", type=Path, help="schedule.json or its directory")
+    sshow.set_defaults(func=cmd_schedule_show)
 
     srv = sub.add_parser(
         "serve",
