@@ -27,14 +27,27 @@ def _pieces(example: Example, row: dict[str, Any]) -> list[tuple[str, float | No
     return out
 
 
+def _scale(weights: Sequence[float]) -> tuple[float, float]:
+    """The range shades are stretched over: weights often sit in a narrow band (all near 0.8, or
+    all near 0.1), where absolute shading would show one colour. Hover text keeps the true w."""
+    lo, hi = min(weights, default=0.0), max(weights, default=1.0)
+    return (lo, hi) if hi - lo > 1e-6 else (0.0, 1.0)
+
+
+def _level(w: float, lo: float, hi: float) -> float:
+    return min(1.0, max(0.0, (w - lo) / (hi - lo)))
+
+
 def terminal_heatmap(example: Example, row: dict[str, Any]) -> str:
-    """The rationale with each token's background shaded by its weight (ANSI 256 colours)."""
+    """The rationale with each token's background shaded by its weight (ANSI 256 colours),
+    stretched over this rationale's range of weights."""
+    lo, hi = _scale(row["weights"])
     parts = []
     for text, w in _pieces(example, row):
         if w is None:
             parts.append(text)
             continue
-        shade = _SHADES[min(len(_SHADES) - 1, int(w * len(_SHADES)))]
+        shade = _SHADES[min(len(_SHADES) - 1, int(_level(w, lo, hi) * len(_SHADES)))]
         fg = 231 if shade in (196, 160, 124) else 16
         parts.append(f"\x1b[48;5;{shade}m\x1b[38;5;{fg}m{text}\x1b[0m")
     return "".join(parts)
@@ -43,7 +56,12 @@ def terminal_heatmap(example: Example, row: dict[str, Any]) -> str:
 def html_heatmap(
     examples: Sequence[Example], rows: dict[str, dict[str, Any]], title: str = "Token weights"
 ) -> str:
-    """A self-contained HTML page: each rationale's tokens shaded by weight, values on hover."""
+    """A self-contained HTML page: each rationale's tokens shaded by weight, values on hover.
+
+    Shades are stretched over the range of weights shown (the legend gives the true values).
+    """
+    shown = [w for e in examples if rationale_key(e) in rows for w in rows[rationale_key(e)]["weights"]]
+    lo, hi = _scale(shown)
     blocks = []
     for e in examples:
         row = rows.get(rationale_key(e))
@@ -55,7 +73,7 @@ def html_heatmap(
                 spans.append(html.escape(text).replace("\n", "<br>"))
             else:
                 spans.append(
-                    f'<span class="t" style="background: rgba(200, 30, 30, {w:.3f})" '
+                    f'<span class="t" style="background: rgba(200, 30, 30, {_level(w, lo, hi):.3f})" '
                     f'title="w = {w:.3f}">{html.escape(text)}</span>'
                 )
         blocks.append(
@@ -63,7 +81,7 @@ def html_heatmap(
             f'<div class="r">{"".join(spans)}</div></div>'
         )
     legend = "".join(
-        f'<span class="t" style="background: rgba(200, 30, 30, {v / 4:.2f})">w = {v / 4:.2f}</span> '
+        f'<span class="t" style="background: rgba(200, 30, 30, {v / 4:.2f})">w = {lo + (hi - lo) * v / 4:.3f}</span> '
         for v in range(5)
     )
     return f"""<!DOCTYPE html>
@@ -77,7 +95,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Each rationale token is shaded by its learned weight w (the probability that the mask generator
-keeps it): darker red means more important to predicting the answer. {legend}</p>
+keeps it): darker red means more important to predicting the answer. Shades span the weights shown: {legend}</p>
 {"".join(blocks)}
 </body></html>
 """
