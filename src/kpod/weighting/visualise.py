@@ -81,7 +81,8 @@ def html_heatmap(
             f'<div class="r">{"".join(spans)}</div></div>'
         )
     legend = "".join(
-        f'<span class="t" style="background: rgba(200, 30, 30, {v / 4:.2f})">w = {lo + (hi - lo) * v / 4:.3f}</span> '
+        f'<span class="t" style="background: rgba(200, 30, 30, {v / 4:.2f})">'
+        f"w = {lo + (hi - lo) * v / 4:.3f}</span> "
         for v in range(5)
     )
     return f"""<!DOCTYPE html>
@@ -95,7 +96,8 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Each rationale token is shaded by its learned weight w (the probability that the mask generator
-keeps it): darker red means more important to predicting the answer. Shades span the weights shown: {legend}</p>
+keeps it): darker red means more important to predicting the answer.
+Shades span the weights shown: {legend}</p>
 {"".join(blocks)}
 </body></html>
 """
