@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalize-mask-loss", action="store_true")
+    parser.add_argument("--prefix-sum", action="store_true")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
@@ -49,7 +50,11 @@ def main() -> None:
         examples, _ = load_examples(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
         examples = examples[: args.n]
     config = WeightingConfig(
-        alpha=args.alpha, epochs=args.epochs, normalize_mask_loss=args.normalize_mask_loss, lr=args.lr
+        alpha=args.alpha,
+        epochs=args.epochs,
+        normalize_mask_loss=args.normalize_mask_loss,
+        prefix_sum=args.prefix_sum,
+        lr=args.lr,
     )
     out_dir = args.out / f"{args.data}{args.tag}"
     start = time.perf_counter()

@@ -198,6 +198,7 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
         tau=args.tau,
         tau_final=args.tau_final,
         n_prefixes=args.prefixes,
+        prefix_sum=args.prefix_sum,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -423,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature (default 1.0)")
     wtrain.add_argument("--tau-final", type=float, help="anneal the temperature linearly to this value")
     wtrain.add_argument("--prefixes", type=int, default=2, help="rationale prefixes per example in L_p")
+    wtrain.add_argument(
+        "--prefix-sum",
+        action="store_true",
+        help="estimate Eq. 5's sum over all prefixes from the sampled ones",
+    )
     wtrain.add_argument("--epochs", type=int, default=1)
     wtrain.add_argument("--batch-size", type=int, default=8)
     wtrain.add_argument(

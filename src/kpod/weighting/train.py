@@ -59,6 +59,10 @@ class WeightingConfig:
         normalize_mask_loss: divide L_m by the rationale's length (not in the paper).
         tau: Gumbel-softmax temperature; ``tau_final`` anneals it linearly to that value.
         n_prefixes: rationale prefixes per example in L_p (the full one included).
+        prefix_sum: estimate Eq. (5)'s sum over *all* prefixes from the sampled ones (weighting the
+            shorter prefixes by n / (n_prefixes - 1)), which puts L_p on the scale of the printed,
+            summed L_m. Off: L_p sums only the sampled prefixes, and ``normalize_mask_loss``
+            should be on (measured: the summed L_m with alpha 0.5 then inverts the ranking).
         epochs, batch_size, lr, predictor_lr: optimisation (AdamW). The sparsity gradient is the
             same sign for every token while the answer gradient is noisy, so Adam at 1e-3 drives
             every w to 0 within a few steps (measured on SmolLM2-135M); 1e-4 lets keypoints
@@ -76,6 +80,7 @@ class WeightingConfig:
     tau: float = 1.0
     tau_final: float | None = None
     n_prefixes: int = 2
+    prefix_sum: bool = False
     epochs: int = 1
     batch_size: int = 8
     lr: float = 1e-4
@@ -314,17 +319,22 @@ def train_weighting(
                 w = model.weighter(ids, mask)
                 keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
                 masked = apply_mask(model.weighter.embeddings(ids), keep, model.weighter.mask_embedding)
-                questions, rationales, answers, scored, owner = [], [], [], [], []
+                questions, rationales, answers, scored, owner, scale = [], [], [], [], [], []
                 for i, b in enumerate(batch):
                     n = len(b.rationale_ids)
-                    prefixes = {n} | {rng.randrange(0, n) for _ in range(config.n_prefixes - 1)}
-                    for k in sorted(prefixes):
+                    shorter = [rng.randrange(0, n) for _ in range(config.n_prefixes - 1)]
+                    # With prefix_sum, the sampled shorter prefixes stand for all n of them (an
+                    # unbiased estimate of Eq. 5's sum over every prefix).
+                    factor = n / len(shorter) if config.prefix_sum and shorter else 1.0
+                    for k, f in [(n, 1.0)] + [(k, factor) for k in shorter]:
                         questions.append(b.question_ids)
                         rationales.append(masked[i, :k])
                         answers.append(b.answer_ids)
                         scored.append(b.n_scored)
                         owner.append(i)
+                        scale.append(f)
                 nll = predictor.answer_nll(questions, rationales, answers, scored)
+            nll = nll * torch.tensor(scale, device=nll.device)
             answer_loss = torch.zeros(len(batch), device=nll.device).index_add(
                 0, torch.tensor(owner, device=nll.device), nll
             )
