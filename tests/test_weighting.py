@@ -140,3 +140,15 @@ def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> N
     assert "\x1b[48;5;" in terminal_heatmap(examples[0], row)
     page = html_heatmap(examples[:2], rows)
     assert page.count('class="ex"') == 2 and "w = " in page
+
+
+def test_prefix_sum_scales_the_sampled_prefixes(tiny_causal) -> None:
+    examples = arithmetic_examples(8, seed=6)
+    common = dict(
+        student=str(tiny_causal), epochs=1, batch_size=8, num_heads=2, mlp_hidden=16, precision="fp32"
+    )
+    _, plain = train_weighting(examples, WeightingConfig(**common), progress=False)
+    _, summed = train_weighting(examples, WeightingConfig(prefix_sum=True, **common), progress=False)
+    # Same seed, same samples: the shorter prefix's NLL is multiplied by the rationale's length.
+    assert summed[0]["mask_loss"] == plain[0]["mask_loss"]
+    assert summed[0]["answer_loss"] > 20 * plain[0]["answer_loss"] / 2
