@@ -92,3 +92,18 @@ def test_tokenized_segments_rebuild_each_piece(tiny_causal, style: str) -> None:
         pieces = [tok.decode([i]) for i, s in zip(t.input_ids, t.segments, strict=True) if s == seg]
         assert "".join(pieces).strip() == r.text[span.start : span.end]
     assert t.segments == sorted(t.segments)  # pieces never interleave
+
+
+def test_only_the_prompt_module_writes_the_template() -> None:
+    """Training, scoring, teacher and evaluation must render prompts through kpod.prompt."""
+    from pathlib import Path
+
+    import kpod
+
+    root = Path(kpod.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "prompt.py" and ('f"Q: ' in path.read_text() or "f'Q: " in path.read_text())
+    ]
+    assert offenders == []

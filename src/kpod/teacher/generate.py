@@ -26,11 +26,11 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from kpod.data.answers import answers_match, extract_answer
+from kpod.data.answers import ANSWER_PHRASE, answers_match, extract_answer
 from kpod.data.loaders import make_example
 from kpod.data.schema import Choice, Example
 from kpod.errors import TeacherError
-from kpod.prompt import COT_TRIGGER
+from kpod.prompt import COT_TRIGGER, PromptFormat, render_prompt
 from kpod.teacher.client import BudgetExhausted, Completion, RetriesExhausted
 from kpod.teacher.store import RationaleStore, record_key
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM = (
     "Solve the problem step by step, one step per sentence. "
-    'End with the sentence "Therefore, the answer is <answer>."'
+    f'End with the sentence "{ANSWER_PHRASE} <answer>."'
 )
 
 
@@ -59,7 +59,8 @@ class TeacherPrompt:
 
     def messages(self, question: str) -> list[dict[str, str]]:
         out = [] if not self.system else [{"role": "system", "content": self.system}]
-        out.append({"role": "user", "content": f"Q: {question.strip()}\nA: {self.trigger}"})
+        # The paper-style prompt of the shared prompt module: "Q: <question>\nA: <trigger>".
+        out.append({"role": "user", "content": render_prompt(question, PromptFormat(trigger=self.trigger))})
         return out
 
     @property
