@@ -3,7 +3,9 @@ OpenAI-compatible server, serving the offline SmolLM2 GGUF on 127.0.0.1.
 
 Opt-in (it needs llama-cpp-python[server], which builds from source in minutes):
 
-    python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]'
+    python3 -m venv .venv-llamacpp
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF" .venv-llamacpp/bin/pip install 'llama-cpp-python[server]'
+    (the default build's AVX-512 kernels segfaulted on this machine's CPU at the first generation)
     .venv/bin/python benchmarks/teacher_llamacpp.py --questions 20
 
 Writes benchmarks/results/teacher-llamacpp.json: requests, retries, completion tokens/s, records
