@@ -190,3 +190,27 @@ def test_generator_killed_with_sigkill_leaves_a_valid_store(
     assert proc.returncode == 0, proc.stderr
     check_store(store, 90)
     assert "already stored" in proc.stdout
+
+
+def test_a_local_model_as_teacher_uses_the_same_store(tiny_causal: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from kpod.teacher.generate import GenerationSettings, generate_rationales
+    from kpod.teacher.local import LocalTeacher
+    from kpod.teacher.store import RationaleStore
+
+    teacher = LocalTeacher(str(tiny_causal))
+    questions = arithmetic_examples(4, seed=3)
+    settings = GenerationSettings(n_samples=2, temperature=0.8, max_tokens=12, concurrency=2)
+    with RationaleStore(tmp_path / "store.jsonl") as store:
+        first = asyncio.run(generate_rationales(questions, teacher, store, settings, progress=False))
+        again = asyncio.run(generate_rationales(questions, teacher, store, settings, progress=False))
+        records = list(store)
+    assert first.generated + sum(first.skipped.values()) == 8
+    assert again.generated == 0 and again.already_stored == first.generated
+    assert all(r["teacher"] == str(tiny_causal) and r["usage"]["completion_tokens"] <= 12 for r in records)
+    # Sampling with a per-sample seed: the two samples of a question differ.
+    by_q: dict[str, list[str]] = {}
+    for r in records:
+        by_q.setdefault(r["qid"], []).append(r["completion"])
+    assert any(len(set(v)) > 1 for v in by_q.values())
