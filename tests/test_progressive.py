@@ -220,3 +220,30 @@ def test_schedule_cli_plans_and_plots(tiny_causal, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["schedule", "show", str(out)]) == 0
     assert "budget/B" in capsys.readouterr().out
+
+
+def test_seq2seq_difficulty_reads_the_prompt_in_the_encoder(tiny_seq2seq) -> None:
+    import torch
+
+    from kpod.data.synthetic import arithmetic_examples
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import _tokenize, score_difficulties
+    from kpod.prompt import PromptFormat
+    from kpod.weighting.train import rationale_key
+
+    student = load_model(str(tiny_seq2seq), trainable=False)
+    e = arithmetic_examples(1, seed=8)[0]
+    diffs = score_difficulties([e], student, None, progress=False)[rationale_key(e)]
+    assert len(diffs) == len(e.steps) and all(d > 0 for d in diffs)
+    _, target, encoder_ids = _tokenize(e, PromptFormat(), student.tokenizer, "seq2seq")
+    # The decoder text starts right after the prompt: its first step tokens decode to step 1.
+    first = [i for i, s in zip(target.input_ids, target.segments, strict=True) if s == 0]
+    assert student.tokenizer.decode(first).strip() == e.steps[0].text
+    with torch.no_grad():
+        logits = student.model(
+            input_ids=torch.tensor([encoder_ids]), labels=torch.tensor([target.input_ids])
+        ).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    pos = [p for p, s in enumerate(target.segments) if s == 1]
+    expected = -float(sum(logp[p, target.input_ids[p]] for p in pos)) / len(pos)
+    assert diffs[1] == pytest.approx(expected, rel=1e-4)

@@ -25,9 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kpod.data.schema import Example
-from kpod.errors import ModelError
 from kpod.progressive.maths import step_difficulty
-from kpod.prompt import PromptFormat, render_example, tokenize_rendered
+from kpod.prompt import PromptFormat, TokenizedExample, render_example, token_segments, tokenize_rendered
 from kpod.weighting.maths import align_weights
 from kpod.weighting.train import rationale_key
 
@@ -71,8 +70,6 @@ def score_difficulties(
     rows of ``weights.jsonl`` by key, or ``None`` for uniform weights.
     """
     fmt = fmt or PromptFormat()
-    if student.kind != "causal":
-        raise ModelError("step difficulty scoring supports causal students so far (seq2seq: issue #5)")
     done = _read_cache(cache) if cache is not None else {}
     todo = [e for e in examples if e.steps and rationale_key(e) not in done]
     model, tok = student.model, student.tokenizer
@@ -80,32 +77,22 @@ def score_difficulties(
     device = next(model.parameters()).device
     # Longest first: similar lengths share a batch, and memory problems show up at once.
     tokenized = sorted(
-        ((e, tokenize_rendered(render_example(e, fmt, tok), tok, fmt)) for e in todo),
-        key=lambda pair: -len(pair[1].input_ids),
+        (_tokenize(e, fmt, tok, student.kind) for e in todo), key=lambda item: -len(item[1].input_ids)
     )
+    first_scored = 1 if student.kind == "causal" else 0  # a causal LM does not predict its first token
     handle = open(cache, "a", encoding="utf-8") if cache is not None else None
     try:
         for start in tqdm(range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress):
             batch = tokenized[start : start + batch_size]
-            longest = max(len(t.input_ids) for _, t in batch)
-            ids = torch.full((len(batch), longest), tok.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (_, t) in enumerate(batch):
-                ids[i, : len(t.input_ids)] = torch.tensor(t.input_ids)
-                mask[i, : len(t.input_ids)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = (
-                torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-            )
+            all_logp = _token_logprobs(batch, model, tok, student.kind, device)
             lines = []
-            for i, (example, t) in enumerate(batch):
-                token_logp = [0.0] + logp[i, : len(t.input_ids) - 1].cpu().tolist()
+            for (example, t, _), token_logp in zip(batch, all_logp, strict=True):
                 w = step_weights_for(
                     example, t, None if weights is None else weights.get(rationale_key(example))
                 )
                 diffs = []
                 for k in range(len(example.steps)):
-                    positions = [p for p, seg in enumerate(t.segments) if seg == k and p > 0]
+                    positions = [p for p, seg in enumerate(t.segments) if seg == k and p >= first_scored]
                     diffs.append(
                         step_difficulty(
                             [token_logp[p] for p in positions],
@@ -122,6 +109,54 @@ def score_difficulties(
         if handle is not None:
             handle.close()
     return done
+
+
+def _tokenize(example: Example, fmt: PromptFormat, tok: Any, kind: str) -> tuple[Example, Any, list[int]]:
+    """(example, tokens scored with their pieces, encoder ids): causal students score the whole
+    rendered sequence; seq2seq students read the prompt in the encoder and score the rest."""
+    rendered = render_example(example, fmt, tok)
+    if kind == "causal":
+        return example, tokenize_rendered(rendered, tok, fmt), []
+    cut = rendered.prompt.end
+    encoder_ids = tok(rendered.text[:cut], add_special_tokens=True)["input_ids"]
+    dec = tok(rendered.text[cut:], add_special_tokens=True, return_offsets_mapping=True)
+    offsets = [(s + cut, e + cut) if e > s else (s, e) for s, e in dec["offset_mapping"]]
+    target = TokenizedExample(
+        input_ids=list(dec["input_ids"]),
+        offsets=offsets,
+        segments=token_segments(offsets, rendered),
+        rendered=rendered,
+    )
+    return example, target, list(encoder_ids)
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -> list[list[float]]:
+    """log P of every scored token under teacher forcing, aligned with each target's tokens."""
+    pad = tok.pad_token_id or 0
+    targets, mask = _pad([t.input_ids for _, t, _ in batch], pad)
+    targets, mask = targets.to(device), mask.to(device)
+    if kind == "causal":
+        logits = model(input_ids=targets, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets[:, 1:, None]).squeeze(-1)
+        logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # position 0 is not predicted
+    else:
+        enc, enc_mask = _pad([e for _, _, e in batch], pad)
+        labels = targets.masked_fill(mask == 0, -100)
+        logits = model(
+            input_ids=enc.to(device), attention_mask=enc_mask.to(device), labels=labels
+        ).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, :, None]).squeeze(-1)
+    return [logp[i, : len(t.input_ids)].cpu().tolist() for i, (_, t, _) in enumerate(batch)]
 
 
 @torch.no_grad()
