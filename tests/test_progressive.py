@@ -247,3 +247,16 @@ def test_seq2seq_difficulty_reads_the_prompt_in_the_encoder(tiny_seq2seq) -> Non
     pos = [p for p, s in enumerate(target.segments) if s == 1]
     expected = -float(sum(logp[p, target.input_ids[p]] for p in pos)) / len(pos)
     assert diffs[1] == pytest.approx(expected, rel=1e-4)
+
+
+def test_questions_can_be_embedded_by_a_named_encoder(tiny_causal) -> None:
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import cluster_questions, question_embeddings
+
+    student = load_model(str(tiny_causal), trainable=False)
+    questions = ["Ava has 3 apples.", "Ben has 40 coins and buys 2 more.", "How many cards?"]
+    default = question_embeddings(questions, student)
+    encoded = question_embeddings(questions, student, encoder=str(tiny_causal))
+    assert default.shape == encoded.shape == (3, 32)
+    assert not np.allclose(default, encoded)  # contextual hidden states, not input embeddings
+    assert len(cluster_questions(encoded, 2)) == 3

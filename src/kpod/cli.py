@@ -287,7 +287,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     diffs = score_difficulties(
         examples, student, weights, batch_size=args.batch_size, cache=args.out / "difficulty.jsonl"
     )
-    emb = question_embeddings([e.question for e in examples], student)
+    emb = question_embeddings([e.question for e in examples], student, args.cluster_encoder)
     clusters = cluster_questions(emb, config.n_clusters, seed=args.seed)
     schedule = plan_schedule([diffs[rationale_key(e)] for e in examples], clusters.tolist(), config)
     plan = schedule.to_dict()
@@ -490,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     splan.add_argument("--beta", type=float, default=12.0, help="diversity weight (default 12; 0 = w/o div)")
     splan.add_argument("--clusters", type=int, default=5, help="K-means clusters K (default 5)")
+    splan.add_argument(
+        "--cluster-encoder",
+        help="embed questions with this encoder (e.g. a sentence-embedding model) instead of the "
+        "mean of the student's input embeddings",
+    )
     splan.add_argument("--batch-size", type=int, default=8)
     splan.add_argument("--seed", type=int, default=0)
     splan.set_defaults(func=cmd_schedule_plan)

@@ -160,14 +160,36 @@ def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -
 
 
 @torch.no_grad()
-def question_embeddings(questions: Sequence[str], student: Any) -> np.ndarray:
-    """Mean of the student's input embeddings over each question's tokens."""
+def question_embeddings(questions: Sequence[str], student: Any, encoder: str | None = None) -> np.ndarray:
+    """One vector per question, for K-means.
+
+    Default: the mean of the student's input embeddings over the question's tokens (the paper's
+    mean-GloVe idea with the student's own vocabulary; offline). ``encoder`` names any Hugging Face
+    encoder (e.g. a sentence-embedding model): its last hidden states are mean-pooled instead.
+    """
+    if encoder is not None:
+        from transformers import AutoModel
+
+        from kpod.models import load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(encoder)
+        model = AutoModel.from_pretrained(path).eval()
+        tokenizer = load_tokenizer(path)
+        out = []
+        for start in range(0, len(questions), 32):
+            enc = tokenizer(
+                list(questions[start : start + 32]), padding=True, truncation=True, return_tensors="pt"
+            )
+            hidden = model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
+        return np.concatenate(out)
     emb = student.model.get_input_embeddings()
-    out = []
+    vectors = []
     for q in questions:
         ids = student.tokenizer(q, add_special_tokens=False)["input_ids"] or [0]
-        out.append(emb(torch.tensor(ids, device=emb.weight.device)).float().mean(0).cpu().numpy())
-    return np.stack(out)
+        vectors.append(emb(torch.tensor(ids, device=emb.weight.device)).float().mean(0).cpu().numpy())
+    return np.stack(vectors)
 
 
 def cluster_questions(embeddings: np.ndarray, n_clusters: int, seed: int = 0) -> np.ndarray:
