@@ -1,0 +1,1 @@
+"""Distillation: the weighted loss (Eq. 15), stage-wise examples, and (next) the training loop."""

@@ -1,0 +1,52 @@
+"""The distillation loss: weighted token NLL (Eq. 1 with weights, Eq. 15).
+
+``loss = sum_j w_j * NLL_j / N`` over the target tokens of a micro-batch, where ``N`` is the number
+of target tokens in the *whole optimiser step* (every micro-batch of every process), counted before
+the step starts. Summing the micro-batch losses' gradients then gives exactly the gradient of the
+full batch, whatever the split: gradient accumulation and data parallelism do not change the
+objective. With every weight 1 and ``N`` the micro-batch's own count, it is the usual mean
+cross-entropy.
+
+Rationale tokens carry their learned weights w_j in (0, 1); answer tokens weight 1 (the paper's
+"second term of Eq. 1, which remains constant").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def weighted_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, normalizer: float | torch.Tensor
+) -> torch.Tensor:
+    """``sum_j w_j * -log p(label_j) / normalizer`` over positions whose label is not -100.
+
+    ``logits`` ``[batch, length, vocab]`` already aligned with ``labels`` ``[batch, length]`` (use
+    :func:`shift_for_causal_lm` for decoder-only models); ``weights`` has the labels' shape.
+    """
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    valid = (labels.reshape(-1) != IGNORE).to(nll.dtype)
+    return (nll * weights.reshape(-1).to(nll.dtype) * valid).sum() / normalizer
+
+
+def shift_for_causal_lm(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align a causal LM's logits with the tokens they predict (position t predicts t + 1).
+
+    Seq2seq models need no shift: their decoder is fed the labels shifted right internally.
+    """
+    return logits[:, :-1, :], labels[:, 1:], weights[:, 1:]
+
+
+def count_targets(labels: torch.Tensor, causal: bool) -> int:
+    """Target tokens of a micro-batch, as :func:`weighted_token_nll` will count them."""
+    return int(((labels[:, 1:] if causal else labels) != IGNORE).sum())

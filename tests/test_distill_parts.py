@@ -1,0 +1,91 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kpod.data.loaders import make_example
+from kpod.distill.loss import IGNORE, count_targets, shift_for_causal_lm, weighted_token_nll
+from kpod.distill.stages import build_stage_example
+from kpod.models import load_tokenizer
+
+EXAMPLE = make_example(
+    qid="q1",
+    question="Natalia sold 48 clips in April and half as many in May. How many in all?",
+    rationale="Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips.\nSo 72 in all.",
+    answer="72",
+)
+
+
+def test_unit_weights_give_the_standard_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :3] = IGNORE
+    expected = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=IGNORE)
+    got = weighted_token_nll(logits, labels, torch.ones(3, 7), count_targets(labels, causal=False))
+    # Equal up to float32 summation order (the reductions add in different orders).
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_weights_scale_each_token_by_hand() -> None:
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    labels = torch.tensor([[0, 1]])
+    weights = torch.tensor([[0.2, 1.0]])
+    expected = (0.2 * -torch.log(torch.tensor(0.5)) + 1.0 * -torch.log(torch.tensor(0.75))) / 2
+    assert weighted_token_nll(logits, labels, weights, 2).item() == pytest.approx(expected.item())
+
+
+def test_micro_batches_give_the_full_batch_gradient() -> None:
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(5, 9)
+    x = torch.randn(6, 4, 5)
+    labels = torch.randint(0, 9, (6, 4))
+    labels[1, 2:] = IGNORE
+    labels[4, :] = IGNORE
+    weights = torch.rand(6, 4)
+
+    def grad(chunks: list[slice]) -> torch.Tensor:
+        layer.zero_grad()
+        total = sum(count_targets(labels[c], causal=True) for c in chunks)  # the whole step's count
+        for c in chunks:
+            logits, lab, w = shift_for_causal_lm(layer(x[c]), labels[c], weights[c])
+            weighted_token_nll(logits, lab, w, total).backward()
+        return layer.weight.grad.clone()
+
+    full = grad([slice(0, 6)])
+    assert torch.allclose(full, grad([slice(0, 2), slice(2, 3), slice(3, 6)]), atol=1e-6)
+    assert torch.allclose(full, grad([slice(i, i + 1) for i in range(6)]), atol=1e-6)
+
+
+def test_causal_stage_examples_label_only_the_target_steps(tiny_causal) -> None:
+    tok = load_tokenizer(str(tiny_causal))
+    n = len(EXAMPLE.steps)
+    for c in range(n + 1):
+        ex = build_stage_example(EXAMPLE, c, tok)
+        target = tok.decode([t for t in ex.labels if t != IGNORE])
+        tail = " ".join(s.text for s in EXAMPLE.steps[c:])
+        expected = (f"{tail} " if tail else "") + "Therefore, the answer is 72." + tok.eos_token
+        assert " ".join(target.split()) == " ".join(expected.split()), c
+        assert ex.n_input_steps == c
+    assert build_stage_example(EXAMPLE, 99, tok).n_input_steps == n
+
+
+def test_weights_are_resliced_onto_target_rationale_tokens(tiny_causal) -> None:
+    tok = load_tokenizer(str(tiny_causal))
+    enc = tok(EXAMPLE.rationale, add_special_tokens=False, return_offsets_mapping=True)
+    row = {"offsets": enc["offset_mapping"], "weights": [0.3] * len(enc["input_ids"])}
+    ex = build_stage_example(EXAMPLE, 1, tok, weights_row=row)
+    labelled = [(t, w) for t, w in zip(ex.labels, ex.weights, strict=True) if t != IGNORE]
+    rationale_part = tok.decode([t for t, w in labelled if w == pytest.approx(0.3)])
+    answer_part = tok.decode([t for t, w in labelled if w == 1.0])
+    assert "48+24 = 72" in rationale_part and "Therefore" not in rationale_part
+    assert answer_part.strip().startswith("Therefore, the answer is 72.")
+
+
+def test_seq2seq_stage_examples_split_encoder_and_decoder(tiny_seq2seq) -> None:
+    tok = load_tokenizer(str(tiny_seq2seq))
+    ex = build_stage_example(EXAMPLE, 2, tok, kind="seq2seq")
+    encoder_text = tok.decode(ex.input_ids, skip_special_tokens=True)
+    decoder_text = tok.decode(ex.labels, skip_special_tokens=True)
+    assert encoder_text.endswith("Natalia sold 48+24 = 72 clips.")
+    assert decoder_text.strip() == "So 72 in all. Therefore, the answer is 72."
+    assert all(label != IGNORE for label in ex.labels)  # the model shifts them itself
