@@ -1,0 +1,190 @@
+"""Evaluation by answer accuracy: batched greedy generation and the data layer's answer extractor.
+
+Generation: prompts rendered by the shared prompt module (question only: the student writes the
+whole rationale), sorted by length so batches carry little padding, left-padded for decoder-only
+models, greedy with the KV cache, and stopped per sequence once the answer phrase is complete
+(end-of-sequence, or a newline or sentence end after "Therefore, the answer is ..."). Accuracy
+comes with a 95 % Wilson score interval, and every prediction is written to JSONL.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kpod.data.answers import ANSWER_PHRASE, answers_match, extract_answer_detail
+from kpod.data.schema import Example
+from kpod.io import write_jsonl
+from kpod.prompt import PromptFormat, render_prompt
+
+_COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def answer_complete(text: str) -> bool:
+    """Whether generated text has finished its answer phrase ("... the answer is 72." + space/end)."""
+    match = _COMPLETE.search(text)
+    if match is None:
+        return False
+    # "is 7." could still become "is 7.5": a final period right after a digit is not an end yet.
+    return not (match.group(0).endswith(".") and re.search(r"\d\.$", text) is not None)
+
+
+class _StopOnAnswer:
+    """A transformers stopping criterion: per sequence, stop once its answer phrase is complete."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_length :]
+        texts = self.tokenizer.batch_decode(new[:, -48:], skip_special_tokens=True)
+        return torch.tensor([answer_complete(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    kind: str = "causal",
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (in their order), batched by length."""
+    from transformers import StoppingCriteriaList
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if kind == "causal" else "right"
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+            ).to(device)
+            prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
+            stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
+            generated = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                stopping_criteria=stop,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+                out[i] = text
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+@dataclass
+class EvalResult:
+    n: int
+    correct: int
+    accuracy: float
+    ci95: tuple[float, float]
+    seconds: float
+    generated_tokens: int
+    predictions: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "correct": self.correct,
+            "accuracy": round(100 * self.accuracy, 2),
+            "ci95": [round(100 * x, 2) for x in self.ci95],
+            "seconds": round(self.seconds, 1),
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_s": round(self.generated_tokens / self.seconds, 1) if self.seconds else None,
+        }
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    kind: str = "causal",
+    fmt: PromptFormat | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    out: Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Accuracy of a model on ``examples`` (one per question), with every prediction recorded."""
+    fmt = fmt or PromptFormat()
+    questions = list({e.qid: e for e in examples}.values())
+    prompts = [render_prompt(e.question, fmt, tokenizer) for e in questions]
+    start = time.perf_counter()
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        kind=kind,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        add_special_tokens=fmt.style == "paper",
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    predictions = []
+    n_tokens = 0
+    for e, text in zip(questions, texts, strict=True):
+        found = extract_answer_detail(text, e.answer_kind, e.choices)
+        correct = answers_match(found.answer, e.answer, e.answer_kind)
+        n_tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        predictions.append(
+            {
+                "qid": e.qid,
+                "question": e.question,
+                "gold": e.answer,
+                "generated": text,
+                "predicted": found.answer,
+                "rule": found.rule,
+                "correct": correct,
+            }
+        )
+    n_correct = sum(p["correct"] for p in predictions)
+    result = EvalResult(
+        n=len(questions),
+        correct=n_correct,
+        accuracy=n_correct / len(questions) if questions else 0.0,
+        ci95=wilson_interval(n_correct, len(questions)),
+        seconds=seconds,
+        generated_tokens=n_tokens,
+        predictions=predictions,
+    )
+    if out is not None:
+        write_jsonl(out, predictions)
+    return result
