@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    started = provenance()  # the commit and time the run started from
     import torch
 
     from kpod.data.loaders import load_examples
@@ -60,7 +61,7 @@ def main() -> None:
     scoring_s = time.perf_counter() - start
     result = {
         "benchmark": "difficulty",
-        **provenance(),
+        **started,
         "rationales": len(examples),
         "tokens": n_tokens,
         "forward_tokens_per_s": round(n_tokens / forward_s, 1),

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    started = provenance()  # the commit and time the run started from
     from kpod.progressive.schedule import ScheduleConfig, plan_schedule
 
     rng = np.random.default_rng(args.seed)
@@ -40,7 +41,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     result = {
         "benchmark": "schedule",
-        **provenance(),
+        **started,
         "questions": args.questions,
         "stages": args.stages,
         "seconds": round(seconds, 2),

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
+    started = provenance()  # the commit and time the run started from
 
     from kpod.data.synthetic import gsm_symbolic_examples
     from kpod.models import _gguf_path
@@ -113,7 +114,7 @@ def main() -> None:
     kept, report = filter_rationales(records)
     result = {
         "benchmark": "teacher-llamacpp",
-        **provenance(),
+        **started,
         "server": "llama-cpp-python OpenAI-compatible server (llama_cpp.server)",
         "model": gguf.name,
         "questions": len(questions),

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
     args = parser.parse_args()
+    started = provenance()  # the commit and time the run started from
 
     from kpod.data.loaders import load_examples
     from kpod.data.synthetic import arithmetic_examples
@@ -63,7 +64,7 @@ def main() -> None:
     rows = load_weights(out_dir)
     result = {
         "benchmark": f"weighting-{args.data}",
-        **provenance(),
+        **started,
         "n_rationales": len(examples),
         "train_seconds_total": round(seconds, 1),
         "config": asdict(config),
