@@ -35,6 +35,11 @@ def main() -> None:
     parser.add_argument("--normalize-mask-loss", action="store_true")
     parser.add_argument("--prefix-sum", action="store_true")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--ablate-answer-loss",
+        action="store_true",
+        help="control run: multiply L_p by 0, so only the sparsity term trains the module",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
     args = parser.parse_args()
@@ -57,6 +62,11 @@ def main() -> None:
         prefix_sum=args.prefix_sum,
         lr=args.lr,
     )
+    if args.ablate_answer_loss:
+        from kpod.weighting import train as weighting_train
+
+        full_answer_nll = weighting_train.AnswerPredictor.answer_nll
+        weighting_train.AnswerPredictor.answer_nll = lambda self, *a: full_answer_nll(self, *a) * 0.0
     out_dir = args.out / f"{args.data}{args.tag}"
     start = time.perf_counter()
     _, history = train_weighting(examples, config, out_dir=out_dir)
@@ -68,6 +78,7 @@ def main() -> None:
         "n_rationales": len(examples),
         "train_seconds_total": round(seconds, 1),
         "config": asdict(config),
+        "ablate_answer_loss": args.ablate_answer_loss,
         "first_step": history[0],
         "last_step": history[-1],
         **token_class_metrics(examples, rows),
