@@ -61,13 +61,18 @@ def main() -> None:
     }.items():
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-        start = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(**ids, max_new_tokens=64, do_sample=False)
-        n_new = out.shape[1] - ids["input_ids"].shape[1]
+        rates = {}
+        for precision in ("fp32", "bf16"):
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+            with torch.no_grad(), autocast:
+                model.generate(**ids, max_new_tokens=2, do_sample=False)  # warm-up
+                start = time.perf_counter()
+                out = model.generate(**ids, max_new_tokens=64, do_sample=False)
+            n_new = out.shape[1] - ids["input_ids"].shape[1]
+            rates[f"tokens_per_s_{precision}_batch1"] = round(n_new / (time.perf_counter() - start), 1)
         samples[name] = {
             "text": tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True),
-            "tokens_per_s_bf16_batch1": round(n_new / (time.perf_counter() - start), 1),
+            **rates,
         }
     result["samples"] = samples
     result["paper_prompt_example"] = render_prompt("What is 2 + 2?")
