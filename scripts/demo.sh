@@ -24,4 +24,4 @@ $KPOD weights show "$OUT/arithmetic.jsonl" "$OUT/weights" -n 2
 $KPOD weights show "$OUT/arithmetic.jsonl" "$OUT/weights" -n 20 --html "$OUT/keypoints.html"
 echo
 echo "Open $OUT/keypoints.html to see which tokens the module learned to keep."
-echo "(This short run only starts to separate keypoints; BENCHMARKS.md has the full measurement.)"
+echo "(A short run on purpose: longer runs currently drift towards masking everything; see BENCHMARKS.md.)"
