@@ -199,3 +199,13 @@ def tokenize_rendered(
         segments=token_segments(offsets, rendered),
         rendered=rendered,
     )
+
+
+def tokenize_split(rendered: Rendered, tokenizer: Any, cut: int) -> tuple[list[int], TokenizedExample]:
+    """Seq2seq view of a rendered example: encoder ids of ``text[:cut]``, and the tokens of
+    ``text[cut:]`` with offsets and pieces in the coordinates of the whole rendered text."""
+    encoder_ids = tokenizer(rendered.text[:cut], add_special_tokens=True)["input_ids"]
+    dec = tokenizer(rendered.text[cut:], add_special_tokens=True, return_offsets_mapping=True)
+    offsets = [(s + cut, e + cut) if e > s else (s, e) for s, e in dec["offset_mapping"]]
+    target = TokenizedExample(list(dec["input_ids"]), offsets, token_segments(offsets, rendered), rendered)
+    return list(encoder_ids), target

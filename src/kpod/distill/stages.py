@@ -17,8 +17,8 @@ from typing import Any
 
 from kpod.data.schema import Example
 from kpod.distill.loss import IGNORE
-from kpod.prompt import PromptFormat, TokenizedExample, render_example, token_segments, tokenize_rendered
-from kpod.weighting.maths import align_weights
+from kpod.prompt import PromptFormat, TokenizedExample, render_example, tokenize_rendered, tokenize_split
+from kpod.weighting.train import rendered_token_weights
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,7 @@ def _token_weights(
 ) -> list[float]:
     """Learned weights for target rationale tokens, 1 for answer and end tokens."""
     n_steps = len(example.steps)
-    if row is None:
-        return [1.0] * len(tokens.input_ids)
-    shift = tokens.rendered.steps[0].start - example.steps[0].start
-    offsets = [(s - shift, e - shift) for s, e in tokens.offsets]
-    aligned = align_weights([tuple(o) for o in row["offsets"]], row["weights"], offsets, default=1.0)
+    aligned = rendered_token_weights(example, tokens, row)
     return [
         w if first_target <= seg < n_steps else 1.0 for w, seg in zip(aligned, tokens.segments, strict=True)
     ]
@@ -72,9 +68,6 @@ def build_stage_example(
         return StageExample(tokens.input_ids, labels, weights, c)
     # Seq2seq: cut after the last input piece; the gap before the first target belongs to it.
     cut = rendered.steps[c - 1].end if c > 0 else rendered.prompt.end
-    encoder_ids = tokenizer(rendered.text[:cut], add_special_tokens=True)["input_ids"]
-    dec = tokenizer(rendered.text[cut:], add_special_tokens=True, return_offsets_mapping=True)
-    offsets = [(s + cut, e + cut) if e > s else (s, e) for s, e in dec["offset_mapping"]]
-    tokens = TokenizedExample(list(dec["input_ids"]), offsets, token_segments(offsets, rendered), rendered)
+    encoder_ids, tokens = tokenize_split(rendered, tokenizer, cut)
     weights = _token_weights(example, tokens, weights_row, c)
-    return StageExample(list(encoder_ids), list(tokens.input_ids), weights, c)
+    return StageExample(encoder_ids, list(tokens.input_ids), weights, c)

@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 
 from kpod.data.schema import Example
 from kpod.progressive.maths import step_difficulty
-from kpod.prompt import PromptFormat, TokenizedExample, render_example, token_segments, tokenize_rendered
-from kpod.weighting.maths import align_weights
-from kpod.weighting.train import rationale_key
+from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
+from kpod.weighting.train import rationale_key, rendered_token_weights
 
 
 def _read_cache(path: Path) -> dict[str, list[float]]:
@@ -42,15 +41,6 @@ def _read_cache(path: Path) -> dict[str, list[float]]:
             continue  # a line cut short by a crash: that rationale is scored again
         out[row["key"]] = row["difficulty"]
     return out
-
-
-def step_weights_for(example: Example, tokenized: Any, row: dict[str, Any] | None) -> list[float]:
-    """The weight of every token of a rendered example (1 outside the rationale or without weights)."""
-    if row is None:
-        return [1.0] * len(tokenized.input_ids)
-    shift = tokenized.rendered.steps[0].start - example.steps[0].start
-    offsets = [(s - shift, e - shift) for s, e in tokenized.offsets]
-    return align_weights([tuple(o) for o in row["offsets"]], row["weights"], offsets, default=1.0)
 
 
 @torch.no_grad()
@@ -87,7 +77,7 @@ def score_difficulties(
             all_logp = _token_logprobs(batch, model, tok, student.kind, device)
             lines = []
             for (example, t, _), token_logp in zip(batch, all_logp, strict=True):
-                w = step_weights_for(
+                w = rendered_token_weights(
                     example, t, None if weights is None else weights.get(rationale_key(example))
                 )
                 diffs = []
@@ -117,17 +107,8 @@ def _tokenize(example: Example, fmt: PromptFormat, tok: Any, kind: str) -> tuple
     rendered = render_example(example, fmt, tok)
     if kind == "causal":
         return example, tokenize_rendered(rendered, tok, fmt), []
-    cut = rendered.prompt.end
-    encoder_ids = tok(rendered.text[:cut], add_special_tokens=True)["input_ids"]
-    dec = tok(rendered.text[cut:], add_special_tokens=True, return_offsets_mapping=True)
-    offsets = [(s + cut, e + cut) if e > s else (s, e) for s, e in dec["offset_mapping"]]
-    target = TokenizedExample(
-        input_ids=list(dec["input_ids"]),
-        offsets=offsets,
-        segments=token_segments(offsets, rendered),
-        rendered=rendered,
-    )
-    return example, target, list(encoder_ids)
+    encoder_ids, target = tokenize_split(rendered, tok, rendered.prompt.end)
+    return example, target, encoder_ids
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,13 @@ from kpod.errors import ConfigError
 from kpod.io import write_json, write_jsonl
 from kpod.models import DEFAULT_STUDENT, LoraSettings, autocast, load_model
 from kpod.prompt import answer_text, render_prompt
-from kpod.weighting.maths import apply_mask, binary_gumbel_mask, keypoint_objective, mask_ratio_loss
+from kpod.weighting.maths import (
+    align_weights,
+    apply_mask,
+    binary_gumbel_mask,
+    keypoint_objective,
+    mask_ratio_loss,
+)
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,17 @@ class WeightingConfig:
             raise ConfigError(f"predictor_mode must be frozen, lora or full, got '{self.predictor_mode}'")
         if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"bad weighting settings: {self}")
+
+
+def rendered_token_weights(example: Example, tokens: Any, row: dict[str, Any] | None) -> list[float]:
+    """The learned weight of every token of a rendered, tokenized example (a
+    :class:`kpod.prompt.TokenizedExample`), re-sliced from ``row`` (a ``weights.jsonl`` row, whose
+    offsets are in the rationale) by character offsets; 1 outside the rationale or without ``row``."""
+    if row is None:
+        return [1.0] * len(tokens.input_ids)
+    shift = tokens.rendered.steps[0].start - example.steps[0].start
+    offsets = [(s - shift, e - shift) for s, e in tokens.offsets]
+    return align_weights([tuple(o) for o in row["offsets"]], row["weights"], offsets, default=1.0)
 
 
 def rationale_key(example: Example) -> str:
