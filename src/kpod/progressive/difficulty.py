@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kpod.batching import pad_ids
 from kpod.data.schema import Example
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
@@ -111,27 +112,17 @@ def _tokenize(example: Example, fmt: PromptFormat, tok: Any, kind: str) -> tuple
     return example, target, encoder_ids
 
 
-def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -> list[list[float]]:
     """log P of every scored token under teacher forcing, aligned with each target's tokens."""
     pad = tok.pad_token_id or 0
-    targets, mask = _pad([t.input_ids for _, t, _ in batch], pad)
+    targets, mask = pad_ids([t.input_ids for _, t, _ in batch], pad)
     targets, mask = targets.to(device), mask.to(device)
     if kind == "causal":
         logits = model(input_ids=targets, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets[:, 1:, None]).squeeze(-1)
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # position 0 is not predicted
     else:
-        enc, enc_mask = _pad([e for _, _, e in batch], pad)
+        enc, enc_mask = pad_ids([e for _, _, e in batch], pad)
         labels = targets.masked_fill(mask == 0, -100)
         logits = model(
             input_ids=enc.to(device), attention_mask=enc_mask.to(device), labels=labels

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kpod.batching import pad_embeddings, pad_ids
 from kpod.data.answers import ANSWER_PHRASE
 from kpod.data.schema import Example
 from kpod.errors import ConfigError
@@ -50,6 +51,7 @@ from kpod.weighting.maths import (
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 
 log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -165,25 +167,19 @@ class AnswerPredictor(nn.Module):
             torch.cat([self.embed(q), self.proj(r), self.embed(a)])
             for q, r, a in zip(questions, rationales, answers, strict=True)
         ]
-        longest = max(s.shape[0] for s in seqs)
-        n_answer = max(len(a) for a in answers)
-        dim = seqs[0].shape[1]
-        batch = torch.zeros(len(seqs), longest, dim, dtype=seqs[0].dtype, device=seqs[0].device)
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
-        labels = torch.full((len(seqs), n_answer), -100, dtype=torch.long, device=batch.device)
-        for i, (s, a, k) in enumerate(zip(seqs, answers, scored, strict=True)):
-            batch[i, longest - s.shape[0] :] = s  # left padding: every answer ends at the last position
-            mask[i, longest - s.shape[0] :] = 1
-            labels[i, n_answer - k :] = torch.tensor(a[len(a) - k :], device=batch.device)
+        # Left padding: every answer ends at the last position, so only the last logits are needed.
+        batch, mask = pad_embeddings(seqs, left=True)
+        # Only the scored tail of each answer is labelled, so only the last logits are needed.
+        targets = [a[len(a) - k :] for a, k in zip(answers, scored, strict=True)]
+        labels = pad_ids(targets, IGNORE_INDEX, left=True)[0].to(batch.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
-            inputs_embeds=batch, attention_mask=mask, position_ids=positions, logits_to_keep=n_answer + 1
+            inputs_embeds=batch,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=labels.shape[1] + 1,
         )
-        logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        )
-        return nll.view(len(seqs), n_answer).sum(-1)
+        return _summed_nll(out.logits[:, :-1, :], labels)  # position t predicts token t + 1
 
     def _seq2seq_nll(self, questions, rationales, answers, scored) -> torch.Tensor:
         # The encoder reads question, rationale and the template phrase; the decoder writes the answer.
@@ -191,21 +187,22 @@ class AnswerPredictor(nn.Module):
             torch.cat([self.embed(q), self.proj(r), self.embed(a[: len(a) - k])])
             for q, r, a, k in zip(questions, rationales, answers, scored, strict=True)
         ]
-        answers = [a[len(a) - k :] for a, k in zip(answers, scored, strict=True)]
-        longest = max(s.shape[0] for s in seqs)
-        batch = torch.zeros(len(seqs), longest, seqs[0].shape[1], dtype=seqs[0].dtype, device=seqs[0].device)
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=batch.device)
-        n_answer = max(len(a) for a in answers)
-        labels = torch.full((len(seqs), n_answer), -100, dtype=torch.long, device=batch.device)
-        for i, (s, a) in enumerate(zip(seqs, answers, strict=True)):
-            batch[i, : s.shape[0]] = s
-            mask[i, : s.shape[0]] = 1
-            labels[i, : len(a)] = torch.tensor(a, device=batch.device)
-        logits = self.model(inputs_embeds=batch, attention_mask=mask, labels=labels).logits.float()
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        )
-        return nll.view(len(seqs), n_answer).sum(-1)
+        batch, mask = pad_embeddings(seqs)
+        targets = [a[len(a) - k :] for a, k in zip(answers, scored, strict=True)]
+        labels = pad_ids(targets, IGNORE_INDEX)[0].to(batch.device)
+        logits = self.model(inputs_embeds=batch, attention_mask=mask, labels=labels).logits
+        return _summed_nll(logits, labels)
+
+
+def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence summed NLL of the labelled positions (``logits`` aligned with ``labels``)."""
+    nll = nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return nll.view(labels.shape).sum(-1)
 
 
 def _encode(
@@ -228,13 +225,7 @@ def _encode(
 
 
 def _pad(batch: list[_Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(b.rationale_ids) for b in batch)
-    ids = torch.zeros(len(batch), longest, dtype=torch.long)
-    mask = torch.zeros(len(batch), longest, dtype=torch.long)
-    for i, b in enumerate(batch):
-        ids[i, : len(b.rationale_ids)] = torch.tensor(b.rationale_ids)
-        mask[i, : len(b.rationale_ids)] = 1
-    return ids, mask
+    return pad_ids([b.rationale_ids for b in batch], 0)
 
 
 @dataclass
