@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--normalize-mask-loss", action="store_true")
     parser.add_argument("--prefix-sum", action="store_true")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument(
         "--ablate-answer-loss",
@@ -60,6 +61,7 @@ def main() -> None:
         epochs=args.epochs,
         normalize_mask_loss=args.normalize_mask_loss,
         prefix_sum=args.prefix_sum,
+        optimizer=args.optimizer,
         lr=args.lr,
     )
     if args.ablate_answer_loss:

@@ -74,7 +74,8 @@ class WeightingConfig:
         epochs, batch_size, lr, predictor_lr: optimisation (AdamW). The sparsity gradient is the
             same sign for every token while the answer gradient is noisy, so Adam at 1e-3 drives
             every w to 0 within a few steps (measured on SmolLM2-135M); 1e-4 lets keypoints
-            separate (see BENCHMARKS.md).
+            separate (see BENCHMARKS.md). ``optimizer="sgd"`` (momentum 0.9) follows gradient
+            magnitudes instead, so a small alpha really is a small push.
         max_rationale_tokens: longer rationales are truncated (their tail gets weight 1).
         precision: ``bf16`` autocast (CPU or GPU) or ``fp32``.
         num_heads, mlp_hidden: the module's attention heads and MLP width.
@@ -93,6 +94,7 @@ class WeightingConfig:
     batch_size: int = 8
     lr: float = 1e-4
     predictor_lr: float = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     max_rationale_tokens: int = 256
     precision: Literal["fp32", "bf16"] = "bf16"
     num_heads: int = 4
@@ -101,6 +103,8 @@ class WeightingConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, got '{self.optimizer}'")
         if self.predictor_mode not in ("frozen", "lora", "full"):
             raise ConfigError(f"predictor_mode must be frozen, lora or full, got '{self.predictor_mode}'")
         if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -306,7 +310,11 @@ def train_weighting(
     predictor_params = [p for p in predictor.model.parameters() if p.requires_grad]
     if predictor_params:
         groups.append({"params": predictor_params, "lr": config.predictor_lr})
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     n_steps = config.epochs * math.ceil(len(encoded) / config.batch_size)
     history: list[dict[str, float]] = []
     step = 0
