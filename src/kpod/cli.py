@@ -199,6 +199,7 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
         tau_final=args.tau_final,
         n_prefixes=args.prefixes,
         prefix_sum=args.prefix_sum,
+        optimizer=args.optimizer,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -471,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1e-4,
         help="AdamW learning rate (default 1e-4; 1e-3 collapses w within steps)",
+    )
+    wtrain.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="optimiser of the module (default adamw)",
     )
     wtrain.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     wtrain.add_argument("--device", default="cpu")
