@@ -349,6 +349,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_group(sub, name: str, summary: str):
+    """A command whose subcommands are required (``kpod data stats``, ``kpod weights train``...)."""
+    group = sub.add_parser(name, help=summary).add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+    group.required = True
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -357,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    data = sub.add_parser("data", help="read, check and generate reasoning data")
-    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    data_sub.required = True
+    data_sub = _command_group(sub, "data", "read, check and generate reasoning data")
 
     stats = data_sub.add_parser(
         "stats",
@@ -389,9 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, required=True, help="output JSONL file")
     synth.set_defaults(func=cmd_data_synth)
 
-    teacher = sub.add_parser("teacher", help="generate teacher rationales")
-    teacher_sub = teacher.add_subparsers(dest="teacher_command", metavar="SUBCOMMAND")
-    teacher_sub.required = True
+    teacher_sub = _command_group(sub, "teacher", "generate teacher rationales")
     gen = teacher_sub.add_parser(
         "generate",
         help="ask a teacher LLM for step-by-step rationales, resumably",
@@ -433,9 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_teacher_generate)
 
-    weights = sub.add_parser("weights", help="token weighting by mask learning (paper section 3.3)")
-    weights_sub = weights.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
-    weights_sub.required = True
+    weights_sub = _command_group(sub, "weights", "token weighting by mask learning (paper section 3.3)")
     wtrain = weights_sub.add_parser(
         "train",
         help="learn per-token keypoint weights for every rationale of a data file",
@@ -507,9 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     weval.add_argument("--json", action="store_true", help="print one JSON object")
     weval.set_defaults(func=cmd_weights_eval)
 
-    sched = sub.add_parser("schedule", help="the in-rationale progressive schedule (paper Eqs. 8-13)")
-    sched_sub = sched.add_subparsers(dest="schedule_command", metavar="SUBCOMMAND")
-    sched_sub.required = True
+    sched_sub = _command_group(sub, "schedule", "the in-rationale progressive schedule (paper Eqs. 8-13)")
     splan = sched_sub.add_parser(
         "plan",
         help="score step difficulty with the student and plan c_i(t) for every stage",
