@@ -31,6 +31,7 @@ Bad records raise :class:`DataError` naming file, line (or record) and field; wi
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -296,10 +297,10 @@ def gsm8k_record_to_example(
 
 def _load_gsm8k(path: Path, reader: _Reader, keep_calculator: bool = False, **_: Any) -> list[Example]:
     stem = f"{reader.source}-{path.stem}" if path.stem != reader.source else reader.source
-    counter = iter(range(10**12))
+    index = itertools.count()  # 0-based record index, as the paper's split file counts them
     return reader.run(
         _iter_jsonl(path),
-        lambda rec: [gsm8k_record_to_example(reader, rec, stem, keep_calculator, index=next(counter))],
+        lambda rec: [gsm8k_record_to_example(reader, rec, stem, keep_calculator, index=next(index))],
     )
 
 

@@ -81,15 +81,17 @@ def score_difficulties(
                 w = rendered_token_weights(
                     example, t, None if weights is None else weights.get(rationale_key(example))
                 )
-                diffs = []
-                for k in range(len(example.steps)):
-                    positions = [p for p, seg in enumerate(t.segments) if seg == k and p >= first_scored]
-                    diffs.append(
-                        step_difficulty(
-                            [token_logp[p] for p in positions],
-                            None if weights is None else [w[p] for p in positions],
-                        )
+                by_step: list[list[int]] = [[] for _ in example.steps]
+                for p, seg in enumerate(t.segments):
+                    if 0 <= seg < len(by_step) and p >= first_scored:
+                        by_step[seg].append(p)
+                diffs = [
+                    step_difficulty(
+                        [token_logp[p] for p in positions],
+                        None if weights is None else [w[p] for p in positions],
                     )
+                    for positions in by_step
+                ]
                 key = rationale_key(example)
                 done[key] = diffs
                 lines.append(json.dumps({"key": key, "qid": example.qid, "difficulty": diffs}) + "\n")

@@ -213,6 +213,7 @@ def _encode(
     examples: Sequence[Example], student_tok: Any, predictor_tok: Any, max_tokens: int
 ) -> list[_Encoded]:
     out = []
+    template = list(predictor_tok(" " + ANSWER_PHRASE, add_special_tokens=False)["input_ids"])
     for e in examples:
         if not e.steps:
             continue
@@ -220,10 +221,9 @@ def _encode(
         ids = list(enc["input_ids"])[:max_tokens]
         offsets = [tuple(o) for o in enc["offset_mapping"]][:max_tokens]
         question = predictor_tok(render_prompt(e.question), add_special_tokens=True)["input_ids"]
-        template = predictor_tok(" " + ANSWER_PHRASE, add_special_tokens=False)["input_ids"]
         value = predictor_tok(" " + answer_text(e), add_special_tokens=False)["input_ids"]
         out.append(
-            _Encoded(e, ids, offsets, list(question), list(template) + list(value), len(value))  # type: ignore[arg-type]
+            _Encoded(e, ids, offsets, list(question), template + list(value), len(value))  # type: ignore[arg-type]
         )
     return out
 
