@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -349,6 +350,78 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_inputs(path: Path) -> dict[str, list[int]]:
+    """c_i(t) rows by rationale key from a ``schedule.json`` (or its directory)."""
+    path = path / "schedule.json" if path.is_dir() else path
+    if not path.is_file():
+        raise KpodError(f"no schedule at {path}; make one with `kpod schedule plan`")
+    plan = json.loads(path.read_text(encoding="utf-8"))
+    return {key: row for key, row in zip(plan["keys"], plan["c"], strict=True)}
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kpod.config import apply_overrides, from_dict, read_yaml
+    from kpod.distill.methods import StageBuilder, get_method
+    from kpod.distill.trainer import TrainConfig, train
+    from kpod.errors import ConfigError
+    from kpod.models import StudentConfig
+    from kpod.prompt import PromptFormat
+    from kpod.weighting.train import load_weights
+
+    data = read_yaml(args.config) if args.config else {}
+    data = apply_overrides(data, args.set or [])
+    unknown = sorted(set(data) - {"train", "student"})
+    if unknown:
+        raise ConfigError(f"{args.config or '--set'}: unknown section '{unknown[0]}'; known: student, train")
+    config = from_dict(TrainConfig, data.get("train", {}), "train")
+    student_config = from_dict(StudentConfig, data.get("student", {}), "student")
+    method = get_method(config.method)
+    examples, _ = _load(args)
+    dev = load_examples_quiet(args.dev) if args.dev else []
+    test = load_examples_quiet(args.test) if args.test else []
+    weights = load_weights(args.weights) if args.weights else None
+    inputs = _schedule_inputs(args.schedule) if args.schedule else None
+    student = student_config.load(seed=config.seed)
+    fmt = PromptFormat(style=student_config.prompt_style)
+    builder = StageBuilder(
+        method,
+        examples,
+        student.tokenizer,
+        kind=student.kind,
+        fmt=fmt,
+        weights=weights,
+        inputs=inputs,
+        step_by_step_alpha=config.step_by_step_alpha,
+    )
+    result = train(config, student, builder, args.out, dev=dev, test=test, fmt=fmt, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under `accelerate launch`, one process reports
+    if args.json:
+        print(
+            json.dumps({k: v for k, v in vars(result).items() if k != "test"} | {"test": _test_line(result)})
+        )
+    else:
+        print(
+            f"{result.method}: {result.steps} steps, {result.train_tokens} tokens, "
+            f"{result.tokens_per_s:.0f} tokens/s; student in {result.student_dir}"
+        )
+        if result.test:
+            print(f"test accuracy {result.test['accuracy']:.2f} % (95 % CI {result.test['ci95']})")
+    return 0
+
+
+def _test_line(result) -> dict | None:
+    if not result.test:
+        return None
+    return {k: v for k, v in result.test.items() if k not in ("per_question", "qids")}
+
+
+def load_examples_quiet(path: Path):
+    from kpod.data.loaders import load_examples
+
+    return load_examples(path)[0]
+
+
 def _command_group(sub, name: str, summary: str):
     """A command whose subcommands are required (``kpod data stats``, ``kpod weights train``...)."""
     group = sub.add_parser(name, help=summary).add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
@@ -564,6 +637,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, help="write every prediction to this JSONL file")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
+
+    dist = sub.add_parser(
+        "distill",
+        help="train a student with KPOD, an ablation or a baseline (one loop for all)",
+        description="Distil rationales into a student. The method (train.method) is a config value: "
+        "kpod, std-cot, answer-only, step-by-step, kpod-no-weights, kpod-no-progressive, "
+        "kpod-no-diversity, kpod-uniform-difficulty. kpod needs --weights and --schedule. Run it again "
+        "with the same --out to resume from the newest checkpoint. Several processes or GPUs: "
+        "`accelerate launch -m kpod.cli distill ...`.",
+    )
+    _add_load_options(dist)
+    dist.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, student/)")
+    dist.add_argument("--config", type=Path, help="YAML with 'student:' and 'train:' sections")
+    dist.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=4 --set student.finetune=full",
+    )
+    dist.add_argument("--weights", type=Path, help="weights.jsonl from `kpod weights train`")
+    dist.add_argument("--schedule", type=Path, help="schedule.json from `kpod schedule plan`")
+    dist.add_argument("--dev", type=Path, help="dev data: accuracy after each stage picks the best one")
+    dist.add_argument("--test", type=Path, help="test data: scored once, at the end")
+    dist.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    dist.add_argument("--quiet", action="store_true", help="no progress bar")
+    dist.set_defaults(func=cmd_distill)
 
     srv = sub.add_parser(
         "serve",

@@ -140,12 +140,17 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 256,
     out: Path | None = None,
+    question_prefix: str = "",
     progress: bool = True,
 ) -> EvalResult:
-    """Accuracy of a model on ``examples`` (one per question), with every prediction recorded."""
+    """Accuracy of a model on ``examples`` (one per question), with every prediction recorded.
+
+    ``question_prefix`` goes before each question (the ``[label]`` task of distilling
+    step-by-step).
+    """
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
-    prompts = [render_prompt(e.question, fmt, tokenizer) for e in questions]
+    prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
     start = time.perf_counter()
     texts = generate(
         model,

@@ -178,6 +178,76 @@ def autocast(device_type: str, precision: str) -> Iterator[None]:
         yield
 
 
+def _load_adapter(path: str, *, dtype: str, device: str | None, trainable: bool) -> LoadedModel:
+    """A saved LoRA student: its base model (named in ``adapter_config.json``) plus the adapter."""
+    import json
+
+    from peft import PeftModel
+
+    base_name = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise ModelError(f"{path}/adapter_config.json does not name its base model")
+    base = load_model(base_name, dtype=dtype, device=device, trainable=trainable)
+    model = PeftModel.from_pretrained(base.model, path, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    if (Path(path) / "tokenizer_config.json").is_file():
+        base.tokenizer = load_tokenizer(path)
+        if base.tokenizer.pad_token is None:
+            base.tokenizer.pad_token = base.tokenizer.eos_token
+    info = {**base.info, "adapter": path}
+    return LoadedModel(model=model, tokenizer=base.tokenizer, kind=base.kind, name=path, info=info)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The student to distil into.
+
+    Attributes:
+        name: hub id, local directory, or ``smollm2-135m-instruct`` (the offline default).
+        finetune: ``lora`` (adapters only; the paper's choice) or ``full``.
+        lora_r, lora_alpha, lora_dropout, lora_targets: see :class:`LoraSettings`.
+        gradient_checkpointing: trade compute for activation memory.
+        prompt_style: ``paper`` (``Q: ... A: Let's think step by step.``) or ``chat`` (the
+            tokenizer's chat template).
+    """
+
+    name: str = DEFAULT_STUDENT
+    finetune: Literal["lora", "full"] = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    gradient_checkpointing: bool = False
+    prompt_style: Literal["paper", "chat"] = "paper"
+
+    def __post_init__(self) -> None:
+        if self.finetune == "lora":
+            self.lora_settings()  # validates the numbers
+
+    def lora_settings(self) -> LoraSettings | None:
+        if self.finetune != "lora":
+            return None
+        targets: tuple[str, ...] | str = self.lora_targets
+        if targets != "all-linear":
+            targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSettings(
+            r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets
+        )
+
+    def load(self, seed: int = 0, device: str | None = None) -> LoadedModel:
+        """The trainable student; ``seed`` fixes the adapters' initialisation."""
+        import torch
+
+        torch.manual_seed(seed)
+        return load_model(
+            self.name,
+            lora=self.lora_settings(),
+            gradient_checkpointing=self.gradient_checkpointing,
+            device=device,
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_STUDENT,
     *,
@@ -200,6 +270,9 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model_path(name_or_path)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        return _load_adapter(path, dtype=dtype, device=device, trainable=trainable)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -120,20 +120,19 @@ def render_prompt(question: str, fmt: PromptFormat = PromptFormat(), tokenizer: 
 def render_example(example: Example, fmt: PromptFormat = PromptFormat(), tokenizer: Any = None) -> Rendered:
     """The full training sequence of ``example`` with the spans of its pieces.
 
-    ``example`` must have a rationale; its steps' spans are shifted into the rendered text, and the
-    rationale's own whitespace (newlines between GSM8K steps) is kept.
+    The steps' spans are shifted into the rendered text, and the rationale's own whitespace
+    (newlines between GSM8K steps) is kept. An example without steps renders as the prompt
+    followed directly by the answer phrase (the answer-only baseline).
     """
-    if not example.steps:
-        raise ValueError(f"example {example.qid} has no rationale to render")
     prompt = render_prompt(example.question, fmt, tokenizer)
     if fmt.style == "chat":
         _, end_text = _chat_prefix_and_suffix(example.question.strip(), fmt, tokenizer)
     else:
         end_text = getattr(tokenizer, "eos_token", None) or ""
-    first = example.steps[0].start
-    body = example.rationale[first : example.steps[-1].end]
+    first = example.steps[0].start if example.steps else 0
+    body = example.rationale[first : example.steps[-1].end] if example.steps else ""
     rationale_start = len(prompt) + 1  # one space after the trigger
-    text = f"{prompt} {body}"
+    text = f"{prompt} {body}" if body else prompt
     steps = tuple(
         Span(rationale_start + s.start - first, rationale_start + s.end - first) for s in example.steps
     )

@@ -1,0 +1,83 @@
+"""Optimiser-step batches: length-grouped, deterministic per (seed, epoch), split across processes.
+
+The data order of an epoch depends only on the seed and the epoch number, so a resumed run can
+skip to its data position by counting steps, and one process and N processes see the same global
+batches: process r takes examples r, r + N, ... of each global batch, then cuts its share into
+micro-batches. Every process runs the same number of micro-batches per step (collective
+operations must line up); a process whose share runs out gets a padding example whose loss is
+multiplied by zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kpod.distill.loss import IGNORE
+from kpod.distill.stages import StageExample
+
+
+def global_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """Example indices of every optimiser step of an epoch.
+
+    With ``group_by_length`` the shuffled examples are cut into windows of 16 batches, each window
+    sorted by length and cut into batches, and the batches shuffled: similar lengths share a batch
+    (less padding) while the order stays random from epoch to epoch.
+    """
+    rng = random.Random(f"kpod-batches-{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Indices of one micro-batch and a 0/1 factor (0 for a padding micro-batch)."""
+
+    indices: list[int]
+    scale: float
+
+
+def process_share(batch: Sequence[int], rank: int, world: int, micro_batch_size: int) -> list[MicroBatch]:
+    """The micro-batches process ``rank`` runs for one global batch (same count on every rank)."""
+    share = list(batch[rank::world])
+    n_micro = math.ceil(math.ceil(len(batch) / world) / micro_batch_size)
+    out = []
+    for k in range(n_micro):
+        part = share[k * micro_batch_size : (k + 1) * micro_batch_size]
+        out.append(MicroBatch(part, 1.0) if part else MicroBatch([batch[0]], 0.0))
+    return out
+
+
+def collate(examples: Sequence[StageExample], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: ``input_ids``, ``attention_mask``, ``labels`` and ``weights``.
+
+    Causal: labels align with ``input_ids``. Seq2seq: ``input_ids`` is the encoder input and
+    ``labels``/``weights`` the (separately padded) decoder target.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    label_width = width if kind == "causal" else max(len(e.labels) for e in examples)
+    labels = torch.full((len(examples), label_width), IGNORE, dtype=torch.long)
+    weights = torch.zeros((len(examples), label_width), dtype=torch.float32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, : len(e.input_ids)] = 1
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        weights[row, : len(e.weights)] = torch.tensor(e.weights, dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}

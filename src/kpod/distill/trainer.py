@@ -1,0 +1,495 @@
+"""The one distillation loop, for every method (see :mod:`kpod.distill.methods`).
+
+Read it top to bottom in :func:`train`. One stage is one epoch (paper section 3.4): at the start
+of each epoch the method's :class:`~kpod.distill.methods.StageBuilder` gives that stage's examples
+(inputs c_i(t), labels, token weights), which are cut into length-grouped optimiser-step batches.
+Each step's loss is the weighted token NLL normalised by the number of target tokens in the whole
+step (every micro-batch of every process), so accumulation and data parallelism do not change it.
+
+accelerate runs the loop on one process or many (DDP or FSDP from ``accelerate launch`` and its
+config), with bf16/fp16 autocast. DeepSpeed is refused with a clear error for now: its engine
+rescales losses by its own accumulation count, which this loop's exact normalisation would have to
+undo, and we cannot test that here.
+
+Checkpoints (model or adapter, optimiser, scheduler, RNG states, data position, best dev result)
+go to ``OUTPUT/checkpoints`` every ``save_every`` steps and at each stage end; a run started again
+on the same directory continues where the newest complete checkpoint left it, mid-stage included.
+
+Model selection: after each stage, accuracy on the dev split (greedy generation of the whole
+rationale); the best stage's trainable weights are kept and restored at the end. The test split,
+when given, is scored once, at the end. The student is saved with ``save_pretrained`` in
+``OUTPUT/student`` (LoRA adapters, or merged into the base weights with ``merge_lora``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from kpod.data.schema import Example
+from kpod.distill.batches import collate, global_batches, process_share
+from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
+from kpod.distill.loss import IGNORE, shift_for_causal_lm, weighted_token_nll
+from kpod.distill.methods import METHOD_NAMES, StageBuilder
+from kpod.errors import ConfigError
+from kpod.io import write_json
+from kpod.prompt import PromptFormat
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Distillation hyper-parameters (one config for every method).
+
+    Attributes:
+        method: one of :data:`kpod.distill.methods.METHOD_NAMES`.
+        epochs: training epochs; stage t is epoch t (paper: 20 or 40 for LLaMA-7B).
+        batch_size: examples per optimiser step, over all processes (paper: 4).
+        micro_batch_size: examples per forward pass on one process (gradient accumulation
+            makes up the rest; the loss does not depend on it).
+        lr: peak learning rate (paper: 1e-5 for LLaMA-7B with LoRA, 5e-5 for FlanT5). Small LoRA
+            students on few examples need more; the quickstart uses 1e-3.
+        weight_decay: AdamW's decoupled weight decay (the paper's Adam: 0).
+        warmup_ratio: share of all steps spent warming the learning rate up linearly from 0.
+        lr_schedule: after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``.
+        max_grad_norm: gradient clipping (0 turns it off).
+        max_length: examples whose sequence is longer are left out (counted in the log).
+        precision: ``bf16``/``fp16`` autocast with float32 weights, or ``fp32``.
+        seed: seeds data order, initialisation of adapters and dropout.
+        save_every: also checkpoint every this many optimiser steps (0: stage ends only).
+        keep_checkpoints: how many checkpoints to keep.
+        group_by_length: batch examples of similar length together (less padding).
+        step_by_step_alpha: weight of the rationale task of ``step-by-step``.
+        select_on_dev: evaluate on the dev split after every stage and keep the best stage.
+        eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
+        merge_lora: save the student with LoRA merged into its weights (loads without peft).
+    """
+
+    method: str = "kpod"
+    epochs: int = 4
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    group_by_length: bool = True
+    step_by_step_alpha: float = 1.0
+    select_on_dev: bool = True
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int = 256
+    merge_lora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(
+                f"method: '{self.method}' is not allowed; choose one of: {', '.join(METHOD_NAMES)}"
+            )
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_every < 0 or self.max_grad_norm < 0:
+            raise ConfigError(
+                "lr must be > 0, warmup_ratio in [0, 1), save_every >= 0 and max_grad_norm >= 0; "
+                f"got lr={self.lr}, warmup_ratio={self.warmup_ratio}, save_every={self.save_every}, "
+                f"max_grad_norm={self.max_grad_norm}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to ``OUTPUT/training.json``)."""
+
+    method: str
+    steps: int
+    epochs: int
+    train_tokens: int
+    target_tokens: int
+    seconds: float
+    tokens_per_s: float
+    skipped_too_long: int
+    processes: int = 1
+    stage_loss: list[float] = field(default_factory=list)
+    dev: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    test: dict[str, Any] | None = None
+    student_dir: str = ""
+
+
+def _forward_loss(
+    model: Any, batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int
+) -> torch.Tensor:
+    """Summed weighted NLL of a micro-batch (normalised by the caller)."""
+    if kind == "causal":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels, weights = shift_for_causal_lm(logits, batch["labels"], batch["weights"])
+    else:
+        labels = batch["labels"]
+        decoder_input = torch.cat(
+            [
+                torch.full_like(labels[:, :1], decoder_start),
+                labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
+            ],
+            dim=1,
+        )
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=decoder_input,
+        ).logits
+        weights = batch["weights"]
+    return weighted_token_nll(logits, labels, weights, 1.0)
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _lr_scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[config.lr_schedule]
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+class _Log:
+    """train_log.jsonl (main process) and TensorBoard when installed."""
+
+    def __init__(self, directory: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = directory / "train_log.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop what was logged after the checkpoint we resume from
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            self.writer = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _evaluate(
+    model: Any,
+    student: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    fmt: PromptFormat,
+    prefix: str,
+    out: Path | None,
+) -> dict[str, Any]:
+    from kpod.evaluate import evaluate
+
+    was_training = model.training
+    model.eval()
+    result = evaluate(
+        model,
+        student.tokenizer,
+        examples,
+        kind=student.kind,
+        fmt=fmt,
+        batch_size=config.eval_batch_size,
+        max_new_tokens=config.eval_max_new_tokens,
+        out=out,
+        question_prefix=prefix,
+        progress=False,
+    )
+    model.train(was_training)
+    return {
+        **result.summary(),
+        "per_question": [bool(p["correct"]) for p in result.predictions],
+        "qids": [p["qid"] for p in result.predictions],
+    }
+
+
+def train(
+    config: TrainConfig,
+    student: Any,
+    builder: StageBuilder,
+    output_dir: str | Path,
+    *,
+    dev: Sequence[Example] = (),
+    test: Sequence[Example] = (),
+    fmt: PromptFormat | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``student`` (a :class:`kpod.models.LoadedModel`) on ``builder``'s stages.
+
+    Starting again with the same ``output_dir`` resumes from its newest checkpoint.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    fmt = fmt or PromptFormat()
+    output = Path(output_dir)
+    ckpt_root = output / "checkpoints"
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+    # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
+    # accelerate then builds a gloo process group instead of running each process alone.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported by the kpod loop yet; use DDP or FSDP (accelerate config)"
+        )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    model = student.model
+    tokenizer = student.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    decoder_start = getattr(model.config, "decoder_start_token_id", None)
+    decoder_start = pad if decoder_start is None else decoder_start
+
+    n_examples = len(builder.stage(0))
+    steps_per_epoch = math.ceil(n_examples / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _lr_scheduler(optimizer, config, total_steps)
+    # The scheduler is stepped by hand: accelerate would step a prepared one once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state: dict[str, Any] = {
+        "step": 0,
+        "best_accuracy": None,
+        "best_epoch": None,
+        "dev": [],
+        "stage_loss": [],
+        "train_tokens": 0,
+        "target_tokens": 0,
+        "seconds": 0.0,
+        "epoch_loss": [0.0, 0],
+    }
+    resumed_from = latest_checkpoint(ckpt_root)
+    if resumed_from is not None:
+        accelerator.load_state(str(resumed_from))
+        state.update(read_state(resumed_from))
+        if state.get("config") and state["config"] != asdict(config):
+            changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+            raise ConfigError(
+                f"{output}: holds a run with different settings ({', '.join(changed)}); "
+                "use a new output directory or delete its checkpoints"
+            )
+    state["config"] = asdict(config)
+    log = _Log(output, state["step"], accelerator.is_main_process)
+    best_path = output / "best_trainable.safetensors"
+
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        desc=config.method,
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    if resumed_from is not None and accelerator.is_main_process:
+        print(f"resuming from {resumed_from} (step {state['step']} of {total_steps})", file=sys.stderr)
+    start_time = time.perf_counter() - state["seconds"]
+    skipped = 0
+    model.train()
+    start_epoch = state["step"] // steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        examples = builder.stage(epoch)
+        too_long = [
+            len(e.input_ids) > config.max_length or len(e.labels) > config.max_length for e in examples
+        ]
+        skipped = sum(too_long)
+        lengths = [len(e.input_ids) + (0 if student.kind == "causal" else len(e.labels)) for e in examples]
+        keep = [i for i, bad in enumerate(too_long) if not bad]
+        batches = [
+            [keep[i] for i in b]
+            for b in global_batches(
+                [lengths[i] for i in keep], config.batch_size, config.seed, epoch, config.group_by_length
+            )
+        ]
+        batches += [[]] * (steps_per_epoch - len(batches))  # skipped examples: keep the step count
+        if state["step"] == epoch * steps_per_epoch:
+            state["epoch_loss"] = [0.0, 0]  # sum and count of step losses in this stage so far
+        for position in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
+            batch = batches[position]
+            step_start = time.perf_counter()
+            if batch:
+                n_targets = sum(examples[i].n_targets for i in batch)
+                micro = process_share(batch, rank, world, config.micro_batch_size)
+                step_loss = torch.zeros((), device=accelerator.device)
+                tokens = torch.zeros((), device=accelerator.device)
+                for k, mb in enumerate(micro):
+                    tensors = collate([examples[i] for i in mb.indices], pad, student.kind)
+                    tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
+                    sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        loss = _forward_loss(model, tensors, student.kind, decoder_start, pad)
+                        loss = loss * (mb.scale * world / n_targets)
+                    accelerator.backward(loss)
+                    step_loss += loss.detach() / world
+                    if mb.scale:
+                        tokens += tensors["attention_mask"].sum() + (
+                            0 if student.kind == "causal" else (tensors["labels"] != IGNORE).sum()
+                        )
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = float(accelerator.reduce(step_loss, "sum"))
+                n_tokens = int(accelerator.reduce(tokens, "sum"))
+                state["train_tokens"] += n_tokens
+                state["target_tokens"] += n_targets
+                state["epoch_loss"][0] += loss_value
+                state["epoch_loss"][1] += 1
+            else:
+                loss_value, n_tokens = float("nan"), 0
+            scheduler.step()
+            state["step"] += 1
+            seconds = time.perf_counter() - step_start
+            row = {
+                "step": state["step"],
+                "epoch": epoch,
+                "stage": epoch,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": n_tokens,
+                "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+                "elapsed_s": time.perf_counter() - start_time,
+            }
+            log.write(row)
+            bar.update(1)
+            bar.set_postfix(stage=epoch, loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            at_epoch_end = position == steps_per_epoch - 1
+            if config.save_every and state["step"] % config.save_every == 0 and not at_epoch_end:
+                state["seconds"] = time.perf_counter() - start_time
+                save_checkpoint(accelerator, ckpt_root, state["step"], state, config.keep_checkpoints)
+        # Stage end: loss summary, dev selection, checkpoint.
+        loss_sum, loss_steps = state["epoch_loss"]
+        if loss_steps:
+            state["stage_loss"] = state["stage_loss"][:epoch] + [loss_sum / loss_steps]
+        if dev and config.select_on_dev:
+            if accelerator.is_main_process:
+                summary = _evaluate(
+                    accelerator.unwrap_model(model),
+                    student,
+                    dev,
+                    config,
+                    fmt,
+                    builder.method.eval_prefix,
+                    None,
+                )
+                entry = {"epoch": epoch, "accuracy": summary["accuracy"], "ci95": summary["ci95"]}
+                state["dev"] = state["dev"][:epoch] + [entry]
+                bar.write(f"stage {epoch}: dev accuracy {summary['accuracy']:.1f} %")
+                if state["best_accuracy"] is None or summary["accuracy"] > state["best_accuracy"]:
+                    from safetensors.torch import save_file
+
+                    state["best_accuracy"], state["best_epoch"] = summary["accuracy"], epoch
+                    save_file(_trainable_state(accelerator.unwrap_model(model)), str(best_path) + ".tmp")
+                    Path(str(best_path) + ".tmp").replace(best_path)
+            accelerator.wait_for_everyone()
+        state["seconds"] = time.perf_counter() - start_time
+        save_checkpoint(accelerator, ckpt_root, state["step"], state, config.keep_checkpoints)
+    bar.close()
+    log.close()
+    seconds = state["seconds"]
+
+    unwrapped = accelerator.unwrap_model(model)
+    if state["best_epoch"] is not None and best_path.exists():
+        from safetensors.torch import load_file
+
+        best = load_file(str(best_path))
+        with torch.no_grad():
+            for name, param in unwrapped.named_parameters():
+                if name in best:
+                    param.copy_(best[name].to(param.device, param.dtype))
+    result = TrainResult(
+        method=config.method,
+        steps=state["step"],
+        epochs=config.epochs,
+        train_tokens=state["train_tokens"],
+        target_tokens=state["target_tokens"],
+        seconds=round(seconds, 1),
+        tokens_per_s=round(state["train_tokens"] / seconds, 1) if seconds else 0.0,
+        skipped_too_long=skipped,
+        processes=world,
+        stage_loss=state["stage_loss"],
+        dev=state["dev"],
+        best_epoch=state["best_epoch"],
+    )
+    if accelerator.is_main_process:
+        if test:
+            summary = _evaluate(
+                unwrapped,
+                student,
+                test,
+                config,
+                fmt,
+                builder.method.eval_prefix,
+                output / "test_predictions.jsonl",
+            )
+            result.test = summary
+        result.student_dir = str(_save_student(unwrapped, tokenizer, output / "student", config.merge_lora))
+        write_json(output / "training.json", asdict(result))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _save_student(model: Any, tokenizer: Any, directory: Path, merge: bool) -> Path:
+    """``save_pretrained`` into ``directory`` atomically (a temporary directory renamed)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if merge and hasattr(model, "merge_and_unload"):
+        to_save = model.merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.replace(directory)
+    return directory

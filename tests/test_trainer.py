@@ -1,0 +1,291 @@
+"""The distillation loop: over-fitting, methods, resume after SIGKILL, 2 processes == 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kpod.data.synthetic import arithmetic_examples
+from kpod.distill.batches import global_batches, process_share
+from kpod.distill.checkpoint import STATE_FILE, latest_checkpoint
+from kpod.distill.methods import METHODS, StageBuilder, get_method
+from kpod.distill.trainer import TrainConfig, train
+from kpod.errors import ConfigError
+from kpod.io import write_jsonl
+from kpod.models import load_model, load_tokenizer
+from kpod.progressive.schedule import ScheduleConfig, plan_schedule
+from kpod.weighting.train import rationale_key
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory) -> Path:
+    """A tiny causal LM big enough to memorise a handful of rationales."""
+    from tiny_models import build_causal
+
+    return build_causal(tmp_path_factory.mktemp("tiny64"), hidden=64, layers=2)
+
+
+def keypoint_weights(examples, tokenizer, keep: float = 1.0, other: float = 0.5) -> dict[str, dict]:
+    """weights.jsonl rows from the synthetic ground truth: keypoint tokens ``keep``, others ``other``."""
+    rows = {}
+    for e in examples:
+        enc = tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        weights = [keep if any(s < k.end and k.start < t for k in e.keypoints) else other for s, t in offsets]
+        rows[rationale_key(e)] = {
+            "key": rationale_key(e),
+            "offsets": [list(o) for o in offsets],
+            "weights": weights,
+        }
+    return rows
+
+
+def schedule_inputs(examples, stages: int) -> dict[str, list[int]]:
+    """c_i(t) from a schedule planned with one unit of difficulty per step."""
+    plan = plan_schedule(
+        [[1.0] * len(e.steps) for e in examples],
+        [0] * len(examples),
+        ScheduleConfig(stages=stages, n_clusters=1),
+    )
+    return {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
+
+
+def test_global_batches_are_deterministic_and_cover_every_example():
+    lengths = [5, 50, 7, 30, 8, 9, 40, 1, 2, 3]
+    a = global_batches(lengths, 3, seed=1, epoch=2)
+    assert a == global_batches(lengths, 3, seed=1, epoch=2)
+    assert a != global_batches(lengths, 3, seed=1, epoch=3)
+    assert sorted(i for b in a for i in b) == list(range(10))
+
+
+def test_process_share_splits_a_batch_evenly_and_pads_short_ranks():
+    batch = [10, 11, 12, 13, 14]
+    shares = [process_share(batch, r, 2, 2) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]  # same number of micro-batches on every rank
+    assert sorted(i for s in shares for mb in s if mb.scale for i in mb.indices) == batch
+    assert shares[1][1].scale == 0.0  # rank 1 has 2 examples: its second micro-batch is padding
+
+
+def test_methods_build_the_right_examples(tiny_causal):
+    tok = load_tokenizer(str(tiny_causal))
+    examples = arithmetic_examples(3, seed=2)
+    weights = keypoint_weights(examples, tok, keep=0.9, other=0.2)
+    inputs = schedule_inputs(examples, stages=3)
+    kpod = StageBuilder(get_method("kpod"), examples, tok, weights=weights, inputs=inputs)
+    std = StageBuilder(get_method("std-cot"), examples, tok)
+    k0, s0 = kpod.stage(0), std.stage(0)
+    # Stage 0 of KPOD gives leading steps as input: fewer targets than std-cot, weights below 1.
+    assert all(k.n_targets < s.n_targets for k, s in zip(k0, s0, strict=True))
+    assert any(0 < w < 1 for k in k0 for w in k.weights)
+    assert all(w == 1.0 for s in s0 for w in s.weights)
+    # From stage T on, KPOD trains on the whole rationale: same labels as std-cot.
+    assert [k.labels for k in kpod.stage(3)] == [s.labels for s in s0]
+    no_prog = StageBuilder(get_method("kpod-no-progressive"), examples, tok, weights=weights)
+    assert [k.labels for k in no_prog.stage(0)] == [s.labels for s in s0]
+    answer_only = StageBuilder(get_method("answer-only"), examples, tok).stage(0)
+    assert all(a.n_targets < 15 for a in answer_only)  # "Therefore, the answer is N." and the end
+    sbs = StageBuilder(get_method("step-by-step"), examples, tok, step_by_step_alpha=0.3).stage(0)
+    assert len(sbs) == 2 * len(examples)
+    assert {round(w, 6) for e in sbs[1::2] for w in e.weights} == {0.3}
+    with pytest.raises(ConfigError, match="needs token weights"):
+        StageBuilder(get_method("kpod"), examples, tok, inputs=inputs)
+    with pytest.raises(ConfigError, match="needs a schedule"):
+        StageBuilder(get_method("kpod"), examples, tok, weights=weights)
+    assert set(METHODS) >= {
+        "kpod",
+        "std-cot",
+        "answer-only",
+        "step-by-step",
+        "kpod-no-weights",
+        "kpod-no-progressive",
+        "kpod-no-diversity",
+        "kpod-uniform-difficulty",
+    }
+
+
+def test_bad_train_config_names_the_key():
+    with pytest.raises(ConfigError, match="method.*kpod"):
+        TrainConfig(method="kpdo")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("method", ["std-cot", "kpod"])
+def test_tiny_model_overfits_to_100_percent(method, tiny64, tmp_path):
+    """A tiny model memorises four rationales and answers all four questions from scratch."""
+    student = load_model(str(tiny64))
+    examples = arithmetic_examples(4, seed=1)
+    weights = keypoint_weights(examples, student.tokenizer) if method == "kpod" else None
+    inputs = schedule_inputs(examples, stages=20) if method == "kpod" else None
+    builder = StageBuilder(get_method(method), examples, student.tokenizer, weights=weights, inputs=inputs)
+    if method == "kpod":
+        assert builder.n_input_steps(0, 0) > 0  # the early stages really are progressive
+    config = TrainConfig(
+        method=method,
+        epochs=300,
+        batch_size=4,
+        micro_batch_size=4,
+        lr=3e-3,
+        precision="fp32",
+        warmup_ratio=0.0,
+        lr_schedule="constant",
+        eval_max_new_tokens=400,
+        keep_checkpoints=1,
+    )
+    result = train(config, student, builder, tmp_path / "run", test=examples, progress=False)
+    assert result.test["accuracy"] == 100.0, result.test
+    assert result.stage_loss[-1] < 0.05
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 300 and log[-1]["loss"] < log[0]["loss"]
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    # The student is saved in the standard format and loads in plain transformers.
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(result.student_dir)
+    trained = student.model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, trained[name])
+
+
+def test_lora_student_saves_merged_or_adapter(tiny_causal, tmp_path):
+    from kpod.models import StudentConfig
+
+    examples = arithmetic_examples(4, seed=3)
+    for merge in (False, True):
+        student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8).load(seed=0)
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        config = TrainConfig(
+            method="std-cot", epochs=1, batch_size=2, precision="fp32", merge_lora=merge, lr=1e-2
+        )
+        result = train(config, student, builder, tmp_path / f"run-{merge}", progress=False)
+        saved = Path(result.student_dir)
+        assert (saved / "adapter_config.json").is_file() is not merge
+        # Either form loads through kpod (an adapter directory names its base model).
+        reloaded = load_model(str(saved), trainable=False)
+        ids = torch.tensor([student.tokenizer("Q: 1 + 2").input_ids])
+        student.model.eval()
+        torch.testing.assert_close(
+            reloaded.model(ids).logits, student.model(ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def _write_run(tmp_path: Path, model: Path, n: int = 8, **train) -> tuple[Path, Path]:
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [e.to_dict() for e in arithmetic_examples(n, seed=5)])
+    config = tmp_path / "config.yaml"
+    settings = {
+        "method": "std-cot",
+        "epochs": 6,
+        "batch_size": 2,
+        "micro_batch_size": 1,
+        "lr": 3e-3,
+        "precision": "fp32",
+        "select_on_dev": False,
+        **train,
+    }
+    config.write_text(
+        yaml.safe_dump({"student": {"name": str(model), "finetune": "full"}, "train": settings})
+    )
+    return data, config
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "student" / "model.safetensors"))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tiny64, tmp_path):
+    data, config = _write_run(tmp_path, tiny64, n=16, epochs=3, save_every=1, keep_checkpoints=100)
+    cmd = [PYTHON, "-m", "kpod.cli", "distill", str(data), "--config", str(config), "--quiet", "--out"]
+    whole = tmp_path / "whole"
+    subprocess.run(cmd + [str(whole)], check=True, env=_env(), capture_output=True)
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(
+        cmd + [str(broken)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (broken / "checkpoints" / "step-00000005").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Every checkpoint directory under its final name is complete; partial ones only under .tmp names.
+    for ckpt in (broken / "checkpoints").iterdir():
+        if ckpt.name.startswith("step-"):
+            assert (ckpt / STATE_FILE).is_file() and (ckpt / "model.safetensors").is_file()
+    resumed_at = json.loads((latest_checkpoint(broken / "checkpoints") / STATE_FILE).read_text())["step"]
+    # 16 examples / batch 2 = 8 steps per stage, 3 stages: killed inside the first stage.
+    assert 5 <= resumed_at < 8, resumed_at
+    assert not (broken / "student").exists()
+
+    out = subprocess.run(cmd + [str(broken)], check=True, env=_env(), capture_output=True, text=True)
+    assert f"(step {resumed_at} of 24)" in out.stderr
+    a, b = _params(whole), _params(broken)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    steps = [json.loads(line)["step"] for line in (broken / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # the log neither repeats nor misses a step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_same_parameters_as_one(tiny64, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun; gloo on a CPU-only machine).
+
+    accelerate's own ``--cpu`` flag starts a single process unless launched under MPI, so the
+    multi-process launcher is used; the trainer asks accelerate for CPU when there is no GPU.
+    """
+    data, config = _write_run(tmp_path, tiny64, batch_size=4, epochs=2)
+    args = ["-m", "kpod.cli", "distill", str(data), "--config", str(config), "--quiet", "--json", "--out"]
+    one = tmp_path / "one"
+    subprocess.run([PYTHON, *args, str(one)], check=True, env=_env(), capture_output=True)
+    two = tmp_path / "two"
+    launch = [
+        PYTHON,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    out = subprocess.run(launch + [*args, str(two)], env=_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["processes"] for r in reports] == [2]  # one report, from a 2-process run
+    a, b = _params(one), _params(two)
+    initial = load_model(str(tiny64)).model.state_dict()
+    moved = max(float((a[n] - initial[n]).abs().max()) for n in a)
+    assert moved > 1e-3  # training changed the weights, so the comparison below means something
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
