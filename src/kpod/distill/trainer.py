@@ -398,6 +398,7 @@ def train(
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens": n_tokens,
+                "step_s": seconds,
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - start_time,
             }

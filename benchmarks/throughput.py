@@ -1,0 +1,290 @@
+"""How fast is the kpod loop? Training tokens/s of kpod and std-cot in our loop and of TRL's
+SFTTrainer, side by side in one run; batched evaluation against one question at a time.
+
+    .venv/bin/python benchmarks/throughput.py                      # the offline student, CPU
+    .venv/bin/python benchmarks/throughput.py --student meta-llama/Llama-2-7b-hf --steps 30   # GPU
+
+Same model (LoRA on all linear layers, r 16), same GSM8K rationales, same batch, maximum length
+and precision for the three trainers. Throughput counts real (non-padding) tokens of every step
+after the first (warm-up) and divides by the time of those steps; for TRL the step times come
+from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU) is sampled per phase.
+Results: results/throughput.json (keys kpod_over_stdcot, ours_over_trl, eval_batched_over_single
+plus the raw figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, provenance  # noqa: E402
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) while the block runs: sampled RSS on CPU, CUDA's own counter on GPU."""
+
+    def __enter__(self) -> PeakMemory:
+        import psutil
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self.stop.set()
+        self.thread.join()
+        self.mib = round((torch.cuda.max_memory_allocated() if self.cuda else self.peak) / 2**20, 1)
+
+
+def load_data(n: int, tokenizer, max_length: int):
+    from kpod.data.loaders import load_examples
+    from kpod.data.synthetic import gsm_symbolic_examples
+    from kpod.prompt import render_example
+
+    path = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if path.exists():
+        examples, _ = load_examples(path)
+        source = str(path)
+    else:
+        examples, source = gsm_symbolic_examples(n * 2, seed=0), "reasoning-gym gsm_symbolic"
+    fitting = [
+        e
+        for e in examples
+        if len(tokenizer(render_example(e, tokenizer=tokenizer).text).input_ids) <= max_length
+    ]
+    return fitting[:n], source
+
+
+def ours(method: str, args, examples, out: Path) -> dict:
+    from kpod.distill.methods import StageBuilder, get_method
+    from kpod.distill.trainer import TrainConfig, train
+    from kpod.models import StudentConfig
+    from kpod.progressive.schedule import ScheduleConfig, plan_schedule
+    from kpod.weighting.train import rationale_key
+
+    student = StudentConfig(name=args.student).load(seed=0)
+    weights = inputs = None
+    if method == "kpod":
+        # Throughput does not depend on the values: weights 0.5 everywhere, a schedule over step counts.
+        weights = {}
+        for e in examples:
+            enc = student.tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
+            weights[rationale_key(e)] = {
+                "offsets": [list(o) for o in enc["offset_mapping"]],
+                "weights": [0.5] * len(enc["input_ids"]),
+            }
+        plan = plan_schedule(
+            [[1.0] * len(e.steps) for e in examples],
+            [0] * len(examples),
+            ScheduleConfig(stages=2, n_clusters=1),
+        )
+        inputs = {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
+    builder = StageBuilder(get_method(method), examples, student.tokenizer, weights=weights, inputs=inputs)
+    config = TrainConfig(
+        method=method,
+        epochs=1,
+        batch_size=args.batch_size,
+        micro_batch_size=args.batch_size,
+        max_length=args.max_length,
+        precision=args.precision,
+        select_on_dev=False,
+        keep_checkpoints=1,
+        lr=1e-4,
+    )
+    with PeakMemory() as mem:
+        train(config, student, builder, out, progress=False)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][1:]
+    tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
+    return {
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "steps": len(rows),
+        "peak_mib": mem.mib,
+    }
+
+
+def trl_sft(args, examples, out: Path) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from kpod.models import load_model
+    from kpod.prompt import render_example
+
+    loaded = load_model(args.student)
+    tok = loaded.tokenizer
+    rows = []
+    for e in examples:
+        r = render_example(e, tokenizer=tok)
+        rows.append({"prompt": r.text[: r.prompt.end], "completion": r.text[r.prompt.end :]})
+    data = datasets.Dataset.from_list(rows)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    config = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        max_length=args.max_length,
+        bf16=args.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        seed=0,
+        lr_scheduler_type="linear",
+    )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=loaded.model,
+        args=config,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    # Real tokens per step, counted from the tokenized dataset in the trainer's own batch order.
+    lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+    with PeakMemory() as mem:
+        trainer.train()
+    per_example = sum(lengths) / len(lengths)
+    measured = timer.times[1:]
+    tokens = per_example * args.batch_size * len(measured)
+    return {
+        "tokens_per_s": round(tokens / sum(measured), 1),
+        "tokens": int(tokens),
+        "seconds": round(sum(measured), 2),
+        "steps": len(measured),
+        "peak_mib": mem.mib,
+        "trl_version": __import__("trl").__version__,
+    }
+
+
+def evaluation(args, examples) -> dict:
+    from kpod.evaluate import evaluate
+    from kpod.models import load_model
+
+    loaded = load_model(args.student, trainable=False)
+    questions = examples[: args.eval_n]
+    out = {}
+    for name, batch in (("batched", args.eval_batch_size), ("single", 1)):
+        with PeakMemory() as mem:
+            result = evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                questions,
+                kind=loaded.kind,
+                batch_size=batch,
+                max_new_tokens=args.eval_max_new_tokens,
+                progress=False,
+            )
+        out[name] = {
+            "tokens_per_s": round(result.generated_tokens / result.seconds, 1),
+            "seconds": round(result.seconds, 1),
+            "generated_tokens": result.generated_tokens,
+            "questions_per_s": round(len(questions) / result.seconds, 3),
+            "batch_size": batch,
+            "peak_mib": mem.mib,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--student", default="smollm2-135m-instruct")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimiser steps per trainer (the first is warm-up)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), default="bf16")
+    parser.add_argument("--eval-n", type=int, default=32, help="questions for the evaluation comparison")
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--eval-max-new-tokens", type=int, default=128)
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-throughput")
+    args = parser.parse_args()
+    started = provenance()
+
+    from kpod.models import load_tokenizer
+
+    tok = load_tokenizer(args.student)
+    examples, source = load_data(args.steps * args.batch_size, tok, args.max_length)
+    import shutil
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    result: dict = {
+        **started,
+        "data": source,
+        "examples": len(examples),
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": args.precision,
+        "lora_r": 16,
+    }
+    for method in ("std-cot", "kpod"):
+        result[method] = ours(method, args, examples, args.out / method)
+        print(method, result[method], flush=True)
+    result["kpod_over_stdcot"] = round(result["kpod"]["tokens_per_s"] / result["std-cot"]["tokens_per_s"], 3)
+    if not args.skip_trl:
+        result["trl"] = trl_sft(args, examples, args.out / "trl")
+        print("trl", result["trl"], flush=True)
+        # TRL's SFT is std-cot; kpod's own ratio is reported beside it.
+        result["ours_over_trl"] = round(result["std-cot"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
+        result["kpod_over_trl"] = round(result["kpod"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
+    result["eval"] = evaluation(args, examples)
+    print("eval", result["eval"], flush=True)
+    result["eval_batched_over_single"] = round(
+        result["eval"]["batched"]["tokens_per_s"] / result["eval"]["single"]["tokens_per_s"], 2
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(
+        json.dumps(
+            {k: result.get(k) for k in ("kpod_over_stdcot", "ours_over_trl", "eval_batched_over_single")}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
