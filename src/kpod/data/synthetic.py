@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from kpod.data.answers import answers_match, format_number, normalize_answer
@@ -153,25 +153,47 @@ def arithmetic_examples(n: int, seed: int = 0) -> list[Example]:
 GSM_SYMBOLIC_SUFFIX = "Give the result as your final answer. Do not include units."
 
 
-def gsm_symbolic_records(n: int, seed: int = 0) -> Iterator[dict[str, str]]:
-    """``n`` GSM8K-format records (``question``, ``answer`` ending in ``#### N``) from gsm_symbolic."""
+def gsm_symbolic_records(n: int, seed: int = 0, templates: Sequence[int] = ()) -> Iterator[dict[str, str]]:
+    """``n`` GSM8K-format records (``question``, ``answer`` ending in ``#### N``) from gsm_symbolic.
+
+    ``templates`` restricts the problems to these generator ids of reasoning-gym (each generator is
+    one GSM8K problem turned into a template), taken in turn; empty: reasoning-gym's own mix.
+    """
     try:
         import reasoning_gym
     except ImportError as err:
         raise DataError(
             "gsm-symbolic data needs the 'reasoning-gym' package: pip install 'kpod[offline]'"
         ) from err
-    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
-    for item in dataset:
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=max(n, 1), seed=seed)
+    if templates:
+        unknown = sorted(set(templates) - set(dataset.generators))
+        if unknown:
+            raise DataError(f"gsm-symbolic has no template {unknown[0]}; ids: {sorted(dataset.generators)}")
+        items = (
+            {
+                **dataset.generators[templates[i % len(templates)]](random.Random(f"{seed}-{i}"), 1.0),
+                "template": templates[i % len(templates)],
+            }
+            for i in range(n)
+        )
+    else:
+        items = ({**item, "template": dataset.task_indices[i]} for i, item in enumerate(dataset))
+    for item in items:
         question = item["question"].replace(GSM_SYMBOLIC_SUFFIX, "").strip()
         solution = item["metadata"]["answer_cot"].strip()
         if "####" not in solution:
             solution = f"{solution}\n#### {item['answer']}"
-        yield {"question": question, "answer": solution, "gold": str(item["answer"])}
+        yield {
+            "question": question,
+            "answer": solution,
+            "gold": str(item["answer"]),
+            "template": str(item["template"]),
+        }
 
 
 def gsm_symbolic_examples(
-    n: int, seed: int = 0, *, skip_invalid: bool = True
+    n: int, seed: int = 0, *, skip_invalid: bool = True, templates: Sequence[int] = ()
 ) -> tuple[list[Example], LoadReport]:
     """gsm_symbolic problems read through the GSM8K path.
 
@@ -188,7 +210,7 @@ def gsm_symbolic_examples(
             raise reader.error(
                 rec, f"'#### {example.answer}' disagrees with the generator's answer", "answer"
             )
-        return [example]
+        return [replace(example, provenance={**example.provenance, "template": rec.data["template"]})]
 
-    records = (_Record(r, i, "record") for i, r in enumerate(gsm_symbolic_records(n, seed)))
+    records = (_Record(r, i, "record") for i, r in enumerate(gsm_symbolic_records(n, seed, templates)))
     return reader.run(records, convert), report

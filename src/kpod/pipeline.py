@@ -1,0 +1,567 @@
+"""``kpod run CONFIG.yaml``: the whole pipeline from one config, resumable stage by stage.
+
+Stages, in order (each in its own folder of the run directory)::
+
+    data            train / dev / test JSONL (+ statistics)
+    teacher         teacher rationales from an OpenAI-compatible server (only with teacher.source=server)
+    weights         token weighting by mask learning (Eqs. 2-7) -> weights.jsonl, keypoint heat-maps
+    schedule*       step difficulty (Eq. 8), clusters, the planned schedule (Eqs. 9-12) per variant
+    eval-untrained  the student before distillation, on the test split
+    train-<method>  one distillation run per method (kpod, std-cot, ablations...), same budget
+    report          report.html (self-contained) and the PNG plots
+
+Each stage has a key: the hash of the settings it reads and of the keys of the stages it reads
+from. A stage whose folder holds a finished marker with the same key is skipped; a changed
+setting changes the key of that stage and of everything downstream, and nothing upstream. A stage
+interrupted half-way keeps its folder when its key is unchanged, so training resumes from its last
+checkpoint and scoring from its cache. ``manifest.json`` records the config and its hash, the
+inputs, package versions, git commit and every stage's timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
+from kpod.distill.methods import METHOD_NAMES, get_method
+from kpod.distill.trainer import TrainConfig
+from kpod.errors import ConfigError, DataError
+from kpod.io import write_json, write_jsonl
+from kpod.models import StudentConfig
+from kpod.progressive.schedule import ScheduleConfig
+from kpod.weighting.train import WeightingConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the questions and rationales come from, and how they are split.
+
+    Attributes:
+        source: ``gsm-symbolic`` (offline GSM8K-style problems from reasoning-gym, their
+            solutions as rationales), ``file`` (``path``, any format kpod reads) or ``gsm8k-hub``
+            (``openai/gsm8k`` from the Hugging Face hub).
+        path: the training file (``source: file``).
+        format: its format (default: detected).
+        test_path: a separate test file; without it the test questions are held out of the
+            training data (gsm-symbolic: generated with another seed).
+        paper_split: with a GSM8K test file: ``paper_split.json`` beside it cuts the test set into
+            the paper's dev (660) and test (659) questions; the test part is used.
+        n_train: training rationales kept (``null``: all), after dev questions are held out.
+        n_dev: questions held out of training for model selection (0: none).
+        n_test: test questions scored (``null``: all).
+        templates: gsm-symbolic only: generator ids to draw problems from (empty: all).
+        seed: seeds generation and the splits.
+        skip_invalid: skip unreadable records (counted) instead of stopping at the first.
+    """
+
+    source: Literal["gsm-symbolic", "file", "gsm8k-hub"] = "gsm-symbolic"
+    path: str | None = None
+    format: str | None = None
+    test_path: str | None = None
+    paper_split: bool = False
+    n_train: int | None = 240
+    n_dev: int = 32
+    n_test: int | None = 100
+    templates: tuple[int, ...] = ()
+    seed: int = 0
+    skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source == "file" and not self.path:
+            raise ConfigError("path: data.source 'file' needs data.path (a training file)")
+        if self.n_dev < 0 or (self.n_train is not None and self.n_train < 1):
+            raise ConfigError(f"n_train must be >= 1 and n_dev >= 0, got {self.n_train} and {self.n_dev}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the rationales come from.
+
+    Attributes:
+        source: ``dataset`` (the data's own rationales) or ``server`` (generate them with a
+            teacher behind an OpenAI-compatible API; kept only when their answer is right).
+        base_url, model, api_key_env: the server, the model's name there, and the environment
+            variable holding the API key (never written anywhere).
+        n_samples, temperature, max_tokens, concurrency: generation settings.
+    """
+
+    source: Literal["dataset", "server"] = "dataset"
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    n_samples: int = 1
+    temperature: float = 0.7
+    max_tokens: int = 512
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.source == "server" and not (self.base_url and self.model):
+            raise ConfigError("base_url: teacher.source 'server' needs teacher.base_url and teacher.model")
+
+
+@dataclass(frozen=True)
+class DifficultyConfig:
+    """Step difficulty scoring and question clustering (paper section 3.4).
+
+    Attributes:
+        batch_size: scoring batch size.
+        cluster_encoder: a sentence-embedding model for the clusters (``null``: the student's
+            mean input embedding, offline).
+    """
+
+    batch_size: int = 8
+    cluster_encoder: str | None = None
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the HTML report shows.
+
+    Attributes:
+        heatmaps: sample rationales shown with their token weights.
+        predictions: example predictions shown per outcome (right and wrong).
+    """
+
+    heatmaps: int = 6
+    predictions: int = 4
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything ``kpod run`` does, section by section (see ``configs/quickstart.yaml``).
+
+    Attributes:
+        name: the run's name; the run directory defaults to ``runs/<name>``.
+        run_dir: where every artifact goes.
+        methods: the methods trained and compared, same budget (``train`` settings) for each.
+        eval_untrained: also score the student before distillation.
+    """
+
+    name: str = "kpod"
+    run_dir: str | None = None
+    methods: tuple[str, ...] = ("std-cot", "kpod")
+    eval_untrained: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("methods: name at least one method")
+        for m in self.methods:
+            if m not in METHOD_NAMES:
+                raise ConfigError(f"methods: '{m}' is not allowed; choose from: {', '.join(METHOD_NAMES)}")
+        if self.weighting.student != self.student.name:
+            raise ConfigError(
+                "weighting.student must be the student (the weights are aligned to its tokens): "
+                f"'{self.weighting.student}' != '{self.student.name}'; leave weighting.student out"
+            )
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """The config file plus ``key=value`` overrides; weighting.student follows student.name."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    student = data.get("student", {}) if isinstance(data.get("student"), dict) else {}
+    weighting = data.setdefault("weighting", {})
+    if isinstance(weighting, dict) and "student" not in weighting:
+        weighting["student"] = student.get("name", StudentConfig().name)
+    try:
+        return from_dict(PipelineConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("kpod", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Runner:
+    """Runs stages with keys, skipping finished ones; keeps the manifest."""
+
+    def __init__(
+        self, config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
+    ):
+        self.config = config
+        self.dir = config.directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        manifest_path = self.dir / "manifest.json"
+        old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        self.manifest: dict[str, Any] = {
+            "config": config_data,
+            "config_hash": _hash(config_data),
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": old.get("stages", {}),
+        }
+        self.keys: dict[str, str] = {}
+
+    def stage(
+        self, name: str, settings: Any, upstream: list[str], fn: Callable[[Path], dict[str, Any]]
+    ) -> dict:
+        """Run stage ``name`` unless finished with the same key; returns its result."""
+        key = _hash({"settings": to_dict(settings), "upstream": [self.keys[u] for u in upstream]})
+        self.keys[name] = key
+        folder = self.dir / name
+        marker = folder / "stage.json"
+        state = json.loads(marker.read_text()) if marker.exists() else None
+        if state and state.get("key") == key and state.get("done"):
+            self.echo(f"[{name}] up to date, skipped")
+            self.manifest["stages"][name] = {**state, "skipped": True}
+            return state["result"]
+        if state and state.get("key") != key or (folder.exists() and state is None):
+            shutil.rmtree(folder)  # settings changed: start this stage afresh
+        resumed = bool(state) and state.get("key") == key
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"key": key, "done": False})
+        self.echo(f"[{name}] {'resuming' if resumed else 'running'}")
+        start = time.perf_counter()
+        result = fn(folder)
+        seconds = round(time.perf_counter() - start, 1)
+        entry = {"key": key, "done": True, "seconds": seconds, "upstream": upstream, "result": result}
+        write_json(marker, entry)
+        self.manifest["stages"][name] = {**entry, "skipped": False}
+        self.save_manifest()
+        self.echo(f"[{name}] done in {seconds:.0f} s")
+        return result
+
+    def save_manifest(self) -> None:
+        write_json(self.dir / "manifest.json", self.manifest)
+
+
+def _read_examples(path: Path):
+    from kpod.data.loaders import load_examples
+
+    return load_examples(path, "kpod")[0]
+
+
+def _write_examples(path: Path, examples) -> None:
+    write_jsonl(path, [e.to_dict() for e in examples])
+
+
+def stage_data(cfg: DataConfig, folder: Path) -> dict[str, Any]:
+    """train/dev/test splits by question, written as kpod JSONL."""
+    from kpod.data.loaders import load_examples, load_gsm8k_hub
+    from kpod.data.splits import carve_dev, gsm8k_paper_split, split_by_question
+    from kpod.data.stats import compute_stats
+    from kpod.data.synthetic import gsm_symbolic_examples
+
+    test = None
+    if cfg.source == "gsm-symbolic":
+        n = (cfg.n_train or 1000) + cfg.n_dev
+        examples, report = gsm_symbolic_examples(n, seed=cfg.seed, templates=cfg.templates)
+        if cfg.test_path is None:
+            # A different seed gives different numbers; drop any question also in training.
+            seen = {e.question for e in examples}
+            more, _ = gsm_symbolic_examples(
+                2 * (cfg.n_test or 100), seed=cfg.seed + 10_000, templates=cfg.templates
+            )
+            test = [e for e in more if e.question not in seen]
+    elif cfg.source == "gsm8k-hub":
+        examples, report = load_gsm8k_hub("train"), None
+        if cfg.test_path is None:
+            test = load_gsm8k_hub("test")
+            if cfg.paper_split:
+                test = gsm8k_paper_split(test, "test")
+    else:
+        examples, report = load_examples(cfg.path, cfg.format, skip_invalid=cfg.skip_invalid)
+    if cfg.test_path is not None:
+        test, _ = load_examples(cfg.test_path, None, skip_invalid=cfg.skip_invalid)
+        if cfg.paper_split:
+            test = gsm8k_paper_split(test, "test")
+    if test is None:  # hold test questions out of the training file
+        parts = split_by_question(examples, {"test": cfg.n_test or 0.2, "rest": -1}, seed=cfg.seed + 1)
+        test, examples = parts["test"], parts["rest"]
+    examples = [e for e in examples if e.steps]
+    if not examples:
+        raise DataError("the training data has no rationales")
+    train, dev = carve_dev(examples, cfg.n_dev, seed=cfg.seed) if cfg.n_dev else (examples, [])
+    if cfg.n_train is not None:
+        train = train[: cfg.n_train]
+    test = list({e.qid: e for e in test}.values())
+    if cfg.n_test is not None:
+        test = test[: cfg.n_test]
+    for name, part in (("train", train), ("dev", dev), ("test", test)):
+        _write_examples(folder / f"{name}.jsonl", part)
+    from kpod.data.loaders import LoadReport
+
+    stats = compute_stats(train, report or LoadReport(source="hub"))
+    write_json(folder / "stats.json", stats)
+    return {"train": len(train), "dev": len({e.qid for e in dev}), "test": len(test), "stats": stats}
+
+
+def stage_teacher(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[str, Any]:
+    """Teacher rationales for the training questions, filtered by their answers."""
+    import asyncio
+
+    from kpod.teacher.client import ChatClient, api_key_from_env
+    from kpod.teacher.generate import (
+        GenerationSettings,
+        TeacherPrompt,
+        filter_rationales,
+        generate_rationales,
+    )
+    from kpod.teacher.store import RationaleStore
+
+    questions = _read_examples(train_path)
+    settings = GenerationSettings(cfg.n_samples, cfg.temperature, cfg.max_tokens, cfg.concurrency)
+    prompt = TeacherPrompt()
+    client = ChatClient(cfg.base_url, cfg.model, api_key=api_key_from_env(cfg.api_key_env))
+
+    async def run():
+        try:
+            with RationaleStore(folder / "store.jsonl") as store:
+                summary = await generate_rationales(
+                    questions, client, store, settings, prompt, server=cfg.base_url
+                )
+                return summary, list(store)
+        finally:
+            await client.aclose()
+
+    summary, records = asyncio.run(run())
+    kept, report = filter_rationales(records, teacher=cfg.model, prompt_hash=prompt.hash)
+    _write_examples(folder / "train.jsonl", kept)
+    return {"generated": summary.generated, "kept": len(kept), "filter": report.line()}
+
+
+def stage_weights(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmaps: int) -> dict[str, Any]:
+    from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
+    from kpod.weighting.train import load_weights, train_weighting
+    from kpod.weighting.visualise import html_heatmap
+
+    examples = _read_examples(train_path)
+    _, history = train_weighting(examples, cfg, folder)
+    rows = load_weights(folder)
+    metrics: dict[str, Any] = {
+        "steps": len(history),
+        "kept_ratio": history[-1]["kept_ratio"] if history else None,
+    }
+    if any(e.keypoints for e in examples):
+        metrics.update(keypoint_metrics(examples, rows))
+    else:
+        metrics.update(token_class_metrics(examples, rows))
+    shown = examples[:n_heatmaps]
+    (folder / "heatmaps.html").write_text(html_heatmap(shown, rows), encoding="utf-8")
+    return metrics
+
+
+def stage_schedule(
+    cfg: ScheduleConfig,
+    dcfg: DifficultyConfig,
+    student: StudentConfig,
+    train_path: Path,
+    weights_dir: Path | None,
+    cache: Path,
+    folder: Path,
+) -> dict[str, Any]:
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
+    from kpod.progressive.schedule import plan_schedule
+    from kpod.report import plot_schedule
+    from kpod.weighting.train import load_weights, rationale_key
+
+    examples = _read_examples(train_path)
+    loaded = load_model(student.name, trainable=False)
+    weights = load_weights(weights_dir) if weights_dir is not None else None
+    diffs = score_difficulties(
+        examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
+    )
+    emb = question_embeddings([e.question for e in examples], loaded, dcfg.cluster_encoder)
+    clusters = cluster_questions(emb, cfg.n_clusters, seed=0)
+    schedule = plan_schedule([diffs[rationale_key(e)] for e in examples], clusters.tolist(), cfg)
+    plan = schedule.to_dict()
+    plan["keys"] = [rationale_key(e) for e in examples]
+    plan["qids"] = [e.qid for e in examples]
+    write_json(folder / "schedule.json", plan)
+    plot_schedule(schedule, folder / "schedule.png")
+    return {
+        "stages": cfg.stages,
+        "advanced": schedule.advanced,
+        "total_difficulty": schedule.total_difficulty,
+    }
+
+
+def stage_eval_untrained(config: PipelineConfig, test_path: Path, folder: Path) -> dict[str, Any]:
+    from kpod.evaluate import evaluate
+    from kpod.models import load_model
+    from kpod.prompt import PromptFormat
+
+    loaded = load_model(config.student.name, trainable=False)
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        _read_examples(test_path),
+        kind=loaded.kind,
+        fmt=PromptFormat(style=config.student.prompt_style),
+        batch_size=config.train.eval_batch_size,
+        max_new_tokens=config.train.eval_max_new_tokens,
+        out=folder / "test_predictions.jsonl",
+    )
+    return {"test": result.summary()}
+
+
+def stage_train(
+    config: PipelineConfig,
+    method: str,
+    data_dir: Path,
+    train_path: Path,
+    weights_dir: Path | None,
+    schedule_dir: Path | None,
+    folder: Path,
+) -> dict[str, Any]:
+    import dataclasses
+
+    from kpod.distill.methods import StageBuilder
+    from kpod.distill.trainer import train
+    from kpod.prompt import PromptFormat
+    from kpod.weighting.train import load_weights
+
+    m = get_method(method)
+    tcfg = dataclasses.replace(config.train, method=method)
+    student = config.student.load(seed=tcfg.seed)
+    inputs = None
+    if schedule_dir is not None:
+        plan = json.loads((schedule_dir / "schedule.json").read_text())
+        inputs = dict(zip(plan["keys"], plan["c"], strict=True))
+    fmt = PromptFormat(style=config.student.prompt_style)
+    builder = StageBuilder(
+        m,
+        _read_examples(train_path),
+        student.tokenizer,
+        kind=student.kind,
+        fmt=fmt,
+        weights=load_weights(weights_dir) if (weights_dir is not None and m.token_weights) else None,
+        inputs=inputs,
+        step_by_step_alpha=tcfg.step_by_step_alpha,
+    )
+    result = train(
+        tcfg,
+        student,
+        builder,
+        folder,
+        dev=_read_examples(data_dir / "dev.jsonl"),
+        test=_read_examples(data_dir / "test.jsonl"),
+        fmt=fmt,
+    )
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: the student is saved
+    out = dataclasses.asdict(result)
+    if out.get("test"):
+        out["test"] = {k: v for k, v in out["test"].items() if k not in ("per_question", "qids")}
+    return out
+
+
+def schedule_variant(method: str) -> str | None:
+    """The schedule stage a method trains with (``None``: no schedule)."""
+    m = get_method(method)
+    if not m.progressive:
+        return None
+    return "schedule" + ("" if m.weighted_difficulty else "-uniform") + ("" if m.diversity else "-nodiv")
+
+
+def run_pipeline(
+    config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
+) -> dict:
+    """Run every stage of ``config``; returns {method: test summary} (``untrained`` included)."""
+    import dataclasses
+
+    runner = Runner(config, config_data, echo)
+    d = runner.dir
+    runner.stage("data", config.data, [], lambda f: stage_data(config.data, f))
+    train_path, train_stage = d / "data" / "train.jsonl", "data"
+    if config.teacher.source == "server":
+        runner.stage(
+            "teacher", config.teacher, ["data"], lambda f: stage_teacher(config.teacher, train_path, f)
+        )
+        train_path, train_stage = d / "teacher" / "train.jsonl", "teacher"
+    methods = [get_method(m) for m in config.methods]
+    if any(m.needs_weights for m in methods):
+        runner.stage(
+            "weights",
+            config.weighting,
+            [train_stage],
+            lambda f: stage_weights(config.weighting, train_path, f, config.report.heatmaps),
+        )
+    for variant in sorted({v for v in map(schedule_variant, config.methods) if v}):
+        uniform = "-uniform" in variant
+        scfg = dataclasses.replace(config.schedule, beta=0.0) if "-nodiv" in variant else config.schedule
+        upstream = [train_stage] + ([] if uniform else ["weights"])
+        runner.stage(
+            variant,
+            {"schedule": scfg, "difficulty": config.difficulty, "student": config.student.name},
+            upstream,
+            lambda f, s=scfg, u=uniform: stage_schedule(
+                s, config.difficulty, config.student, train_path, None if u else d / "weights", f
+            ),
+        )
+    results: dict[str, Any] = {}
+    if config.eval_untrained:
+        eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
+        out = runner.stage(
+            "eval-untrained",
+            eval_settings,
+            ["data"],
+            lambda f: stage_eval_untrained(config, d / "data" / "test.jsonl", f),
+        )
+        results["untrained"] = out["test"]
+    for method in config.methods:
+        m = get_method(method)
+        variant = schedule_variant(method)
+        upstream = [train_stage] + (["weights"] if m.token_weights else []) + ([variant] if variant else [])
+        out = runner.stage(
+            f"train-{method}",
+            {"train": dataclasses.replace(config.train, method=method), "student": config.student},
+            upstream,
+            lambda f, method=method, variant=variant: stage_train(
+                config, method, d / "data", train_path, d / "weights", d / variant if variant else None, f
+            ),
+        )
+        results[method] = out.get("test")
+    from kpod.report import write_report
+
+    report = write_report(d, config, results)
+    runner.manifest["report"] = str(report)
+    runner.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    runner.save_manifest()
+    return {"results": results, "report": str(report)}
