@@ -271,6 +271,13 @@ class Runner:
         write_json(self.dir / "manifest.json", self.manifest)
 
 
+def _device() -> str | None:
+    """Scoring and evaluation outside the trainer use the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def _read_examples(path: Path):
     from kpod.data.loaders import load_examples
 
@@ -403,7 +410,7 @@ def stage_schedule(
     from kpod.weighting.train import load_weights, rationale_key
 
     examples = _read_examples(train_path)
-    loaded = load_model(student.name, trainable=False)
+    loaded = load_model(student.name, trainable=False, device=_device())
     weights = load_weights(weights_dir) if weights_dir is not None else None
     diffs = score_difficulties(
         examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
@@ -428,7 +435,7 @@ def stage_eval_untrained(config: PipelineConfig, test_path: Path, folder: Path) 
     from kpod.models import load_model
     from kpod.prompt import PromptFormat
 
-    loaded = load_model(config.student.name, trainable=False)
+    loaded = load_model(config.student.name, trainable=False, device=_device())
     result = evaluate(
         loaded.model,
         loaded.tokenizer,

@@ -1,0 +1,194 @@
+"""`kpod run`: stages, skipping, re-running downstream only, resume after a kill, config errors, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kpod.cli import main
+from kpod.config import from_dict
+from kpod.errors import ConfigError
+from kpod.pipeline import PipelineConfig, load_pipeline_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, model: Path, **extra) -> Path:
+    data = {
+        "name": "tiny",
+        "run_dir": str(tmp_path / "run"),
+        "methods": ["std-cot", "kpod"],
+        "data": {"source": "gsm-symbolic", "n_train": 16, "n_dev": 4, "n_test": 8, "templates": [26, 43]},
+        "student": {"name": str(model), "finetune": "full"},
+        "weighting": {"max_steps": 2, "batch_size": 4, "precision": "fp32"},
+        "schedule": {"stages": 2, "n_clusters": 2},
+        "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "precision": "fp32",
+                  "eval_max_new_tokens": 24},
+    }
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stages_run(run_dir: Path) -> dict[str, bool]:
+    """Stage -> whether it ran (True) or was skipped (False) in the last `kpod run`."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {name: not s["skipped"] for name, s in manifest["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tiny_models import build_causal
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    model = build_causal(tmp / "model", hidden=32, layers=2)
+    config = tiny_config(tmp, model)
+    assert main(["run", str(config)]) == 0
+    return tmp, config
+
+
+def test_run_writes_every_stage_and_a_manifest(finished_run):
+    tmp, _ = finished_run
+    run = tmp / "run"
+    for part in ("train", "dev", "test"):
+        assert (run / "data" / f"{part}.jsonl").stat().st_size > 0
+    assert (run / "weights" / "weights.jsonl").exists()
+    assert json.loads((run / "schedule" / "schedule.json").read_text())["keys"]
+    for method in ("std-cot", "kpod"):
+        trained = json.loads((run / f"train-{method}" / "training.json").read_text())
+        assert trained["method"] == method and trained["test"]["n"] == 8
+        assert (run / f"train-{method}" / "student" / "config.json").exists()
+        assert not (run / f"train-{method}" / "checkpoints").exists()  # cleaned once the student is saved
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config_hash"] and manifest["versions"]["torch"] and "git_commit" in manifest
+    assert all(s["seconds"] is not None for s in manifest["stages"].values())
+    assert (run / "report.html").exists()
+
+
+def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, capsys):
+    tmp, config = finished_run
+    run = tmp / "run"
+    assert main(["run", str(config)]) == 0
+    assert not any(stages_run(run).values())  # nothing to do
+    assert main(["run", str(config), "schedule.beta=3.0"]) == 0
+    ran = stages_run(run)
+    assert ran == {"data": False, "weights": False, "schedule": True, "eval-untrained": False,
+                   "train-std-cot": False, "train-kpod": True}
+    assert main(["run", str(config), "schedule.beta=3.0", "train.lr=0.002"]) == 0
+    ran = stages_run(run)
+    assert ran["train-std-cot"] and ran["train-kpod"] and not ran["schedule"] and not ran["weights"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'; known keys in train: .*lr"),
+        ("train.epochs=two", "train.epochs: expected an integer"),
+        ("train.precision=fp8", "precision: 'fp8' is not allowed; choose one of: fp32, bf16, fp16"),
+        ("methods=[kpod,foo]", "methods: 'foo' is not allowed"),
+        ("data.source=file", "data.source 'file' needs data.path"),
+        ("colour=red", "unknown key 'colour'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key_with_exit_code_2(finished_run, capsys, override, message):
+    _, config = finished_run
+    assert main(["run", str(config), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert str(config) in err
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  epochs: [1,\n")
+    assert main(["run", str(bad)]) == 2
+    assert re.search(r"bad.yaml:\d+: not valid YAML", capsys.readouterr().err)
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_pipeline_config(path)
+        assert isinstance(config, PipelineConfig), path
+    with pytest.raises(ConfigError, match="weighting.student must be the student"):
+        from_dict(PipelineConfig, {"student": {"name": "a"}, "weighting": {"student": "b"}})
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_instead_of_restarting(tmp_path):
+    from tiny_models import build_causal
+
+    model = build_causal(tmp_path / "model", hidden=32, layers=2)
+    config = tiny_config(tmp_path, model, methods=["std-cot"], eval_untrained=False,
+                         train={"epochs": 6, "save_every": 1, "keep_checkpoints": 50, "batch_size": 2,
+                                "micro_batch_size": 2, "select_on_dev": False})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "run" / "train-std-cot" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts / "step-00000010").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "step-00000010").exists(), "training never reached step 10"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[data] up to date, skipped" in out.stdout
+    assert "[train-std-cot] resuming" in out.stdout
+    assert re.search(r"resuming from .*step-000000\d\d \(step \d+ of 48\)", out.stderr)
+    log = (tmp_path / "run" / "train-std-cot" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
+
+
+CHECK_SCRIPT = """
+<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const width = document.documentElement.clientWidth;
+  const overflow = [...document.querySelectorAll('body *')].filter(e => {
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && (r.right > width + 1 || r.left < -1);
+  }).map(e => e.tagName + (e.className ? '.' + e.className : ''));
+  const out = document.createElement('pre');
+  out.id = 'kpod-check';
+  out.textContent = 'KPOD-CHECK ' + JSON.stringify({images: imgs.length, broken: broken,
+    overflow: overflow.slice(0, 5), scrollWidth: document.documentElement.scrollWidth, width: width});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def test_report_renders_in_headless_chromium(finished_run, tmp_path):
+    """Every image of report.html loads and nothing sticks out of a 1000 px wide window."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+    run_tmp, _ = finished_run
+    report = (run_tmp / "run" / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in report and "http://" not in report and "https://" not in report  # self-contained
+    page = tmp_path / "check.html"
+    page.write_text(report.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,800",
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    found = re.search(r"KPOD-CHECK (\{.*?\})</pre>", out.stdout)
+    assert found, out.stderr[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["images"] >= 3 and check["broken"] == 0, check
+    assert check["overflow"] == [] and check["scrollWidth"] <= check["width"], check
