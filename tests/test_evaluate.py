@@ -68,3 +68,15 @@ def test_eval_cli(tiny_causal, tmp_path, capsys) -> None:
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 100 and len(summary["ci95"]) == 2
     assert len(out.read_text().splitlines()) == 4
+
+
+def test_mcnemar_exact_on_hand_computed_cases():
+    from kpod.evaluate import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 3) == 1.0
+    # b=0, c=5: 2 * (1/32) = 0.0625
+    assert abs(mcnemar_exact(0, 5) - 0.0625) < 1e-12
+    # b=1, c=9: 2 * (1 + 10) / 1024
+    assert abs(mcnemar_exact(1, 9) - 22 / 1024) < 1e-12
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)

@@ -39,6 +39,22 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for paired outcomes on the same questions.
+
+    ``b``: questions method A got right and B wrong; ``c``: the reverse. Under the null hypothesis
+    the b + c discordant questions split as Binomial(b + c, 1/2); the p-value doubles the smaller
+    tail (capped at 1). Concordant questions carry no information about the difference.
+    """
+    from math import comb
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def answer_complete(text: str) -> bool:
     """Whether generated text has finished its answer phrase ("... the answer is 72." + space/end)."""
     match = _COMPLETE.search(text)

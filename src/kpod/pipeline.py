@@ -58,6 +58,8 @@ class DataConfig:
         n_train: training rationales kept (``null``: all), after dev questions are held out.
         n_dev: questions held out of training for model selection (0: none).
         n_test: test questions scored (``null``: all).
+        rationales_per_question: keep at most this many rationales of each training question
+            (``null``: all), the first ones in file order.
         templates: gsm-symbolic only: generator ids to draw problems from (empty: all).
         seed: seeds generation and the splits.
         skip_invalid: skip unreadable records (counted) instead of stopping at the first.
@@ -71,6 +73,7 @@ class DataConfig:
     n_train: int | None = 240
     n_dev: int = 32
     n_test: int | None = 100
+    rationales_per_question: int | None = None
     templates: tuple[int, ...] = ()
     seed: int = 0
     skip_invalid: bool = False
@@ -322,6 +325,14 @@ def stage_data(cfg: DataConfig, folder: Path) -> dict[str, Any]:
         parts = split_by_question(examples, {"test": cfg.n_test or 0.2, "rest": -1}, seed=cfg.seed + 1)
         test, examples = parts["test"], parts["rest"]
     examples = [e for e in examples if e.steps]
+    if cfg.rationales_per_question is not None:
+        per_question: dict[str, int] = {}
+        kept = []
+        for e in examples:
+            per_question[e.qid] = per_question.get(e.qid, 0) + 1
+            if per_question[e.qid] <= cfg.rationales_per_question:
+                kept.append(e)
+        examples = kept
     if not examples:
         raise DataError("the training data has no rationales")
     train, dev = carve_dev(examples, cfg.n_dev, seed=cfg.seed) if cfg.n_dev else (examples, [])
@@ -400,9 +411,10 @@ def stage_schedule(
     student: StudentConfig,
     train_path: Path,
     weights_dir: Path | None,
-    cache: Path,
     folder: Path,
 ) -> dict[str, Any]:
+    """Difficulty scores (cached in the stage folder, so an interrupted scoring resumes), clusters and
+    the planned schedule."""
     from kpod.models import load_model
     from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
     from kpod.progressive.schedule import plan_schedule

@@ -1,0 +1,294 @@
+"""Does KPOD beat standard CoT distillation here? One (suite, dataset, method, seed) per call, or the
+whole suite in turn, each run writing one result JSON that later sittings never redo.
+
+    .venv/bin/python benchmarks/accuracy.py --suite cpu-small --list          # runs and their status
+    .venv/bin/python benchmarks/accuracy.py --suite cpu-small                 # every missing run, in order
+    .venv/bin/python benchmarks/accuracy.py --suite cpu-small --dataset asdiv --method kpod --seed 1
+    .venv/bin/python benchmarks/report.py                                      # tables for BENCHMARKS.md
+
+Each run is a `kpod run` of the suite's config (stage caching shares data, token weights and
+schedules between the methods of one dataset and seed: runs/bench/<suite>-<dataset>-s<seed>/), then
+``results/accuracy/<suite>-<dataset>-<method>-s<seed>.json`` with the accuracy, its 95 % interval,
+n, epochs, tokens seen, wall time, commit and the per-question correctness (for McNemar's test).
+
+Same budget for every method of a suite: same data, epochs, batch, learning rate, precision and
+evaluation. The seed changes the adapters' initialisation and the data order (and the token
+weighting's sampling); the data split and the test questions stay fixed.
+
+Suites: ``cpu-small`` (SmolLM2-135M-Instruct with LoRA, sized for 2 CPU cores, each run within about
+an hour) and ``gpu-7b`` (the paper's setting, for a GPU machine). Any config key can be changed for
+a run with ``--set key=value`` (recorded in the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, provenance  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+_COMMON_CPU = {
+    "student": {"name": "smollm2-135m-instruct", "finetune": "lora", "lora_r": 16, "lora_alpha": 32},
+    "weighting": {"max_steps": 12, "normalize_mask_loss": True, "batch_size": 8},
+    "schedule": {"stages": 2, "n_clusters": 5},
+    "train": {
+        "epochs": 4,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "lr": 5.0e-4,
+        "precision": "bf16",
+        "eval_batch_size": 32,
+        "eval_max_new_tokens": 200,
+        "merge_lora": False,
+    },
+}
+
+SUITES: dict[str, dict] = {
+    "cpu-small": {
+        "datasets": {
+            "asdiv": {
+                "data": {
+                    "source": "file",
+                    "path": str(SHARED / "asdiv-gpt35" / "train.json"),
+                    "test_path": str(SHARED / "asdiv-gpt35" / "test.json"),
+                    "n_train": None,
+                    "n_dev": 60,
+                    "n_test": None,
+                    "rationales_per_question": 1,
+                },
+                "train": {"epochs": 3},
+            },
+            "gsm8k": {
+                "data": {
+                    "source": "file",
+                    "path": str(SHARED / "gsm8k" / "train.jsonl"),
+                    "test_path": str(SHARED / "gsm8k" / "test.jsonl"),
+                    "paper_split": True,
+                    "n_train": 600,
+                    "n_dev": 40,
+                    "n_test": None,
+                },
+                "train": {"epochs": 3, "eval_max_new_tokens": 256},
+            },
+        },
+        "base": _COMMON_CPU,
+        # (dataset, method, seeds): std-cot and kpod 3 seeds on ASDiv and 2 on GSM8K; ablations once.
+        "runs": [
+            ("asdiv", "untrained", [0]),
+            ("asdiv", "std-cot", [0]),
+            ("asdiv", "kpod", [0]),
+            ("asdiv", "std-cot", [1]),
+            ("asdiv", "kpod", [1]),
+            ("asdiv", "std-cot", [2]),
+            ("asdiv", "kpod", [2]),
+            ("asdiv", "kpod-no-weights", [0]),
+            ("asdiv", "kpod-no-progressive", [0]),
+            ("gsm8k", "untrained", [0]),
+            ("gsm8k", "std-cot", [0]),
+            ("gsm8k", "kpod", [0]),
+            ("gsm8k", "std-cot", [1]),
+            ("gsm8k", "kpod", [1]),
+            ("gsm8k", "kpod-no-weights", [0]),
+            ("gsm8k", "kpod-no-progressive", [0]),
+        ],
+    },
+    "gpu-7b": {
+        "datasets": {
+            "asdiv": {
+                "data": {
+                    "source": "file",
+                    "path": str(SHARED / "asdiv-gpt35" / "train.json"),
+                    "test_path": str(SHARED / "asdiv-gpt35" / "test.json"),
+                    "n_train": None,
+                    "n_dev": 100,
+                    "n_test": None,
+                },
+                "train": {"epochs": 40},
+                "schedule": {"stages": 20},
+            },
+            "gsm8k": {
+                "data": {
+                    "source": "file",
+                    "path": str(SHARED / "gsm8k" / "train.jsonl"),
+                    "test_path": str(SHARED / "gsm8k" / "test.jsonl"),
+                    "paper_split": True,
+                    "n_train": None,
+                    "n_dev": 100,
+                    "n_test": None,
+                },
+                "train": {"epochs": 20},
+                "schedule": {"stages": 10},
+            },
+        },
+        "base": {
+            "student": {"name": "huggyllama/llama-7b", "finetune": "lora", "lora_r": 64, "lora_alpha": 128},
+            "weighting": {"alpha": 0.5, "epochs": 3, "device": "cuda"},
+            "schedule": {"n_clusters": 5},
+            "train": {
+                "batch_size": 4,
+                "micro_batch_size": 4,
+                "lr": 1.0e-5,
+                "precision": "bf16",
+                "eval_batch_size": 64,
+                "eval_max_new_tokens": 320,
+            },
+        },
+        "runs": [
+            (d, m, s)
+            for d in ("asdiv", "gsm8k")
+            for m, s in (
+                ("untrained", [0]),
+                ("std-cot", [0, 1, 2]),
+                ("kpod", [0, 1, 2]),
+                ("kpod-no-weights", [0]),
+                ("kpod-no-progressive", [0]),
+            )
+        ],
+    },
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_config(suite: str, dataset: str, method: str, seed: int) -> dict:
+    spec = SUITES[suite]
+    data = _merge(spec["base"], spec["datasets"][dataset])
+    data["name"] = f"{suite}-{dataset}-s{seed}"
+    data["run_dir"] = str(ROOT / "runs" / "bench" / data["name"])
+    data["methods"] = ["std-cot"] if method == "untrained" else [method]
+    data["eval_untrained"] = method == "untrained"
+    data["train"] = {**data.get("train", {}), "seed": seed}
+    data["weighting"] = {**data.get("weighting", {}), "seed": seed}
+    return data
+
+
+def result_path(suite: str, dataset: str, method: str, seed: int) -> Path:
+    return RESULTS / "accuracy" / f"{suite}-{dataset}-{method}-s{seed}.json"
+
+
+def all_runs(suite: str) -> list[tuple[str, str, int]]:
+    return [(d, m, s) for d, m, seeds in SUITES[suite]["runs"] for s in seeds]
+
+
+def run_one(suite: str, dataset: str, method: str, seed: int, overrides: list[str]) -> dict:
+    import dataclasses
+
+    from kpod.config import apply_overrides, from_dict, to_dict
+    from kpod.pipeline import PipelineConfig, Runner, run_pipeline
+
+    started = provenance()
+    data = apply_overrides(run_config(suite, dataset, method, seed), overrides)
+    data["weighting"].setdefault("student", data["student"]["name"])
+    config = from_dict(PipelineConfig, data)
+    if method == "untrained":
+        # Only the data and the untrained evaluation: no training stage.
+        config = dataclasses.replace(config, methods=("std-cot",))
+        runner = Runner(config, to_dict(config))
+        from kpod.pipeline import stage_data, stage_eval_untrained
+
+        runner.stage("data", config.data, [], lambda f: stage_data(config.data, f))
+        eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
+        start = time.perf_counter()
+        summary = runner.stage(
+            "eval-untrained",
+            eval_settings,
+            ["data"],
+            lambda f: stage_eval_untrained(config, runner.dir / "data" / "test.jsonl", f),
+        )["test"]
+        runner.save_manifest()
+        folder = runner.dir / "eval-untrained"
+        training = {"epochs": 0, "train_tokens": 0, "target_tokens": 0, "seconds": 0.0}
+        wall = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        out = run_pipeline(config, to_dict(config), echo=lambda line: print(line, flush=True))
+        wall = time.perf_counter() - start
+        summary = out["results"][method]
+        folder = Path(config.run_dir) / f"train-{method}"
+        training = json.loads((folder / "training.json").read_text())
+    manifest = json.loads((Path(config.run_dir) / "manifest.json").read_text())
+    stage_seconds = {k: v.get("seconds") for k, v in manifest["stages"].items()}
+    predictions = [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
+    result = {
+        **started,
+        "suite": suite,
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "accuracy": summary["accuracy"],
+        "ci95": summary["ci95"],
+        "n": summary["n"],
+        "correct": summary["correct"],
+        "epochs": training["epochs"],
+        "train_tokens": training["train_tokens"],
+        "target_tokens": training["target_tokens"],
+        "train_seconds": training["seconds"],
+        "best_epoch": training.get("best_epoch"),
+        "dev": training.get("dev"),
+        "wall_seconds": round(wall, 1),
+        "stage_seconds": stage_seconds,
+        "overrides": overrides,
+        "config": to_dict(config),
+        "per_question": {p["qid"]: bool(p["correct"]) for p in predictions},
+    }
+    path = result_path(suite, dataset, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu-small")
+    parser.add_argument("--dataset")
+    parser.add_argument("--method")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--list", action="store_true", help="list the suite's runs and which are done")
+    parser.add_argument("--redo", action="store_true", help="run again even if the result exists")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args()
+    runs = [
+        r
+        for r in all_runs(args.suite)
+        if (args.dataset is None or r[0] == args.dataset)
+        and (args.method is None or r[1] == args.method)
+        and (args.seed is None or r[2] == args.seed)
+    ]
+    if args.dataset and args.method and args.seed is not None and not runs:
+        runs = [(args.dataset, args.method, args.seed)]  # a run outside the suite's list
+    for dataset, method, seed in runs:
+        path = result_path(args.suite, dataset, method, seed)
+        done = path.exists()
+        if args.list:
+            extra = f"{json.loads(path.read_text())['accuracy']:.2f} %" if done else "missing"
+            print(f"{args.suite:<10} {dataset:<7} {method:<22} seed {seed}: {extra}")
+            continue
+        if done and not args.redo:
+            print(f"skip {path.name} (done)")
+            continue
+        print(f"== {args.suite} {dataset} {method} seed {seed}", flush=True)
+        result = run_one(args.suite, dataset, method, seed, args.set)
+        print(
+            f"== {path.name}: {result['accuracy']:.2f} % {result['ci95']} in {result['wall_seconds']:.0f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
