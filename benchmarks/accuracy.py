@@ -44,6 +44,7 @@ _COMMON_CPU = {
         "micro_batch_size": 8,
         "lr": 5.0e-4,
         "precision": "bf16",
+        "save_every": 50,  # a run killed at the end of a sitting loses at most 50 steps
         "eval_batch_size": 32,
         "eval_max_new_tokens": 200,
         "merge_lora": False,

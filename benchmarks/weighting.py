@@ -41,6 +41,8 @@ def main() -> None:
         action="store_true",
         help="control run: multiply L_p by 0, so only the sparsity term trains the module",
     )
+    parser.add_argument("--predictor-mode", choices=("frozen", "lora", "full"), default="frozen")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
     args = parser.parse_args()
@@ -63,6 +65,8 @@ def main() -> None:
         prefix_sum=args.prefix_sum,
         optimizer=args.optimizer,
         lr=args.lr,
+        predictor_mode=args.predictor_mode,
+        max_steps=args.max_steps,
     )
     if args.ablate_answer_loss:
         from kpod.weighting import train as weighting_train

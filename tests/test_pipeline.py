@@ -32,8 +32,14 @@ def tiny_config(tmp_path: Path, model: Path, **extra) -> Path:
         "student": {"name": str(model), "finetune": "full"},
         "weighting": {"max_steps": 2, "batch_size": 4, "precision": "fp32"},
         "schedule": {"stages": 2, "n_clusters": 2},
-        "train": {"epochs": 2, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "precision": "fp32",
-                  "eval_max_new_tokens": 24},
+        "train": {
+            "epochs": 2,
+            "batch_size": 4,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "precision": "fp32",
+            "eval_max_new_tokens": 24,
+        },
     }
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -84,8 +90,14 @@ def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, 
     assert not any(stages_run(run).values())  # nothing to do
     assert main(["run", str(config), "schedule.beta=3.0"]) == 0
     ran = stages_run(run)
-    assert ran == {"data": False, "weights": False, "schedule": True, "eval-untrained": False,
-                   "train-std-cot": False, "train-kpod": True}
+    assert ran == {
+        "data": False,
+        "weights": False,
+        "schedule": True,
+        "eval-untrained": False,
+        "train-std-cot": False,
+        "train-kpod": True,
+    }
     assert main(["run", str(config), "schedule.beta=3.0", "train.lr=0.002"]) == 0
     ran = stages_run(run)
     assert ran["train-std-cot"] and ran["train-kpod"] and not ran["schedule"] and not ran["weights"]
@@ -130,9 +142,20 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     from tiny_models import build_causal
 
     model = build_causal(tmp_path / "model", hidden=32, layers=2)
-    config = tiny_config(tmp_path, model, methods=["std-cot"], eval_untrained=False,
-                         train={"epochs": 6, "save_every": 1, "keep_checkpoints": 50, "batch_size": 2,
-                                "micro_batch_size": 2, "select_on_dev": False})
+    config = tiny_config(
+        tmp_path,
+        model,
+        methods=["std-cot"],
+        eval_untrained=False,
+        train={
+            "epochs": 6,
+            "save_every": 1,
+            "keep_checkpoints": 50,
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "select_on_dev": False,
+        },
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -183,9 +206,19 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     page = tmp_path / "check.html"
     page.write_text(report.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
     out = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,800",
-         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1000,800",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     found = re.search(r"KPOD-CHECK (\{.*?\})</pre>", out.stdout)
     assert found, out.stderr[-2000:]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kpod.data.synthetic import arithmetic_examples
+from kpod.errors import ConfigError
 from kpod.weighting.evaluate import keypoint_labels, keypoint_metrics, token_class_metrics
 from kpod.weighting.maths import (
     align_weights,
@@ -152,3 +153,15 @@ def test_prefix_sum_scales_the_sampled_prefixes(tiny_causal) -> None:
     # Same seed, same samples: the shorter prefix's NLL is multiplied by the rationale's length.
     assert summed[0]["mask_loss"] == plain[0]["mask_loss"]
     assert summed[0]["answer_loss"] > 20 * plain[0]["answer_loss"] / 2
+
+
+def test_max_steps_stops_training_early(tiny_causal) -> None:
+    examples = arithmetic_examples(16, seed=7)
+    common = dict(
+        student=str(tiny_causal), epochs=2, batch_size=4, num_heads=2, mlp_hidden=16, precision="fp32"
+    )
+    _, full = train_weighting(examples, WeightingConfig(**common), progress=False)
+    _, short = train_weighting(examples, WeightingConfig(max_steps=3, **common), progress=False)
+    assert len(full) == 8 and len(short) == 3
+    with pytest.raises(ConfigError, match="max_steps"):
+        WeightingConfig(max_steps=0)

@@ -202,6 +202,7 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
         prefix_sum=args.prefix_sum,
         optimizer=args.optimizer,
         epochs=args.epochs,
+        max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         precision=args.precision,
@@ -561,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimate Eq. 5's sum over all prefixes from the sampled ones",
     )
     wtrain.add_argument("--epochs", type=int, default=1)
+    wtrain.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps (the ranking peaks early; see BENCHMARKS.md)",
+    )
     wtrain.add_argument("--batch-size", type=int, default=8)
     wtrain.add_argument(
         "--lr",

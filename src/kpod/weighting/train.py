@@ -106,6 +106,8 @@ class WeightingConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1 (or null for every epoch), got {self.max_steps}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, got '{self.optimizer}'")
         if self.predictor_mode not in ("frozen", "lora", "full"):
