@@ -225,3 +225,14 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     check = json.loads(found.group(1).replace("&quot;", '"'))
     assert check["images"] >= 3 and check["broken"] == 0, check
     assert check["overflow"] == [] and check["scrollWidth"] <= check["width"], check
+
+
+def test_report_command_rebuilds_the_report(finished_run, capsys):
+    tmp, _ = finished_run
+    report = tmp / "run" / "report.html"
+    report.unlink()
+    assert main(["report", str(tmp / "run")]) == 0
+    page = report.read_text()
+    assert "untrained" in page and "std-cot" in page and "kpod" in page and page.count("<img") >= 3
+    assert main(["report", str(tmp)]) == 2  # not a run directory
+    assert "no manifest.json" in capsys.readouterr().err

@@ -236,7 +236,11 @@ def test_sigkill_mid_stage_then_resume_matches_an_uninterrupted_run(tiny64, tmp_
     assert 5 <= resumed_at < 8, resumed_at
     assert not (broken / "student").exists()
 
-    out = subprocess.run(cmd + [str(broken)], check=True, env=_env(), capture_output=True, text=True)
+    refused = subprocess.run(cmd + [str(broken)], env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr  # never restarts by accident
+    out = subprocess.run(
+        cmd + [str(broken), "--resume"], check=True, env=_env(), capture_output=True, text=True
+    )
     assert f"(step {resumed_at} of 24)" in out.stderr
     a, b = _params(whole), _params(broken)
     for name in a:

@@ -394,7 +394,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         inputs=inputs,
         step_by_step_alpha=config.step_by_step_alpha,
     )
-    result = train(config, student, builder, args.out, dev=dev, test=test, fmt=fmt, progress=not args.quiet)
+    result = train(
+        config,
+        student,
+        builder,
+        args.out,
+        dev=dev,
+        test=test,
+        fmt=fmt,
+        progress=not args.quiet,
+        resume=args.resume,
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under `accelerate launch`, one process reports
     if args.json:
@@ -441,6 +451,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             lo, hi = r["ci95"]
             print(f"  {name:<26} {r['accuracy']:6.2f} %  [{lo:5.1f}, {hi:5.1f}]  ({r['correct']}/{r['n']})")
     print(f"report: {out['report']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kpod.pipeline import report_from_run
+
+    print(f"report: {report_from_run(args.run_dir)}")
     return 0
 
 
@@ -680,14 +697,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+    rep = sub.add_parser(
+        "report",
+        help="(re)write the HTML report of a run directory",
+        description="Rebuild RUN_DIR/report.html and its PNG plots from the artifacts of a `kpod run` "
+        "(finished or not): accuracy per method with 95 %% intervals, data statistics, keypoint "
+        "heat-maps, the schedule, training loss, example predictions, stage timings and the config.",
+    )
+    rep.add_argument("run_dir", type=Path, help="the run directory (holds manifest.json)")
+    rep.set_defaults(func=cmd_report)
+
     dist = sub.add_parser(
         "distill",
         help="train a student with KPOD, an ablation or a baseline (one loop for all)",
         description="Distil rationales into a student. The method (train.method) is a config value: "
         "kpod, std-cot, answer-only, step-by-step, kpod-no-weights, kpod-no-progressive, "
-        "kpod-no-diversity, kpod-uniform-difficulty. kpod needs --weights and --schedule. Run it again "
-        "with the same --out to resume from the newest checkpoint. Several processes or GPUs: "
-        "`accelerate launch -m kpod.cli distill ...`.",
+        "kpod-no-diversity, kpod-uniform-difficulty. kpod needs --weights and --schedule. "
+        "After a crash, run it again with --resume and the same --out to continue from the newest "
+        "checkpoint. Several processes or GPUs: `accelerate launch -m kpod.cli distill ...`.",
     )
     _add_load_options(dist)
     dist.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, student/)")
@@ -702,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--schedule", type=Path, help="schedule.json from `kpod schedule plan`")
     dist.add_argument("--dev", type=Path, help="dev data: accuracy after each stage picks the best one")
     dist.add_argument("--test", type=Path, help="test data: scored once, at the end")
+    dist.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint (mid-stage included)",
+    )
     dist.add_argument("--json", action="store_true", help="print the result as one JSON object")
     dist.add_argument("--quiet", action="store_true", help="no progress bar")
     dist.set_defaults(func=cmd_distill)

@@ -584,3 +584,26 @@ def run_pipeline(
     runner.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.save_manifest()
     return {"results": results, "report": str(report)}
+
+
+def report_from_run(run_dir: str | Path) -> Path:
+    """(Re)write the report of an existing run directory from what its stages left."""
+    from kpod.report import write_report
+
+    run = Path(run_dir)
+    manifest_path = run / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{run}: no manifest.json here; is it a `kpod run` directory?")
+    recorded = json.loads(manifest_path.read_text())["config"]
+    config = from_dict(PipelineConfig, recorded.get("resolved", recorded))
+    results: dict[str, Any] = {}
+    untrained = run / "eval-untrained" / "stage.json"
+    if untrained.is_file():
+        results["untrained"] = json.loads(untrained.read_text()).get("result", {}).get("test")
+    for path in sorted(run.glob("train-*/training.json")):
+        trained = json.loads(path.read_text())
+        test = trained.get("test") or None
+        results[trained["method"]] = (
+            {k: v for k, v in test.items() if k not in ("per_question", "qids")} if test else None
+        )
+    return write_report(run, config, results)

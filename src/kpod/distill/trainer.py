@@ -261,8 +261,12 @@ def train(
     test: Sequence[Example] = (),
     fmt: PromptFormat | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> TrainResult:
     """Train ``student`` (a :class:`kpod.models.LoadedModel`) on ``builder``'s stages.
+
+    With ``resume`` a run finding checkpoints in ``output_dir`` continues from the newest; without
+    it, existing checkpoints are an error (nothing is overwritten by accident).
 
     Starting again with the same ``output_dir`` resumes from its newest checkpoint.
     """
@@ -312,6 +316,11 @@ def train(
         "epoch_loss": [0.0, 0],
     }
     resumed_from = latest_checkpoint(ckpt_root)
+    if resumed_from is not None and not resume:
+        raise ConfigError(
+            f"{output} already holds checkpoints (newest: {resumed_from.name}); pass --resume to continue "
+            "that run, or choose another --out"
+        )
     if resumed_from is not None:
         accelerator.load_state(str(resumed_from))
         state.update(read_state(resumed_from))
