@@ -51,31 +51,40 @@ _COMMON_CPU = {
     },
 }
 
+
+def asdiv_data(**settings) -> dict:
+    """ASDiv with gpt-3.5 rationales: the shared train file and the 314-question test set."""
+    return {
+        "source": "file",
+        "path": str(SHARED / "asdiv-gpt35" / "train.json"),
+        "test_path": str(SHARED / "asdiv-gpt35" / "test.json"),
+        "n_train": None,
+        "n_test": None,
+        **settings,
+    }
+
+
+def gsm8k_data(**settings) -> dict:
+    """GSM8K's human rationales; the test set is the paper's 659-question split of the official one."""
+    return {
+        "source": "file",
+        "path": str(SHARED / "gsm8k" / "train.jsonl"),
+        "test_path": str(SHARED / "gsm8k" / "test.jsonl"),
+        "paper_split": True,
+        "n_test": None,
+        **settings,
+    }
+
+
 SUITES: dict[str, dict] = {
     "cpu-small": {
         "datasets": {
             "asdiv": {
-                "data": {
-                    "source": "file",
-                    "path": str(SHARED / "asdiv-gpt35" / "train.json"),
-                    "test_path": str(SHARED / "asdiv-gpt35" / "test.json"),
-                    "n_train": None,
-                    "n_dev": 60,
-                    "n_test": None,
-                    "rationales_per_question": 1,
-                },
+                "data": asdiv_data(n_dev=60, rationales_per_question=1),
                 "train": {"epochs": 3},
             },
             "gsm8k": {
-                "data": {
-                    "source": "file",
-                    "path": str(SHARED / "gsm8k" / "train.jsonl"),
-                    "test_path": str(SHARED / "gsm8k" / "test.jsonl"),
-                    "paper_split": True,
-                    "n_train": 600,
-                    "n_dev": 40,
-                    "n_test": None,
-                },
+                "data": gsm8k_data(n_train=600, n_dev=40),
                 "train": {"epochs": 3, "eval_max_new_tokens": 256},
             },
         },
@@ -103,27 +112,12 @@ SUITES: dict[str, dict] = {
     "gpu-7b": {
         "datasets": {
             "asdiv": {
-                "data": {
-                    "source": "file",
-                    "path": str(SHARED / "asdiv-gpt35" / "train.json"),
-                    "test_path": str(SHARED / "asdiv-gpt35" / "test.json"),
-                    "n_train": None,
-                    "n_dev": 100,
-                    "n_test": None,
-                },
+                "data": asdiv_data(n_dev=100, rationales_per_question=1),
                 "train": {"epochs": 40},
                 "schedule": {"stages": 20},
             },
             "gsm8k": {
-                "data": {
-                    "source": "file",
-                    "path": str(SHARED / "gsm8k" / "train.jsonl"),
-                    "test_path": str(SHARED / "gsm8k" / "test.jsonl"),
-                    "paper_split": True,
-                    "n_train": None,
-                    "n_dev": 100,
-                    "n_test": None,
-                },
+                "data": gsm8k_data(n_train=None, n_dev=100),
                 "train": {"epochs": 20},
                 "schedule": {"stages": 10},
             },
