@@ -1,0 +1,85 @@
+"""Dataclass configs from YAML: types checked at load, errors naming the key, overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from kpod.config import apply_overrides, from_dict, load_config, parse_override, to_dict
+from kpod.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if self.rate < 0:
+            raise ConfigError(f"rate must be >= 0, got {self.rate}")
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    steps: int | None = None
+    ids: tuple[int, ...] = ()
+    path: Path | None = None
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_values_are_converted_and_checked():
+    cfg = from_dict(Outer, {"steps": 3, "ids": [1, 2], "path": "a/b", "inner": {"rate": 2, "mode": "b"}})
+    assert cfg == Outer(steps=3, ids=(1, 2), path=Path("a/b"), inner=Inner(rate=2.0, mode="b"))
+    assert isinstance(cfg.inner.rate, float)
+    assert from_dict(Outer, {"steps": None}).steps is None
+    assert to_dict(cfg)["ids"] == [1, 2] and to_dict(cfg)["path"] == "a/b"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"stpes": 1}, "unknown key 'stpes'; known keys: flag, ids, inner, name, path, steps"),
+        ({"steps": "3"}, "steps: expected int or None"),
+        ({"steps": True}, "steps: expected int or None"),
+        ({"flag": "yes"}, "flag: expected true or false"),
+        ({"ids": [1, "a"]}, "ids[1]: expected an integer"),
+        ({"ids": 3}, "ids: expected a list of int"),
+        ({"inner": {"rate": "fast"}}, "inner.rate: expected a number"),
+        ({"inner": {"mode": "c"}}, "inner.mode: 'c' is not allowed; choose one of: a, b"),
+        ({"inner": {"rat": 1}}, "unknown key 'inner.rat'; known keys in inner: mode, rate"),
+        ({"inner": {"rate": -1}}, "inner: rate must be >= 0"),
+        ({"inner": 3}, "inner: expected a mapping of Inner settings"),
+    ],
+)
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, data)
+    assert message in str(err.value)
+
+
+def test_overrides_set_nested_keys_and_parse_yaml_values():
+    assert parse_override("inner.rate=1e-3") == (["inner", "rate"], "1e-3")  # PyYAML's YAML 1.1
+    assert from_dict(Inner, {"rate": "1e-3"}).rate == 1e-3  # ...so a float field accepts it
+    assert parse_override("ids=[1, 2]") == (["ids"], [1, 2])
+    data = apply_overrides({"inner": {"mode": "a"}}, ["inner.rate=2", "name=y"])
+    assert data == {"inner": {"mode": "a", "rate": 2}, "name": "y"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("nonsense")
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        apply_overrides({"name": "x"}, ["name.sub=1"])
+
+
+def test_load_config_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: z\ninner:\n  mode: b\n")
+    assert load_config(Outer, path, ["steps=4"]) == Outer(name="z", steps=4, inner=Inner(mode="b"))
+    path.write_text("inner:\n  mode: q\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: inner.mode: 'q' is not allowed"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(Outer, tmp_path / "missing.yaml")
