@@ -191,9 +191,9 @@ def run_one(suite: str, dataset: str, method: str, seed: int, overrides: list[st
         # Only the data and the untrained evaluation: no training stage.
         config = dataclasses.replace(config, methods=("std-cot",))
         runner = Runner(config, to_dict(config))
-        from kpod.pipeline import stage_data, stage_eval_untrained
+        from kpod.pipeline import run_data_stage, stage_eval_untrained
 
-        runner.stage("data", config.data, [], lambda f: stage_data(config.data, f))
+        run_data_stage(runner, config)
         eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
         start = time.perf_counter()
         summary = runner.stage(

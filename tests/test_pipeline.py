@@ -236,3 +236,26 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     assert "untrained" in page and "std-cot" in page and "kpod" in page and page.count("<img") >= 3
     assert main(["report", str(tmp)]) == 2  # not a run directory
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_an_edited_data_file_reruns_the_data_stage(tmp_path):
+    from kpod.data.synthetic import gsm_symbolic_examples
+    from kpod.io import write_jsonl
+    from kpod.pipeline import Runner, load_pipeline_config, run_data_stage
+
+    data = tmp_path / "train.jsonl"
+    examples, _ = gsm_symbolic_examples(12, templates=(26,))
+    write_jsonl(data, [e.to_dict() for e in examples])
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"run_dir: {tmp_path / 'run'}\ndata: {{source: file, path: {data}, n_dev: 2, n_test: 3}}\n"
+    )
+    config = load_pipeline_config(config_path)
+    run_data_stage(Runner(config, {}, echo=lambda _: None), config)
+    runner = Runner(config, {}, echo=lambda _: None)
+    run_data_stage(runner, config)
+    assert runner.manifest["stages"]["data"]["skipped"]
+    write_jsonl(data, [e.to_dict() for e in examples[:10]])  # the file changes, the config does not
+    runner = Runner(config, {}, echo=lambda _: None)
+    assert run_data_stage(runner, config)["train"] == 5  # 10 - 2 dev - 3 test
+    assert not runner.manifest["stages"]["data"]["skipped"]

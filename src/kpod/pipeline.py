@@ -196,6 +196,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def input_files(cfg: DataConfig) -> dict[str, str]:
+    """sha256 of every data file the data stage reads, so that an edited file re-runs it."""
+    out = {}
+    for path in (cfg.path, cfg.test_path):
+        if path and Path(path).is_file():
+            out[str(path)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return out
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -519,6 +528,15 @@ def schedule_variant(method: str) -> str | None:
     return "schedule" + ("" if m.weighted_difficulty else "-uniform") + ("" if m.diversity else "-nodiv")
 
 
+def run_data_stage(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
+    """The data stage; its key covers the settings and the content of the files it reads."""
+    inputs = input_files(config.data)
+    runner.manifest["inputs"] = inputs
+    return runner.stage(
+        "data", {"data": config.data, "inputs": inputs}, [], lambda f: stage_data(config.data, f)
+    )
+
+
 def run_pipeline(
     config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
 ) -> dict:
@@ -527,7 +545,7 @@ def run_pipeline(
 
     runner = Runner(config, config_data, echo)
     d = runner.dir
-    runner.stage("data", config.data, [], lambda f: stage_data(config.data, f))
+    run_data_stage(runner, config)
     train_path, train_stage = d / "data" / "train.jsonl", "data"
     if config.teacher.source == "server":
         runner.stage(
