@@ -37,7 +37,7 @@ SHARED = ROOT.parent / "shared" / "data"
 _COMMON_CPU = {
     "student": {"name": "smollm2-135m-instruct", "finetune": "lora", "lora_r": 16, "lora_alpha": 32},
     "weighting": {"max_steps": 12, "normalize_mask_loss": True, "batch_size": 8},
-    "schedule": {"stages": 2, "n_clusters": 5},
+    "schedule": {"stages": 2, "n_clusters": 5},  # T = epochs / 2, the paper's ratio
     "train": {
         "epochs": 4,
         "batch_size": 8,
@@ -81,11 +81,10 @@ SUITES: dict[str, dict] = {
         "datasets": {
             "asdiv": {
                 "data": asdiv_data(n_dev=60, rationales_per_question=1),
-                "train": {"epochs": 3},
             },
             "gsm8k": {
                 "data": gsm8k_data(n_train=600, n_dev=40),
-                "train": {"epochs": 3, "eval_max_new_tokens": 256},
+                "train": {"eval_max_new_tokens": 256},
             },
         },
         "base": _COMMON_CPU,
