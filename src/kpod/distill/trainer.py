@@ -352,6 +352,12 @@ def train(
         too_long = [
             len(e.input_ids) > config.max_length or len(e.labels) > config.max_length for e in examples
         ]
+        if sum(too_long) and sum(too_long) != skipped and accelerator.is_main_process:
+            print(
+                f"stage {epoch}: {sum(too_long)} of {len(examples)} examples are longer than max_length "
+                f"{config.max_length} tokens and are left out (raise train.max_length to keep them)",
+                file=sys.stderr,
+            )
         skipped = sum(too_long)
         lengths = [len(e.input_ids) + (0 if student.kind == "causal" else len(e.labels)) for e in examples]
         keep = [i for i, bad in enumerate(too_long) if not bad]
