@@ -293,3 +293,44 @@ def test_two_processes_end_with_the_same_parameters_as_one(tiny64, tmp_path):
     assert moved > 1e-3  # training changed the weights, so the comparison below means something
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_causal, tmp_path, capsys):
+    """Resume from a mid-run LoRA checkpoint (later ones removed, as after a crash) == the whole run."""
+    import shutil
+
+    from kpod.models import StudentConfig
+
+    examples = arithmetic_examples(8, seed=4)
+    config = TrainConfig(
+        method="std-cot",
+        epochs=2,
+        batch_size=2,
+        precision="fp32",
+        lr=1e-2,
+        save_every=1,
+        keep_checkpoints=100,
+        select_on_dev=False,
+    )
+
+    def run(out: Path) -> dict[str, torch.Tensor]:
+        student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8, lora_dropout=0.0).load(seed=0)
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        train(config, student, builder, out, progress=False)
+        return {n: p.detach().clone() for n, p in student.model.named_parameters() if p.requires_grad}
+
+    whole = run(tmp_path / "run")
+    ckpts = tmp_path / "run" / "checkpoints"
+    saved = latest_checkpoint(ckpts) / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(saved))) == set(whole)  # adapter weights only, no frozen base
+    for ckpt in ckpts.iterdir():
+        if int(ckpt.name.split("-")[1]) > 5:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(tmp_path / "run" / "student")
+    capsys.readouterr()
+    resumed = run(tmp_path / "run")
+    assert "step-00000005 (step 5 of 8)" in capsys.readouterr().err  # it resumed, it did not restart
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)

@@ -303,6 +303,19 @@ def train(
     # The scheduler is stepped by hand: accelerate would step a prepared one once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    # LoRA: checkpoints hold the trainable weights only (the frozen base is the loaded model), which
+    # keeps a 7B student's checkpoint in megabytes. FSDP shards state its own way: saved whole.
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    partial = len(trainable) < len(list(model.parameters())) and (
+        accelerator.distributed_type != DistributedType.FSDP
+    )
+    if partial:
+
+        def keep_trainable(models: Any, weights: list[dict[str, Any]], output_dir: str) -> None:
+            for i, state_dict in enumerate(weights):
+                weights[i] = {k: v for k, v in state_dict.items() if k in trainable}
+
+        accelerator.register_save_state_pre_hook(keep_trainable)
 
     state: dict[str, Any] = {
         "step": 0,
@@ -322,7 +335,7 @@ def train(
             "that run, or choose another --out"
         )
     if resumed_from is not None:
-        accelerator.load_state(str(resumed_from))
+        accelerator.load_state(str(resumed_from), strict=not partial)
         state.update(read_state(resumed_from))
         if state.get("config") and state["config"] != asdict(config):
             changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
