@@ -24,6 +24,7 @@ when given, is scored once, at the end. The student is saved with ``save_pretrai
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -155,6 +156,31 @@ def _forward_loss(
         ).logits
         weights = batch["weights"]
     return weighted_token_nll(logits, labels, weights, 1.0)
+
+
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it is glibc (it has malloc_trim), else ``None``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim).
+
+    On CPU, length-grouped batches give every step tensors of new shapes; glibc keeps the freed
+    blocks in per-thread arenas and the process grew to 17+ GB on ASDiv with a 135M student
+    (measured). Trimming after each step keeps it near its working set. No-op elsewhere.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -417,6 +443,8 @@ def train(
             else:
                 loss_value, n_tokens = float("nan"), 0
             scheduler.step()
+            if accelerator.device.type == "cpu":
+                _release_freed_memory()
             state["step"] += 1
             seconds = time.perf_counter() - step_start
             row = {
