@@ -80,8 +80,8 @@ def plot_accuracy(results: dict[str, dict[str, Any] | None], path: Path) -> Path
         "#999999" if n == "untrained" else "#c0392b" if n.startswith("kpod") else "#2e86c1" for n in names
     ]
     ax.bar(names, acc, yerr=[lo, hi], capsize=6, color=colours)
-    for i, a in enumerate(acc):
-        ax.text(i, a + 1, f"{a:.1f}", ha="center", va="bottom")
+    for i, (a, h) in enumerate(zip(acc, hi, strict=True)):
+        ax.text(i, a + h + 0.8, f"{a:.1f}", ha="center", va="bottom")  # above the error bar
     n_test = results[names[0]]["n"] if names else 0
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Answer accuracy on {n_test} test questions (95 % Wilson interval)")
