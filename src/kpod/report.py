@@ -85,7 +85,7 @@ def plot_accuracy(results: dict[str, dict[str, Any] | None], path: Path) -> Path
     n_test = results[names[0]]["n"] if names else 0
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Answer accuracy on {n_test} test questions (95 % Wilson interval)")
-    ax.set_ylim(0, min(100, max([a + h for a, h in zip(acc, hi, strict=True)] + [10]) * 1.15))
+    ax.set_ylim(0, min(108, max([a + h for a, h in zip(acc, hi, strict=True)] + [10]) * 1.15))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
