@@ -80,7 +80,7 @@ SUITES: dict[str, dict] = {
     "cpu-small": {
         "datasets": {
             "asdiv": {
-                "data": asdiv_data(n_dev=60, rationales_per_question=1),
+                "data": asdiv_data(n_train=600, n_dev=60, rationales_per_question=1),
             },
             "gsm8k": {
                 "data": gsm8k_data(n_train=600, n_dev=40),
