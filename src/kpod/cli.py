@@ -351,21 +351,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule_inputs(path: Path) -> dict[str, list[int]]:
-    """c_i(t) rows by rationale key from a ``schedule.json`` (or its directory)."""
-    path = path / "schedule.json" if path.is_dir() else path
-    if not path.is_file():
-        raise KpodError(f"no schedule at {path}; make one with `kpod schedule plan`")
-    plan = json.loads(path.read_text(encoding="utf-8"))
-    return {key: row for key, row in zip(plan["keys"], plan["c"], strict=True)}
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.config import apply_overrides, from_dict, read_yaml
     from kpod.distill.methods import StageBuilder, get_method
     from kpod.distill.trainer import TrainConfig, train
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
+    from kpod.progressive.schedule import load_schedule_inputs
     from kpod.prompt import PromptFormat
     from kpod.weighting.train import load_weights
 
@@ -381,7 +373,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     dev = load_examples_quiet(args.dev) if args.dev else []
     test = load_examples_quiet(args.test) if args.test else []
     weights = load_weights(args.weights) if args.weights else None
-    inputs = _schedule_inputs(args.schedule) if args.schedule else None
+    inputs = load_schedule_inputs(args.schedule) if args.schedule else None
     student = student_config.load(seed=config.seed)
     fmt = PromptFormat(style=student_config.prompt_style)
     builder = StageBuilder(

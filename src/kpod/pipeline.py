@@ -37,7 +37,7 @@ from kpod.distill.trainer import TrainConfig
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
 from kpod.models import StudentConfig
-from kpod.progressive.schedule import ScheduleConfig
+from kpod.progressive.schedule import ScheduleConfig, load_schedule_inputs
 from kpod.weighting.train import WeightingConfig
 
 
@@ -489,10 +489,7 @@ def stage_train(
     m = get_method(method)
     tcfg = dataclasses.replace(config.train, method=method)
     student = config.student.load(seed=tcfg.seed)
-    inputs = None
-    if schedule_dir is not None:
-        plan = json.loads((schedule_dir / "schedule.json").read_text())
-        inputs = dict(zip(plan["keys"], plan["c"], strict=True))
+    inputs = load_schedule_inputs(schedule_dir) if schedule_dir is not None else None
     fmt = PromptFormat(style=config.student.prompt_style)
     builder = StageBuilder(
         m,

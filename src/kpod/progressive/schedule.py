@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -188,3 +189,15 @@ def plan_schedule(
         config=config,
         clusters=clusters_arr.tolist(),
     )
+
+
+def load_schedule_inputs(path: str | Path) -> dict[str, list[int]]:
+    """c_i(t) rows by rationale key from a ``schedule.json`` (or its directory), as the trainer reads them."""
+    import json
+
+    path = Path(path)
+    path = path / "schedule.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no schedule at {path}; make one with `kpod schedule plan`")
+    plan = json.loads(path.read_text(encoding="utf-8"))
+    return {key: row for key, row in zip(plan["keys"], plan["c"], strict=True)}
