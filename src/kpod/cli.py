@@ -354,7 +354,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.config import apply_overrides, from_dict, read_yaml
     from kpod.distill.methods import StageBuilder, get_method
-    from kpod.distill.trainer import TrainConfig, train
+    from kpod.distill.trainer import TrainConfig, test_summary, train
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
     from kpod.progressive.schedule import load_schedule_inputs
@@ -401,7 +401,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return 0  # under `accelerate launch`, one process reports
     if args.json:
         print(
-            json.dumps({k: v for k, v in vars(result).items() if k != "test"} | {"test": _test_line(result)})
+            json.dumps(
+                {k: v for k, v in vars(result).items() if k != "test"} | {"test": test_summary(result.test)}
+            )
         )
     else:
         print(
@@ -411,12 +413,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if result.test:
             print(f"test accuracy {result.test['accuracy']:.2f} % (95 % CI {result.test['ci95']})")
     return 0
-
-
-def _test_line(result) -> dict | None:
-    if not result.test:
-        return None
-    return {k: v for k, v in result.test.items() if k not in ("per_question", "qids")}
 
 
 def load_examples_quiet(path: Path):

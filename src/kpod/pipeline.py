@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
 from kpod.distill.methods import METHOD_NAMES, get_method
-from kpod.distill.trainer import TrainConfig
+from kpod.distill.trainer import TrainConfig, test_summary
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
 from kpod.models import StudentConfig
@@ -511,10 +511,7 @@ def stage_train(
         fmt=fmt,
     )
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: the student is saved
-    out = dataclasses.asdict(result)
-    if out.get("test"):
-        out["test"] = {k: v for k, v in out["test"].items() if k not in ("per_question", "qids")}
-    return out
+    return {**dataclasses.asdict(result), "test": test_summary(result.test)}
 
 
 def schedule_variant(method: str) -> str | None:
@@ -617,8 +614,5 @@ def report_from_run(run_dir: str | Path) -> Path:
         results["untrained"] = json.loads(untrained.read_text()).get("result", {}).get("test")
     for path in sorted(run.glob("train-*/training.json")):
         trained = json.loads(path.read_text())
-        test = trained.get("test") or None
-        results[trained["method"]] = (
-            {k: v for k, v in test.items() if k not in ("per_question", "qids")} if test else None
-        )
+        results[trained["method"]] = test_summary(trained.get("test"))
     return write_report(run, config, results)

@@ -133,6 +133,13 @@ class TrainResult:
     student_dir: str = ""
 
 
+def test_summary(test: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A test result without its per-question lists (for printing and stage records)."""
+    if not test:
+        return None
+    return {k: v for k, v in test.items() if k not in ("per_question", "qids")}
+
+
 def _forward_loss(
     model: Any, batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int
 ) -> torch.Tensor:
