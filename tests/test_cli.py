@@ -86,11 +86,20 @@ def test_weights_train_show_eval(tiny_causal: Path, tmp_path: Path, capsys) -> N
             "8",
             "--precision",
             "fp32",
+            "--estimator",
+            "score-function",
+            "--samples",
+            "2",
+            "--kept-budget",
+            "0.6",
         ]
     )
     assert (
         code == 0 and (out_dir / "weights.jsonl").is_file() and (out_dir / "weighter.safetensors").is_file()
     )
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert (saved["estimator"], saved["samples"], saved["kept_budget"]) == ("score-function", 2, 0.6)
+    assert saved["alpha"] == 0.5 and saved["batch_size"] == 8  # left out: the dataclass default
     capsys.readouterr()
     assert main(["weights", "eval", str(data), str(out_dir), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)

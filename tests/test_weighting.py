@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -9,9 +10,11 @@ from kpod.weighting.evaluate import keypoint_labels, keypoint_metrics, token_cla
 from kpod.weighting.maths import (
     align_weights,
     apply_mask,
+    bernoulli_log_prob,
     binary_gumbel_mask,
     keypoint_objective,
     mask_ratio_loss,
+    score_function_surrogate,
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 from kpod.weighting.train import (
@@ -53,6 +56,48 @@ def test_apply_mask_and_losses_by_hand() -> None:
     assert mask_ratio_loss(keep, valid).tolist() == [1.0]  # Eq. 6: a sum over valid tokens
     assert mask_ratio_loss(keep, valid, normalize=True).tolist() == [0.5]
     assert keypoint_objective(torch.tensor(2.0), torch.tensor(3.0), 0.5).item() == 3.5  # Eq. 7
+
+
+def test_kept_budget_penalises_only_the_excess() -> None:
+    valid = torch.ones(2, 4)
+    keep = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    loss = mask_ratio_loss(keep, valid, budget=0.5)
+    assert loss.tolist() == pytest.approx([1.0, 0.0])  # 3 and 1 kept of 4 against a budget of 2
+    loss.sum().backward()
+    assert keep.grad is not None
+    assert keep.grad[0].tolist() == pytest.approx([1.0] * 4)  # above the budget: Eq. 6's push
+    assert keep.grad[1].tolist() == [0.0] * 4  # under the budget: no push towards masking
+    assert mask_ratio_loss(keep, valid, normalize=True, budget=0.5).tolist() == pytest.approx([0.25, 0.0])
+
+
+def test_score_function_estimate_is_unbiased_for_a_known_loss() -> None:
+    # L(m) = sum_j c_j m_j, so d E[L] / d w_j = c_j exactly; the estimate must average to it.
+    torch.manual_seed(0)
+    c = torch.tensor([3.0, -2.0, 0.0, 1.0])
+    w = torch.tensor([0.3, 0.6, 0.5, 0.8], requires_grad=True)
+    valid = torch.ones(4)
+    k, rounds = 4, 4000
+    keeps = (torch.rand(rounds, k, 4) < w.detach()).float()  # [rounds, K, tokens]
+    losses = (keeps * c).sum(-1)  # [rounds, K]
+    log_probs = bernoulli_log_prob(keeps, w, valid)  # [rounds, K]
+    surrogate = score_function_surrogate(losses.T, log_probs.T)  # rounds play the batch
+    surrogate.mean().backward()
+    assert w.grad is not None
+    assert w.grad.tolist() == pytest.approx(c.tolist(), abs=0.25)
+    # A loss that ignores the mask gives exactly no gradient (the baseline removes it).
+    w.grad = None
+    log_probs = bernoulli_log_prob(keeps, w, valid)
+    score_function_surrogate(torch.full((k, rounds), 5.0), log_probs.T).mean().backward()
+    assert w.grad.abs().max().item() < 1e-6
+    with pytest.raises(ValueError):
+        score_function_surrogate(losses.T[:1], log_probs.T[:1])
+
+
+def test_bernoulli_log_prob_by_hand() -> None:
+    w = torch.tensor([[0.2, 0.9, 0.5]])
+    keep = torch.tensor([[1.0, 0.0, 1.0]])
+    valid = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    assert bernoulli_log_prob(keep, w, valid).item() == pytest.approx(math.log(0.2) + math.log(0.1))
 
 
 def test_align_weights_by_offsets() -> None:
@@ -165,3 +210,26 @@ def test_max_steps_stops_training_early(tiny_causal) -> None:
     assert len(full) == 8 and len(short) == 3
     with pytest.raises(ConfigError, match="max_steps"):
         WeightingConfig(max_steps=0)
+
+
+def test_score_function_training_moves_the_module_but_not_the_mask_embedding(tiny_causal) -> None:
+    examples = arithmetic_examples(8, seed=8)
+    config = WeightingConfig(
+        student=str(tiny_causal),
+        batch_size=4,
+        num_heads=2,
+        mlp_hidden=16,
+        precision="fp32",
+        estimator="score-function",
+        samples=3,
+    )
+    before, _ = train_weighting(examples, dataclasses.replace(config, max_steps=1, lr=0.0), progress=False)
+    seen: list[int] = []
+    model, history = train_weighting(examples, config, progress=False, on_step=lambda s, m: seen.append(s))
+    assert seen == [1, 2] and len(history) == 2
+    assert all(math.isfinite(h["loss"]) and h["answer_loss"] > 0 for h in history)
+    moved = model.weighter.mlp[0].weight - before.weighter.mlp[0].weight
+    assert moved.abs().max().item() > 0
+    assert torch.equal(model.weighter.mask_embedding, before.weighter.mask_embedding)
+    with pytest.raises(ConfigError, match="samples"):
+        WeightingConfig(estimator="score-function", samples=1)

@@ -190,24 +190,31 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
     examples, report = _load(args)
     if args.limit:
         examples = examples[: args.limit]
+    # Options left out on the command line take WeightingConfig's defaults.
+    fields = {
+        "student": "student",
+        "predictor": "predictor",
+        "predictor_mode": "predictor_mode",
+        "alpha": "alpha",
+        "normalize_mask_loss": "normalize_mask_loss",
+        "kept_budget": "kept_budget",
+        "estimator": "estimator",
+        "samples": "samples",
+        "tau": "tau",
+        "tau_final": "tau_final",
+        "prefixes": "n_prefixes",
+        "prefix_sum": "prefix_sum",
+        "optimizer": "optimizer",
+        "epochs": "epochs",
+        "max_steps": "max_steps",
+        "batch_size": "batch_size",
+        "lr": "lr",
+        "precision": "precision",
+        "seed": "seed",
+        "device": "device",
+    }
     config = WeightingConfig(
-        student=args.student,
-        predictor=args.predictor,
-        predictor_mode=args.predictor_mode,
-        alpha=args.alpha,
-        normalize_mask_loss=args.normalize_mask_loss,
-        tau=args.tau,
-        tau_final=args.tau_final,
-        n_prefixes=args.prefixes,
-        prefix_sum=args.prefix_sum,
-        optimizer=args.optimizer,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        precision=args.precision,
-        seed=args.seed,
-        device=args.device,
+        **{field: getattr(args, arg) for arg, field in fields.items() if getattr(args, arg) is not None}
     )
     _, history = train_weighting(examples, config, out_dir=args.out)
     last = history[-1]
@@ -547,47 +554,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_load_options(wtrain)
     wtrain.add_argument("--out", type=Path, required=True, help="output directory")
-    wtrain.add_argument(
-        "--student", default="smollm2-135m-instruct", help="the student (tokenizer, embeddings)"
-    )
+    wtrain.add_argument("--student", help="the student (tokenizer, embeddings; default the offline SmolLM2)")
     wtrain.add_argument(
         "--predictor", help="answer predictor model (default: the student's pretrained model)"
     )
-    wtrain.add_argument("--predictor-mode", choices=("frozen", "lora", "full"), default="frozen")
     wtrain.add_argument(
-        "--alpha", type=float, default=0.5, help="mask-ratio loss weight (Eq. 7; default 0.5)"
+        "--predictor-mode",
+        choices=("frozen", "lora", "full"),
+        help="what of the predictor trains (default frozen)",
     )
-    wtrain.add_argument("--normalize-mask-loss", action="store_true", help="divide L_m by rationale length")
-    wtrain.add_argument("--tau", type=float, default=1.0, help="Gumbel-softmax temperature (default 1.0)")
+    wtrain.add_argument("--alpha", type=float, help="mask-ratio loss weight (Eq. 7; default 0.5)")
+    wtrain.add_argument(
+        "--normalize-mask-loss",
+        action=argparse.BooleanOptionalAction,
+        help="divide L_m by the rationale's length (default off: Eq. 6 as printed)",
+    )
+    wtrain.add_argument(
+        "--kept-budget", type=float, help="penalise only the kept ratio above this (a hinge on L_m)"
+    )
+    wtrain.add_argument(
+        "--estimator",
+        choices=("straight-through", "score-function"),
+        help="gradient of the answer loss w.r.t. w: Gumbel straight-through (Eq. 4) or sampled masks "
+        "with REINFORCE (default; see BENCHMARKS.md)",
+    )
+    wtrain.add_argument("--samples", type=int, help="masks per rationale for score-function (default 4)")
+    wtrain.add_argument("--tau", type=float, help="Gumbel-softmax temperature (default 1.0)")
     wtrain.add_argument("--tau-final", type=float, help="anneal the temperature linearly to this value")
-    wtrain.add_argument("--prefixes", type=int, default=2, help="rationale prefixes per example in L_p")
+    wtrain.add_argument("--prefixes", type=int, help="rationale prefixes per example in L_p (default 2)")
     wtrain.add_argument(
         "--prefix-sum",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="estimate Eq. 5's sum over all prefixes from the sampled ones",
     )
-    wtrain.add_argument("--epochs", type=int, default=1)
+    wtrain.add_argument("--epochs", type=int, help="passes over the rationales (default 1)")
+    wtrain.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    wtrain.add_argument("--batch-size", type=int, help="rationales per step (default 8)")
+    wtrain.add_argument("--lr", type=float, help="learning rate of the module (default 1e-4)")
     wtrain.add_argument(
-        "--max-steps",
-        type=int,
-        help="stop after this many steps (the ranking peaks early; see BENCHMARKS.md)",
+        "--optimizer", choices=("adamw", "sgd"), help="optimiser of the module (default adamw)"
     )
-    wtrain.add_argument("--batch-size", type=int, default=8)
-    wtrain.add_argument(
-        "--lr",
-        type=float,
-        default=1e-4,
-        help="AdamW learning rate (default 1e-4; 1e-3 collapses w within steps)",
-    )
-    wtrain.add_argument(
-        "--optimizer",
-        choices=("adamw", "sgd"),
-        default="adamw",
-        help="optimiser of the module (default adamw)",
-    )
-    wtrain.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
-    wtrain.add_argument("--device", default="cpu")
-    wtrain.add_argument("--seed", type=int, default=0)
+    wtrain.add_argument("--precision", choices=("fp32", "bf16"), help="default bf16 autocast")
+    wtrain.add_argument("--device", help="default cpu")
+    wtrain.add_argument("--seed", type=int)
     wtrain.add_argument("--limit", type=int, help="only the first N rationales")
     wtrain.set_defaults(func=cmd_weights_train)
 

@@ -38,16 +38,57 @@ def apply_mask(embeddings: torch.Tensor, keep: torch.Tensor, mask_embedding: tor
     return keep * embeddings + (1 - keep) * mask_embedding.to(embeddings.dtype)
 
 
-def mask_ratio_loss(keep: torch.Tensor, valid: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+def mask_ratio_loss(
+    keep: torch.Tensor, valid: torch.Tensor, normalize: bool = False, budget: float | None = None
+) -> torch.Tensor:
     """Eq. (6): L_m = sum_j m_j over each rationale's tokens (per example, shape ``[batch]``).
 
-    ``normalize=True`` divides by the rationale's length (the kept ratio), a deviation from the
-    printed form that makes ``alpha`` independent of rationale length.
+    ``budget`` (a kept ratio in [0, 1)) penalises only what is kept beyond it,
+    ``max(0, sum_j m_j - budget * n)``: a hinge instead of Eq. (6)'s unbounded push towards
+    masking everything. Under the budget only the answer loss moves the weights, so tokens compete
+    for the budget rather than all drifting to 0 (not in the paper; see BENCHMARKS.md).
+
+    ``normalize=True`` divides by the rationale's length n (the kept ratio), a deviation from the
+    printed form that makes ``alpha`` independent of rationale length but also n times weaker.
     """
+    n = valid.sum(dim=-1)
     kept = (keep * valid).sum(dim=-1)
+    if budget is not None:
+        kept = torch.relu(kept - budget * n)
     if normalize:
-        kept = kept / valid.sum(dim=-1).clamp(min=1)
+        kept = kept / n.clamp(min=1)
     return kept
+
+
+def bernoulli_log_prob(keep: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log p(m | w) of a sampled mask, summed over each rationale's valid tokens (last dimension).
+
+    The hard samples of Eq. (4) are exact Bernoulli(w) draws, so this is their log-likelihood.
+    """
+    w = w.clamp(_EPS, 1 - _EPS)
+    keep = keep.to(w.dtype)
+    return ((keep * torch.log(w) + (1 - keep) * torch.log1p(-w)) * valid).sum(dim=-1)
+
+
+def score_function_surrogate(losses: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """A surrogate whose gradient is the score-function (REINFORCE) estimate of d E_m[L_p(m)] / d w.
+
+    ``losses`` and ``log_probs`` have shape ``[K, batch]``: the answer loss of K masks sampled per
+    rationale and their log-probabilities. Each sample's loss is compared with the mean of the other
+    K - 1 (a leave-one-out baseline, which keeps the estimate unbiased and cuts its variance), so the
+    result, averaged over the K samples, is ``mean_k (L_k - b_k) * log p(m_k)`` per rationale.
+
+    Why not the straight-through gradient of Eq. (4): it is the first-order effect of sliding a
+    token's embedding towards the mask embedding, which with a frozen predictor says "mask more" for
+    almost every token even where masking it really costs the answer (measured in BENCHMARKS.md).
+    The score function sees the loss of the actual discrete masks.
+    """
+    k = losses.shape[0]
+    if k < 2:
+        raise ValueError("the score-function estimate needs at least 2 samples per rationale")
+    losses = losses.detach()
+    baseline = (losses.sum(dim=0, keepdim=True) - losses) / (k - 1)
+    return ((losses - baseline) * log_probs).mean(dim=0)
 
 
 def keypoint_objective(answer_loss: torch.Tensor, mask_loss: torch.Tensor, alpha: float) -> torch.Tensor:

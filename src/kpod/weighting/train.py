@@ -1,10 +1,23 @@
 """Training the token weighting module (Eqs. 4-7) and writing the per-token weights.
 
-For each rationale: ``w = weighter(r)``, a hard Gumbel mask ``m ~ w`` (Eq. 4), the masked
-rationale ``r[m]`` in embedding space, and an answer predictor that must produce the answer from
-the question and *prefixes* of ``r[m]`` (Eq. 5; the full rationale is always one of the prefixes,
-the others are drawn at random, so the predictor cannot rely on the last step repeating results).
-The objective is ``L_k = L_p + alpha * L_m`` (Eqs. 6-7), averaged over the rationales of a batch.
+For each rationale: ``w = weighter(r)``, a hard mask ``m ~ w`` (Eq. 4), the masked rationale
+``r[m]`` in embedding space, and an answer predictor that must produce the answer from the question
+and *prefixes* of ``r[m]`` (Eq. 5; the full rationale is always one of the prefixes, the others are
+drawn at random, so the predictor cannot rely on the last step repeating results). The objective is
+``L_k = L_p + alpha * L_m`` (Eqs. 6-7), averaged over the rationales of a batch.
+
+How the answer loss reaches ``w`` is ``estimator``:
+
+* ``score-function`` (default, a deviation from the paper): ``samples`` exact Bernoulli(w) masks per
+  rationale (Eq. 4's hard samples), each scored by the predictor, and the REINFORCE gradient with a
+  leave-one-out baseline. It follows the loss of the *discrete* masks: with the frozen SmolLM2
+  predictor, masking everything raises the answer NLL from 0.84 to 6.6 nats, keeping only the
+  keypoints gives 4.1, only the rest 7.3.
+* ``straight-through``: the paper's Gumbel-softmax relaxation. Its gradient is the first-order
+  effect of sliding each embedding towards the mask embedding, which with a frozen predictor points
+  towards "mask more" for almost every token (and trains the mask embedding into a soft prompt):
+  measured, the weights separate for about a dozen steps and then collapse to 0, with or without the
+  sparsity term pushing (BENCHMARKS.md, token weighting).
 
 The answer predictor (paper: FlanT5-Large) defaults to the student's own pretrained model: it
 shares the student's tokenizer and embeddings, so no projection is needed, and it works offline.
@@ -14,7 +27,8 @@ its hidden size (question and answer are tokenized with its own tokenizer).
 Which predictor parts train is ``predictor_mode``: ``frozen`` (default), ``lora`` or ``full``.
 Frozen is the default because a trainable predictor can learn to answer from the question alone
 (a shortcut that makes every rationale token look useless and collapses ``w`` to 0), and because
-it keeps the module cheap: only the attention layer, the MLP and the mask embedding train.
+it keeps the module cheap: only the attention layer and the MLP train (under the score function
+the predictor runs without gradients).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +58,11 @@ from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.maths import (
     align_weights,
     apply_mask,
+    bernoulli_log_prob,
     binary_gumbel_mask,
     keypoint_objective,
     mask_ratio_loss,
+    score_function_surrogate,
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 
@@ -64,15 +80,24 @@ class WeightingConfig:
         predictor_mode: ``frozen``, ``lora`` or ``full`` (see the module docstring for the default).
         alpha: weight of the mask-ratio loss (Eq. 7); the paper's App. A says 0.5, its Fig. 3a
             peaks at 0.7.
-        normalize_mask_loss: divide L_m by the rationale's length (not in the paper).
+        normalize_mask_loss: divide L_m by the rationale's length (default on; the paper prints
+            the sum, whose per-token push of alpha = 0.5 nats drives every weight to 0 within 20
+            steps here, because masking one token rarely costs a frozen predictor that much).
+        estimator: how the answer loss's gradient reaches ``w``. ``straight-through`` is Eq. (4)'s
+            Gumbel-softmax relaxation (the paper's); ``score-function`` draws ``samples`` hard masks
+            per rationale and uses REINFORCE with a leave-one-out baseline (default; see the module
+            docstring, :func:`kpod.weighting.maths.score_function_surrogate` and BENCHMARKS.md).
+        samples: masks per rationale for the score-function estimator.
+        kept_budget: penalise only the kept tokens beyond this share of the rationale (a hinge, not
+            in the paper; ``None``: Eq. 6). See :func:`kpod.weighting.maths.mask_ratio_loss`.
         tau: Gumbel-softmax temperature; ``tau_final`` anneals it linearly to that value.
         n_prefixes: rationale prefixes per example in L_p (the full one included).
         prefix_sum: estimate Eq. (5)'s sum over *all* prefixes from the sampled ones (weighting the
             shorter prefixes by n / (n_prefixes - 1)), which puts L_p on the scale of the printed,
-            summed L_m. Off: L_p sums only the sampled prefixes, and ``normalize_mask_loss``
-            should be on (measured: the summed L_m with alpha 0.5 then inverts the ranking).
-        max_steps: stop after this many optimiser steps (``None``: all epochs). Measured: the
-            ranking is best after about a dozen steps and then drifts towards all-masked.
+            summed L_m. Off: L_p sums only the sampled prefixes.
+        max_steps: stop after this many optimiser steps (``None``: all epochs). With the
+            straight-through estimator the ranking is best after about a dozen steps and then
+            drifts towards all-masked.
         epochs, batch_size, lr, predictor_lr: optimisation (AdamW). The sparsity gradient is the
             same sign for every token while the answer gradient is noisy, so Adam at 1e-3 drives
             every w to 0 within a few steps (measured on SmolLM2-135M); 1e-4 lets keypoints
@@ -87,7 +112,10 @@ class WeightingConfig:
     predictor: str | None = None
     predictor_mode: Literal["frozen", "lora", "full"] = "frozen"
     alpha: float = 0.5
-    normalize_mask_loss: bool = False
+    normalize_mask_loss: bool = True
+    kept_budget: float | None = None
+    estimator: Literal["straight-through", "score-function"] = "score-function"
+    samples: int = 4
     tau: float = 1.0
     tau_final: float | None = None
     n_prefixes: int = 2
@@ -112,6 +140,12 @@ class WeightingConfig:
             raise ConfigError(f"optimizer must be adamw or sgd, got '{self.optimizer}'")
         if self.predictor_mode not in ("frozen", "lora", "full"):
             raise ConfigError(f"predictor_mode must be frozen, lora or full, got '{self.predictor_mode}'")
+        if self.estimator not in ("straight-through", "score-function"):
+            raise ConfigError(f"estimator must be straight-through or score-function, got '{self.estimator}'")
+        if self.estimator == "score-function" and self.samples < 2:
+            raise ConfigError(f"the score-function estimator needs samples >= 2, got {self.samples}")
+        if self.kept_budget is not None and not 0 <= self.kept_budget < 1:
+            raise ConfigError(f"kept_budget must be in [0, 1), got {self.kept_budget}")
         if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"bad weighting settings: {self}")
 
@@ -283,10 +317,53 @@ def build_weighting_model(config: WeightingConfig) -> tuple[WeightingModel, Any]
     return WeightingModel(weighter, student.tokenizer, config), student
 
 
+def _prefix_lengths(n: int, rng: random.Random, config: WeightingConfig) -> list[tuple[int, float]]:
+    """(length, scale) of the rationale prefixes one example is scored on (Eq. 5): the full
+    rationale, then ``n_prefixes - 1`` random shorter ones. With ``prefix_sum`` the shorter ones
+    stand for all n prefixes (an unbiased estimate of Eq. 5's sum over every prefix)."""
+    shorter = [rng.randrange(0, n) for _ in range(config.n_prefixes - 1)]
+    factor = n / len(shorter) if config.prefix_sum and shorter else 1.0
+    return [(n, 1.0)] + [(k, factor) for k in shorter]
+
+
+def _answer_losses(
+    predictor: AnswerPredictor,
+    batch: list[_Encoded],
+    masked: list[torch.Tensor],
+    prefixes: list[list[tuple[int, float]]],
+) -> torch.Tensor:
+    """L_p (Eq. 5) of every example for each masked version of the batch, shape ``[len(masked), batch]``.
+
+    All versions go through the predictor as one batch."""
+    questions, rationales, answers, scored, owner, scale = [], [], [], [], [], []
+    for v, version in enumerate(masked):
+        for i, b in enumerate(batch):
+            for k, f in prefixes[i]:
+                questions.append(b.question_ids)
+                rationales.append(version[i, :k])
+                answers.append(b.answer_ids)
+                scored.append(b.n_scored)
+                owner.append(v * len(batch) + i)
+                scale.append(f)
+    nll = predictor.answer_nll(questions, rationales, answers, scored).float()
+    nll = nll * torch.tensor(scale, device=nll.device)
+    out = torch.zeros(len(masked) * len(batch), device=nll.device).index_add(
+        0, torch.tensor(owner, device=nll.device), nll
+    )
+    return out.view(len(masked), len(batch))
+
+
 def train_weighting(
-    examples: Sequence[Example], config: WeightingConfig, out_dir: Path | None = None, progress: bool = True
+    examples: Sequence[Example],
+    config: WeightingConfig,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, WeightingModel], None] | None = None,
 ) -> tuple[WeightingModel, list[dict[str, float]]]:
-    """Train the module on ``examples``; with ``out_dir``, save checkpoint, history and weights."""
+    """Train the module on ``examples``; with ``out_dir``, save checkpoint, history and weights.
+
+    ``on_step(step, model)`` is called after every optimiser step (``step`` counts from 1), e.g. to
+    measure the weights along the way; it must leave the module as it found it (train mode)."""
     rng = random.Random(config.seed)
     model, student = build_weighting_model(config)
     if config.predictor is None:
@@ -316,6 +393,7 @@ def train_weighting(
     if predictor_params:
         groups.append({"params": predictor_params, "lr": config.predictor_lr})
     groups = [g for g in groups if g["params"]]
+    predictor_trains = any(p.requires_grad for p in predictor.parameters())
     if config.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=0.9)
     else:
@@ -340,35 +418,44 @@ def train_weighting(
                 tau = config.tau + (config.tau_final - config.tau) * step / (n_steps - 1)
             ids, mask = _pad(batch)
             ids, mask = ids.to(config.device), mask.to(config.device)
+            valid = mask.float()
+            # The prefix lengths of each rationale (the full one first), shared by all its samples.
+            prefixes = [_prefix_lengths(len(b.rationale_ids), rng, config) for b in batch]
             with autocast(config.device.split(":")[0], config.precision):
                 w = model.weighter(ids, mask)
-                keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
-                masked = apply_mask(model.weighter.embeddings(ids), keep, model.weighter.mask_embedding)
-                questions, rationales, answers, scored, owner, scale = [], [], [], [], [], []
-                for i, b in enumerate(batch):
-                    n = len(b.rationale_ids)
-                    shorter = [rng.randrange(0, n) for _ in range(config.n_prefixes - 1)]
-                    # With prefix_sum, the sampled shorter prefixes stand for all n of them (an
-                    # unbiased estimate of Eq. 5's sum over every prefix).
-                    factor = n / len(shorter) if config.prefix_sum and shorter else 1.0
-                    for k, f in [(n, 1.0)] + [(k, factor) for k in shorter]:
-                        questions.append(b.question_ids)
-                        rationales.append(masked[i, :k])
-                        answers.append(b.answer_ids)
-                        scored.append(b.n_scored)
-                        owner.append(i)
-                        scale.append(f)
-                nll = predictor.answer_nll(questions, rationales, answers, scored)
-            nll = nll * torch.tensor(scale, device=nll.device)
-            answer_loss = torch.zeros(len(batch), device=nll.device).index_add(
-                0, torch.tensor(owner, device=nll.device), nll
-            )
-            mask_loss = mask_ratio_loss(keep, mask.float(), config.normalize_mask_loss)
-            loss = keypoint_objective(answer_loss, mask_loss, config.alpha).mean()
+                embedded = model.weighter.embeddings(ids)
+                if config.estimator == "straight-through":
+                    keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
+                    masked = apply_mask(embedded, keep, model.weighter.mask_embedding)
+                    answer_loss = _answer_losses(predictor, batch, [masked], prefixes)[0]
+                    answer_term = answer_loss
+                    mask_loss = mask_ratio_loss(keep, valid, config.normalize_mask_loss, config.kept_budget)
+                else:
+                    # K exact Bernoulli(w) masks (Eq. 4's hard samples), scored without a gradient path
+                    # through the embeddings; the mask embedding stays fixed (a trained one turns
+                    # into a soft prompt that makes masking look free).
+                    keeps = [
+                        (binary_gumbel_mask(w.detach().float(), tau=tau, hard=False) > 0.5).float() * valid
+                        for _ in range(config.samples)
+                    ]
+                    mask_emb = model.weighter.mask_embedding.detach()
+                    with torch.set_grad_enabled(predictor_trains):
+                        losses = _answer_losses(
+                            predictor, batch, [apply_mask(embedded, k, mask_emb) for k in keeps], prefixes
+                        )
+                    log_probs = torch.stack([bernoulli_log_prob(k, w.float(), valid) for k in keeps])
+                    answer_term = score_function_surrogate(losses, log_probs)
+                    if predictor_trains:  # a trainable predictor learns from the masked rationales
+                        answer_term = answer_term + losses.mean(dim=0)
+                    answer_loss = losses.detach().mean(dim=0)
+                    # E_m[L_m] = L_m(w): exact for Eq. 6 (linear in m), the usual relaxation for the hinge.
+                    mask_loss = mask_ratio_loss(
+                        w.float(), valid, config.normalize_mask_loss, config.kept_budget
+                    )
+            loss = keypoint_objective(answer_term, mask_loss, config.alpha).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            valid = mask.float()
             kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
             history.append(
                 {
@@ -382,6 +469,9 @@ def train_weighting(
                 }
             )
             step += 1
+            if on_step is not None:
+                on_step(step, model)
+                model.weighter.train()
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.2f}", kept=f"{kept_ratio:.2f}")
     bar.close()
