@@ -30,19 +30,28 @@ def main() -> None:
     )
     parser.add_argument("--data", choices=("synthetic", "gsm8k"), required=True)
     parser.add_argument("--n", type=int, default=400)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--normalize-mask-loss", action="store_true")
-    parser.add_argument("--prefix-sum", action="store_true")
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    # Options left out take WeightingConfig's defaults.
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--normalize-mask-loss", action=argparse.BooleanOptionalAction)
+    parser.add_argument(
+        "--kept-budget", type=float, help="hinge L_m: penalise only the kept share above this"
+    )
+    parser.add_argument("--estimator", choices=("straight-through", "score-function"))
+    parser.add_argument("--samples", type=int, help="masks per rationale (score-function)")
+    parser.add_argument("--prefix-sum", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"))
+    parser.add_argument("--lr", type=float)
     parser.add_argument(
         "--ablate-answer-loss",
         action="store_true",
         help="control run: multiply L_p by 0, so only the sparsity term trains the module",
     )
-    parser.add_argument("--predictor-mode", choices=("frozen", "lora", "full"), default="frozen")
+    parser.add_argument("--predictor-mode", choices=("frozen", "lora", "full"))
     parser.add_argument("--max-steps", type=int, help="stop after this many steps")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="synthetic data: also measure the AUC every N steps"
+    )
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-weighting")
     args = parser.parse_args()
@@ -58,24 +67,25 @@ def main() -> None:
     else:
         examples, _ = load_examples(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
         examples = examples[: args.n]
-    config = WeightingConfig(
-        alpha=args.alpha,
-        epochs=args.epochs,
-        normalize_mask_loss=args.normalize_mask_loss,
-        prefix_sum=args.prefix_sum,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        predictor_mode=args.predictor_mode,
-        max_steps=args.max_steps,
-    )
+    names = ["alpha", "epochs", "normalize_mask_loss", "kept_budget", "estimator", "samples", "prefix_sum"]
+    names += ["optimizer", "lr", "predictor_mode", "max_steps"]
+    config = WeightingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     if args.ablate_answer_loss:
         from kpod.weighting import train as weighting_train
 
         full_answer_nll = weighting_train.AnswerPredictor.answer_nll
         weighting_train.AnswerPredictor.answer_nll = lambda self, *a: full_answer_nll(self, *a) * 0.0
     out_dir = args.out / f"{args.data}{args.tag}"
+    trajectory: list[dict] = []
+
+    def measure(step: int, model) -> None:
+        if args.data == "synthetic" and args.eval_every and step % args.eval_every == 0:
+            metrics = keypoint_metrics(examples, {r["key"]: r for r in model.weigh(examples)})
+            trajectory.append({"step": step, **metrics})
+            print(f"step {step}: {json.dumps(metrics)}", flush=True)
+
     start = time.perf_counter()
-    _, history = train_weighting(examples, config, out_dir=out_dir)
+    _, history = train_weighting(examples, config, out_dir=out_dir, on_step=measure)
     seconds = time.perf_counter() - start
     rows = load_weights(out_dir)
     result = {
@@ -89,6 +99,8 @@ def main() -> None:
         "last_step": history[-1],
         **token_class_metrics(examples, rows),
     }
+    if trajectory:
+        result["trajectory"] = trajectory
     if args.data == "synthetic":
         result.update(keypoint_metrics(examples, rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
