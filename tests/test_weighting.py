@@ -155,18 +155,14 @@ def test_keypoint_labels_follow_offsets() -> None:
     assert labels[0] == 1 and labels[1] == 0
 
 
+def _tiny_config(student, **settings) -> WeightingConfig:
+    """A small module on the tiny test student, in fp32."""
+    return WeightingConfig(student=str(student), num_heads=2, mlp_hidden=16, precision="fp32", **settings)
+
+
 def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> None:
     examples = arithmetic_examples(24, seed=5)
-    config = WeightingConfig(
-        student=str(tiny_causal),
-        epochs=2,
-        batch_size=8,
-        n_prefixes=2,
-        num_heads=2,
-        mlp_hidden=16,
-        precision="fp32",
-        alpha=0.5,
-    )
+    config = _tiny_config(tiny_causal, epochs=2, batch_size=8, n_prefixes=2, alpha=0.5)
     model, history = train_weighting(examples, config, out_dir=tmp_path / "w", progress=False)
     assert len(history) == 6
     assert all(math.isfinite(h["loss"]) and 0 < h["kept_ratio"] < 1 for h in history)
@@ -190,11 +186,9 @@ def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> N
 
 def test_prefix_sum_scales_the_sampled_prefixes(tiny_causal) -> None:
     examples = arithmetic_examples(8, seed=6)
-    common = dict(
-        student=str(tiny_causal), epochs=1, batch_size=8, num_heads=2, mlp_hidden=16, precision="fp32"
-    )
-    _, plain = train_weighting(examples, WeightingConfig(**common), progress=False)
-    _, summed = train_weighting(examples, WeightingConfig(prefix_sum=True, **common), progress=False)
+    _, plain = train_weighting(examples, _tiny_config(tiny_causal, epochs=1, batch_size=8), progress=False)
+    summed_config = _tiny_config(tiny_causal, epochs=1, batch_size=8, prefix_sum=True)
+    _, summed = train_weighting(examples, summed_config, progress=False)
     # Same seed, same samples: the shorter prefix's NLL is multiplied by the rationale's length.
     assert summed[0]["mask_loss"] == plain[0]["mask_loss"]
     assert summed[0]["answer_loss"] > 20 * plain[0]["answer_loss"] / 2
@@ -202,11 +196,9 @@ def test_prefix_sum_scales_the_sampled_prefixes(tiny_causal) -> None:
 
 def test_max_steps_stops_training_early(tiny_causal) -> None:
     examples = arithmetic_examples(16, seed=7)
-    common = dict(
-        student=str(tiny_causal), epochs=2, batch_size=4, num_heads=2, mlp_hidden=16, precision="fp32"
-    )
-    _, full = train_weighting(examples, WeightingConfig(**common), progress=False)
-    _, short = train_weighting(examples, WeightingConfig(max_steps=3, **common), progress=False)
+    _, full = train_weighting(examples, _tiny_config(tiny_causal, epochs=2, batch_size=4), progress=False)
+    short_config = _tiny_config(tiny_causal, epochs=2, batch_size=4, max_steps=3)
+    _, short = train_weighting(examples, short_config, progress=False)
     assert len(full) == 8 and len(short) == 3
     with pytest.raises(ConfigError, match="max_steps"):
         WeightingConfig(max_steps=0)
@@ -214,15 +206,7 @@ def test_max_steps_stops_training_early(tiny_causal) -> None:
 
 def test_score_function_training_moves_the_module_but_not_the_mask_embedding(tiny_causal) -> None:
     examples = arithmetic_examples(8, seed=8)
-    config = WeightingConfig(
-        student=str(tiny_causal),
-        batch_size=4,
-        num_heads=2,
-        mlp_hidden=16,
-        precision="fp32",
-        estimator="score-function",
-        samples=3,
-    )
+    config = _tiny_config(tiny_causal, batch_size=4, estimator="score-function", samples=3)
     before, _ = train_weighting(examples, dataclasses.replace(config, max_steps=1, lr=0.0), progress=False)
     seen: list[int] = []
     model, history = train_weighting(examples, config, progress=False, on_step=lambda s, m: seen.append(s))

@@ -191,30 +191,12 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
     if args.limit:
         examples = examples[: args.limit]
     # Options left out on the command line take WeightingConfig's defaults.
-    fields = {
-        "student": "student",
-        "predictor": "predictor",
-        "predictor_mode": "predictor_mode",
-        "alpha": "alpha",
-        "normalize_mask_loss": "normalize_mask_loss",
-        "kept_budget": "kept_budget",
-        "estimator": "estimator",
-        "samples": "samples",
-        "tau": "tau",
-        "tau_final": "tau_final",
-        "prefixes": "n_prefixes",
-        "prefix_sum": "prefix_sum",
-        "optimizer": "optimizer",
-        "epochs": "epochs",
-        "max_steps": "max_steps",
-        "batch_size": "batch_size",
-        "lr": "lr",
-        "precision": "precision",
-        "seed": "seed",
-        "device": "device",
-    }
+    names = ["student", "predictor", "predictor_mode", "alpha", "normalize_mask_loss", "kept_budget"]
+    names += ["estimator", "samples", "tau", "tau_final", "prefixes", "prefix_sum", "optimizer", "epochs"]
+    names += ["max_steps", "batch_size", "lr", "precision", "seed", "device"]
+    renamed = {"prefixes": "n_prefixes"}
     config = WeightingConfig(
-        **{field: getattr(args, arg) for arg, field in fields.items() if getattr(args, arg) is not None}
+        **{renamed.get(n, n): getattr(args, n) for n in names if getattr(args, n) is not None}
     )
     _, history = train_weighting(examples, config, out_dir=args.out)
     last = history[-1]
@@ -567,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument(
         "--normalize-mask-loss",
         action=argparse.BooleanOptionalAction,
-        help="divide L_m by the rationale's length (default off: Eq. 6 as printed)",
+        help="divide L_m by the rationale's length (default on; off: Eq. 6 as printed)",
     )
     wtrain.add_argument(
         "--kept-budget", type=float, help="penalise only the kept ratio above this (a hinge on L_m)"

@@ -363,7 +363,7 @@ def train_weighting(
     """Train the module on ``examples``; with ``out_dir``, save checkpoint, history and weights.
 
     ``on_step(step, model)`` is called after every optimiser step (``step`` counts from 1), e.g. to
-    measure the weights along the way; it must leave the module as it found it (train mode)."""
+    measure the weights along the way; the module is put back in train mode after it."""
     rng = random.Random(config.seed)
     model, student = build_weighting_model(config)
     if config.predictor is None:
