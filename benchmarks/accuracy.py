@@ -17,7 +17,12 @@ weighting's sampling); the data split and the test questions stay fixed.
 
 Suites: ``cpu-small`` (SmolLM2-135M-Instruct with LoRA, sized for 2 CPU cores, each run within about
 an hour) and ``gpu-7b`` (the paper's setting, for a GPU machine). Any config key can be changed for
-a run with ``--set key=value`` (recorded in the result).
+a run with ``--set key=value`` (recorded in the result); give such a run a ``--tag`` so it keeps its
+own run folder and result file (``...-kpod+minmax-s0.json``) and appears as its own row
+(``kpod+minmax``) beside the suite's runs:
+
+    .venv/bin/python benchmarks/accuracy.py --dataset asdiv --method kpod --seed 0 \
+        --set weighting.rescale=minmax --tag minmax
 """
 
 from __future__ import annotations
@@ -156,10 +161,14 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def run_config(suite: str, dataset: str, method: str, seed: int) -> dict:
+def _suffix(tag: str | None) -> str:
+    return f"+{tag}" if tag else ""
+
+
+def run_config(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> dict:
     spec = SUITES[suite]
     data = _merge(spec["base"], spec["datasets"][dataset])
-    data["name"] = f"{suite}-{dataset}-s{seed}"
+    data["name"] = f"{suite}-{dataset}-s{seed}{_suffix(tag)}"
     data["run_dir"] = str(ROOT / "runs" / "bench" / data["name"])
     data["methods"] = ["std-cot"] if method == "untrained" else [method]
     data["eval_untrained"] = method == "untrained"
@@ -168,22 +177,24 @@ def run_config(suite: str, dataset: str, method: str, seed: int) -> dict:
     return data
 
 
-def result_path(suite: str, dataset: str, method: str, seed: int) -> Path:
-    return RESULTS / "accuracy" / f"{suite}-{dataset}-{method}-s{seed}.json"
+def result_path(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> Path:
+    return RESULTS / "accuracy" / f"{suite}-{dataset}-{method}{_suffix(tag)}-s{seed}.json"
 
 
 def all_runs(suite: str) -> list[tuple[str, str, int]]:
     return [(d, m, s) for d, m, seeds in SUITES[suite]["runs"] for s in seeds]
 
 
-def run_one(suite: str, dataset: str, method: str, seed: int, overrides: list[str]) -> dict:
+def run_one(
+    suite: str, dataset: str, method: str, seed: int, overrides: list[str], tag: str | None = None
+) -> dict:
     import dataclasses
 
     from kpod.config import apply_overrides, from_dict, to_dict
     from kpod.pipeline import PipelineConfig, Runner, run_pipeline
 
     started = provenance()
-    data = apply_overrides(run_config(suite, dataset, method, seed), overrides)
+    data = apply_overrides(run_config(suite, dataset, method, seed, tag), overrides)
     data["weighting"].setdefault("student", data["student"]["name"])
     config = from_dict(PipelineConfig, data)
     if method == "untrained":
@@ -220,6 +231,7 @@ def run_one(suite: str, dataset: str, method: str, seed: int, overrides: list[st
         "suite": suite,
         "dataset": dataset,
         "method": method,
+        "variant": tag or "",
         "seed": seed,
         "accuracy": summary["accuracy"],
         "ci95": summary["ci95"],
@@ -237,7 +249,7 @@ def run_one(suite: str, dataset: str, method: str, seed: int, overrides: list[st
         "config": to_dict(config),
         "per_question": {p["qid"]: bool(p["correct"]) for p in predictions},
     }
-    path = result_path(suite, dataset, method, seed)
+    path = result_path(suite, dataset, method, seed, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -256,6 +268,11 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the suite's runs and which are done")
     parser.add_argument("--redo", action="store_true", help="run again even if the result exists")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--tag",
+        type=lambda t: t if t.replace("-", "").replace("_", "").isalnum() else parser.error(f"bad tag {t!r}"),
+        help="name of a variant run (with --set): its own run folder, result file and table row",
+    )
     args = parser.parse_args()
     runs = [
         r
@@ -267,7 +284,7 @@ def main() -> None:
     if args.dataset and args.method and args.seed is not None and not runs:
         runs = [(args.dataset, args.method, args.seed)]  # a run outside the suite's list
     for dataset, method, seed in runs:
-        path = result_path(args.suite, dataset, method, seed)
+        path = result_path(args.suite, dataset, method, seed, args.tag)
         done = path.exists()
         if args.list:
             extra = f"{json.loads(path.read_text())['accuracy']:.2f} %" if done else "missing"
@@ -277,7 +294,7 @@ def main() -> None:
             print(f"skip {path.name} (done)")
             continue
         print(f"== {args.suite} {dataset} {method} seed {seed}", flush=True)
-        result = run_one(args.suite, dataset, method, seed, args.set)
+        result = run_one(args.suite, dataset, method, seed, args.set, args.tag)
         print(
             f"== {path.name}: {result['accuracy']:.2f} % {result['ci95']} in {result['wall_seconds']:.0f} s",
             flush=True,

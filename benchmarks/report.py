@@ -56,10 +56,33 @@ def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
     return only_a, only_b, mcnemar_exact(only_a, only_b)
 
 
+def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
+    """McNemar's exact test of ``name`` against std-cot per shared seed and pooled, and the mean gap."""
+    from kpod.evaluate import mcnemar_exact
+
+    ours = {r["seed"]: r for r in runs}
+    std = {r["seed"]: r for r in baseline}
+    pairs = sorted(set(ours) & set(std))
+    out = [f"\n{name} against std-cot on the same questions (McNemar, exact, two-sided):\n"]
+    out.append(f"| seed | {name} right, std-cot wrong | std-cot right, {name} wrong | p |")
+    out.append("|---|---|---|---|")
+    tot_b = tot_c = 0
+    for s in pairs:
+        b, c, p = mcnemar(ours[s]["per_question"], std[s]["per_question"])
+        tot_b, tot_c = tot_b + b, tot_c + c
+        out.append(f"| {s} | {b} | {c} | {p:.3f} |")
+    if len(pairs) > 1:
+        out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
+    gap = statistics.fmean(r["accuracy"] for r in runs) - statistics.fmean(r["accuracy"] for r in baseline)
+    out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
+    return out
+
+
 def tables(results: list[dict]) -> str:
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        groups[(r["suite"], r["dataset"])][r["method"]].append(r)
+        variant = f"+{r['variant']}" if r.get("variant") else ""
+        groups[(r["suite"], r["dataset"])][r["method"] + variant].append(r)
     out = []
     for (suite, dataset), methods in sorted(groups.items()):
         out.append(f"#### {suite} / {dataset}\n")
@@ -90,26 +113,9 @@ def tables(results: list[dict]) -> str:
             out.append(
                 "Paper (LLaMA-7B, for context): " + ", ".join(f"{k} {v}" for k, v in paper.items()) + "."
             )
-        if "kpod" in methods and "std-cot" in methods:
-            kpod = {r["seed"]: r for r in methods["kpod"]}
-            std = {r["seed"]: r for r in methods["std-cot"]}
-            pairs = sorted(set(kpod) & set(std))
-            out.append("\nkpod against std-cot on the same questions (McNemar, exact, two-sided):\n")
-            out.append("| seed | kpod right, std-cot wrong | std-cot right, kpod wrong | p |")
-            out.append("|---|---|---|---|")
-            tot_b = tot_c = 0
-            for s in pairs:
-                b, c, p = mcnemar(kpod[s]["per_question"], std[s]["per_question"])
-                tot_b, tot_c = tot_b + b, tot_c + c
-                out.append(f"| {s} | {b} | {c} | {p:.3f} |")
-            if len(pairs) > 1:
-                from kpod.evaluate import mcnemar_exact
-
-                out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
-            gap = statistics.fmean(r["accuracy"] for r in methods["kpod"]) - statistics.fmean(
-                r["accuracy"] for r in methods["std-cot"]
-            )
-            out.append(f"\nMean gap kpod - std-cot: **{gap:+.2f} points** (target: >= +2).")
+        contenders = [m for m in names if m == "kpod" or m.startswith("kpod+")]
+        for name in contenders if "std-cot" in methods else []:
+            out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.append("")
     return "\n".join(out)
 

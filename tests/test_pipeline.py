@@ -103,6 +103,30 @@ def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, 
     assert ran["train-std-cot"] and ran["train-kpod"] and not ran["schedule"] and not ran["weights"]
 
 
+def test_weight_rescaling_reaches_difficulty_and_the_loss(finished_run, monkeypatch):
+    import kpod.weighting.train as weighting_train
+
+    tmp, config = finished_run
+    calls = []
+    real = weighting_train.load_weights
+
+    def recording(path, rescale="none", floor=0.1):
+        calls.append((rescale, floor))
+        return real(path, rescale, floor)
+
+    assert main(["run", str(config)]) == 0  # the defaults, whatever an earlier test left
+    monkeypatch.setattr(weighting_train, "load_weights", recording)
+    before = (tmp / "run" / "schedule" / "difficulty.jsonl").read_text()
+    assert main(["run", str(config), "weighting.rescale=minmax", "weighting.rescale_floor=0.0"]) == 0
+    ran = stages_run(tmp / "run")
+    assert ran["weights"] and ran["schedule"] and ran["train-kpod"] and not ran["train-std-cot"]
+    # The schedule's difficulty scoring and kpod's loss read the rescaled weights (the weights
+    # stage's own metrics read the raw ones) ...
+    assert calls.count(("minmax", 0.0)) == 2 and calls.count(("none", 0.1)) == 1
+    # ... and the difficulties move (softmax over [0, 1]-spread weights, not over near-equal ones).
+    assert (tmp / "run" / "schedule" / "difficulty.jsonl").read_text() != before
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -14,6 +14,7 @@ from kpod.weighting.maths import (
     binary_gumbel_mask,
     keypoint_objective,
     mask_ratio_loss,
+    rescale_weights,
     score_function_surrogate,
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
@@ -100,6 +101,19 @@ def test_bernoulli_log_prob_by_hand() -> None:
     assert bernoulli_log_prob(keep, w, valid).item() == pytest.approx(math.log(0.2) + math.log(0.1))
 
 
+def test_minmax_rescale_keeps_the_ranking_and_spans_floor_to_one() -> None:
+    w = [0.97, 0.995, 0.98, 0.97]
+    out = rescale_weights(w, "minmax", floor=0.2)
+    assert out == pytest.approx([0.2, 1.0, 0.2 + 0.8 * 0.01 / 0.025, 0.2])
+    assert rescale_weights(w, "none") == w
+    assert rescale_weights([0.5, 0.5], "minmax") == [1.0, 1.0]  # nothing to rank: unweighted
+    assert rescale_weights([], "minmax") == []
+    with pytest.raises(ValueError):
+        rescale_weights(w, "softmax")
+    with pytest.raises(ConfigError):
+        WeightingConfig(rescale="minmax", rescale_floor=1.5)
+
+
 def test_align_weights_by_offsets() -> None:
     # "Natalia sold 48" tokenized two ways.
     src = [(0, 7), (7, 12), (12, 15)]  # "Natalia", " sold", " 48"
@@ -173,6 +187,10 @@ def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> N
     row = rows[rationale_key(examples[0])]
     assert len(row["offsets"]) == len(row["weights"])
     assert all(examples[0].rationale[s:e] for s, e in row["offsets"])
+    rescaled = load_weights(tmp_path / "w", "minmax", 0.1)[rationale_key(examples[0])]["weights"]
+    assert min(rescaled) == pytest.approx(0.1) and max(rescaled) == pytest.approx(1.0)
+    order = sorted(range(len(row["weights"])), key=row["weights"].__getitem__)
+    assert [rescaled[i] for i in order] == sorted(rescaled)  # the learned ranking is kept
     again = load_weighting_model(tmp_path / "w").weigh(examples[:1])[0]
     assert again["weights"] == pytest.approx(row["weights"], abs=1e-4)
     metrics = keypoint_metrics(examples, rows)

@@ -421,6 +421,7 @@ def stage_schedule(
     train_path: Path,
     weights_dir: Path | None,
     folder: Path,
+    wcfg: WeightingConfig | None = None,
 ) -> dict[str, Any]:
     """Difficulty scores (cached in the stage folder, so an interrupted scoring resumes), clusters and
     the planned schedule."""
@@ -432,7 +433,8 @@ def stage_schedule(
 
     examples = _read_examples(train_path)
     loaded = load_model(student.name, trainable=False, device=_device())
-    weights = load_weights(weights_dir) if weights_dir is not None else None
+    wcfg = wcfg or WeightingConfig()
+    weights = load_weights(weights_dir, wcfg.rescale, wcfg.rescale_floor) if weights_dir is not None else None
     diffs = score_difficulties(
         examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
     )
@@ -497,7 +499,11 @@ def stage_train(
         student.tokenizer,
         kind=student.kind,
         fmt=fmt,
-        weights=load_weights(weights_dir) if (weights_dir is not None and m.token_weights) else None,
+        weights=(
+            load_weights(weights_dir, config.weighting.rescale, config.weighting.rescale_floor)
+            if (weights_dir is not None and m.token_weights)
+            else None
+        ),
         inputs=inputs,
         step_by_step_alpha=tcfg.step_by_step_alpha,
     )
@@ -563,7 +569,13 @@ def run_pipeline(
             {"schedule": scfg, "difficulty": config.difficulty, "student": config.student.name},
             upstream,
             lambda f, s=scfg, u=uniform: stage_schedule(
-                s, config.difficulty, config.student, train_path, None if u else d / "weights", f
+                s,
+                config.difficulty,
+                config.student,
+                train_path,
+                None if u else d / "weights",
+                f,
+                config.weighting,
             ),
         )
     results: dict[str, Any] = {}

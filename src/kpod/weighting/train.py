@@ -62,6 +62,7 @@ from kpod.weighting.maths import (
     binary_gumbel_mask,
     keypoint_objective,
     mask_ratio_loss,
+    rescale_weights,
     score_function_surrogate,
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
@@ -90,6 +91,10 @@ class WeightingConfig:
         samples: masks per rationale for the score-function estimator.
         kept_budget: penalise only the kept tokens beyond this share of the rationale (a hinge, not
             in the paper; ``None``: Eq. 6). See :func:`kpod.weighting.maths.mask_ratio_loss`.
+        rescale, rescale_floor: how the trained weights enter step difficulty and the student's
+            loss: ``none`` (default, the paper's raw w) or ``minmax`` per rationale onto
+            [rescale_floor, 1] (not in the paper). ``weights.jsonl`` always holds the raw w; the
+            consumers rescale. See :func:`kpod.weighting.maths.rescale_weights`.
         tau: Gumbel-softmax temperature; ``tau_final`` anneals it linearly to that value.
         n_prefixes: rationale prefixes per example in L_p (the full one included).
         prefix_sum: estimate Eq. (5)'s sum over *all* prefixes from the sampled ones (weighting the
@@ -114,6 +119,8 @@ class WeightingConfig:
     alpha: float = 0.5
     normalize_mask_loss: bool = True
     kept_budget: float | None = None
+    rescale: Literal["none", "minmax"] = "none"
+    rescale_floor: float = 0.1
     estimator: Literal["straight-through", "score-function"] = "score-function"
     samples: int = 4
     tau: float = 1.0
@@ -146,6 +153,10 @@ class WeightingConfig:
             raise ConfigError(f"the score-function estimator needs samples >= 2, got {self.samples}")
         if self.kept_budget is not None and not 0 <= self.kept_budget < 1:
             raise ConfigError(f"kept_budget must be in [0, 1), got {self.kept_budget}")
+        if self.rescale not in ("none", "minmax"):
+            raise ConfigError(f"rescale must be none or minmax, got '{self.rescale}'")
+        if not 0 <= self.rescale_floor <= 1:
+            raise ConfigError(f"rescale_floor must be in [0, 1], got {self.rescale_floor}")
         if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"bad weighting settings: {self}")
 
@@ -512,13 +523,18 @@ def save_weighting(
     )
 
 
-def load_weights(path: Path) -> dict[str, dict[str, Any]]:
-    """``weights.jsonl`` (a file, or the directory holding it) by rationale key."""
+def load_weights(path: Path, rescale: str = "none", floor: float = 0.1) -> dict[str, dict[str, Any]]:
+    """``weights.jsonl`` (a file, or the directory holding it) by rationale key, each row's weights
+    rescaled per rationale (:func:`kpod.weighting.maths.rescale_weights`; ``none``: as trained)."""
     path = Path(path)
     if path.is_dir():
         path = path / "weights.jsonl"
     with open(path, encoding="utf-8") as f:
-        return {row["key"]: row for row in map(json.loads, f)}
+        rows = {row["key"]: row for row in map(json.loads, f)}
+    if rescale != "none":
+        for row in rows.values():
+            row["weights"] = rescale_weights(row["weights"], rescale, floor)
+    return rows
 
 
 def load_weighting_model(directory: Path) -> WeightingModel:
