@@ -19,7 +19,10 @@ from kpod.weighting.maths import (
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
 from kpod.weighting.train import (
+    AnswerPredictor,
     WeightingConfig,
+    _answer_losses,
+    _encode,
     load_weighting_model,
     load_weights,
     rationale_key,
@@ -235,3 +238,43 @@ def test_score_function_training_moves_the_module_but_not_the_mask_embedding(tin
     assert torch.equal(model.weighter.mask_embedding, before.weighter.mask_embedding)
     with pytest.raises(ConfigError, match="samples"):
         WeightingConfig(estimator="score-function", samples=1)
+
+
+def test_length_sorted_chunks_give_the_same_answer_losses_and_gradients(tiny_causal) -> None:
+    import random
+
+    from kpod.models import load_model
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    predictor = AnswerPredictor(loaded, loaded.model.get_input_embeddings().weight.shape[1])
+    batch = _encode(arithmetic_examples(5, seed=3), loaded.tokenizer, loaded.tokenizer, 256)
+    rng = random.Random(0)
+    prefixes = [[(len(b.rationale_ids), 1.0), (rng.randrange(len(b.rationale_ids)), 1.0)] for b in batch]
+    longest = max(len(b.rationale_ids) for b in batch)
+    emb = loaded.model.get_input_embeddings()
+    hidden = emb.weight.shape[1]
+
+    def losses(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(1)
+        versions = [torch.randn(len(batch), longest, hidden, requires_grad=True) for _ in range(3)]
+        out = _answer_losses(predictor, batch, versions, prefixes, chunk=chunk)
+        out.sum().backward()
+        return out.detach(), versions[1].grad
+
+    whole, whole_grad = losses(chunk=10_000)  # one padded batch
+    chunked, chunked_grad = losses(chunk=4)
+    assert whole.shape == (3, 5)
+    assert torch.allclose(chunked, whole, atol=1e-4)
+    assert torch.allclose(chunked_grad, whole_grad, atol=1e-5)
+    # Oracle: each (version, example) scored alone, one sequence per predictor call, summed over
+    # its prefixes; catches losses put back in the wrong order after sorting.
+    torch.manual_seed(1)
+    versions = [torch.randn(len(batch), longest, hidden) for _ in range(3)]
+    with torch.no_grad():
+        for v, version in enumerate(versions):
+            for i, b in enumerate(batch):
+                alone = sum(
+                    predictor.answer_nll([b.question_ids], [version[i, :k]], [b.answer_ids], [b.n_scored])
+                    for k, _ in prefixes[i]
+                )
+                assert float(alone) == pytest.approx(float(whole[v, i]), abs=1e-4)
