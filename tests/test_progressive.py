@@ -222,6 +222,22 @@ def test_schedule_cli_plans_and_plots(tiny_causal, tmp_path, capsys) -> None:
     assert "budget/B" in capsys.readouterr().out
 
 
+def test_schedule_cli_passes_the_weight_rescaling(tiny_causal, tmp_path, monkeypatch) -> None:
+    import kpod.weighting.train as weighting_train
+    from kpod.cli import main
+
+    data = tmp_path / "a.jsonl"
+    assert main(["data", "synth", "arithmetic", "-n", "8", "--out", str(data)]) == 0
+    calls = []
+    monkeypatch.setattr(weighting_train, "load_weights", lambda path, *rest: calls.append((path, *rest)))
+    args = ["schedule", "plan", str(data), "--out", str(tmp_path / "p"), "--student", str(tiny_causal)]
+    args += ["--epochs", "4", "--clusters", "2", "--weights", str(tmp_path / "w")]
+    assert main(args + ["--rescale", "minmax", "--rescale-floor", "0.3"]) == 0
+    assert calls == [(tmp_path / "w", "minmax", 0.3)]
+    with pytest.raises(SystemExit):  # argparse: a floor outside [0, 1]
+        main(args + ["--rescale", "minmax", "--rescale-floor", "1.5"])
+
+
 def test_seq2seq_difficulty_reads_the_prompt_in_the_encoder(tiny_seq2seq) -> None:
     import torch
 

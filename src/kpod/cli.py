@@ -37,6 +37,30 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _add_rescale_options(parser: argparse.ArgumentParser) -> None:
+    """How --weights enter difficulty or the loss (``weighting.rescale`` in a `kpod run` config)."""
+    parser.add_argument(
+        "--rescale",
+        choices=["none", "minmax"],
+        default="none",
+        help="none: the learned weights as they are (the paper's); minmax: each rationale's weights "
+        "spread onto [--rescale-floor, 1], keeping their order (default none)",
+    )
+    parser.add_argument(
+        "--rescale-floor",
+        type=_unit_interval,
+        default=0.1,
+        help="the lowest weight of a rationale under --rescale minmax (default 0.1)",
+    )
+
+
 def _add_load_options(p: argparse.ArgumentParser) -> None:
     from kpod.data.loaders import FORMATS
 
@@ -273,7 +297,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
         beta=args.beta,
         n_clusters=args.clusters,
     )
-    weights = None if args.weights is None else load_weights(args.weights)
+    weights = None if args.weights is None else load_weights(args.weights, args.rescale, args.rescale_floor)
     student = load_model(args.student, trainable=False)
     args.out.mkdir(parents=True, exist_ok=True)
     diffs = score_difficulties(
@@ -361,7 +385,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     examples, _ = _load(args)
     dev = load_examples_quiet(args.dev) if args.dev else []
     test = load_examples_quiet(args.test) if args.test else []
-    weights = load_weights(args.weights) if args.weights else None
+    weights = load_weights(args.weights, args.rescale, args.rescale_floor) if args.weights else None
     inputs = load_schedule_inputs(args.schedule) if args.schedule else None
     student = student_config.load(seed=config.seed)
     fmt = PromptFormat(style=student_config.prompt_style)
@@ -618,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     splan.add_argument(
         "--weights", type=Path, help="weights.jsonl or its directory (default: uniform weights)"
     )
+    _add_rescale_options(splan)
     splan.add_argument("--student", default="smollm2-135m-instruct")
     splan.add_argument("--epochs", type=int, default=20, help="training epochs; T = epochs / 2 (default 20)")
     splan.add_argument("--stages", type=int, help="T directly (overrides --epochs)")
@@ -705,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.epochs=4 --set student.finetune=full",
     )
     dist.add_argument("--weights", type=Path, help="weights.jsonl from `kpod weights train`")
+    _add_rescale_options(dist)
     dist.add_argument("--schedule", type=Path, help="schedule.json from `kpod schedule plan`")
     dist.add_argument("--dev", type=Path, help="dev data: accuracy after each stage picks the best one")
     dist.add_argument("--test", type=Path, help="test data: scored once, at the end")
