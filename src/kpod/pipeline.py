@@ -421,7 +421,7 @@ def stage_schedule(
     train_path: Path,
     weights_dir: Path | None,
     folder: Path,
-    wcfg: WeightingConfig | None = None,
+    wcfg: WeightingConfig,
 ) -> dict[str, Any]:
     """Difficulty scores (cached in the stage folder, so an interrupted scoring resumes), clusters and
     the planned schedule."""
@@ -433,7 +433,6 @@ def stage_schedule(
 
     examples = _read_examples(train_path)
     loaded = load_model(student.name, trainable=False, device=_device())
-    wcfg = wcfg or WeightingConfig()
     weights = load_weights(weights_dir, wcfg.rescale, wcfg.rescale_floor) if weights_dir is not None else None
     diffs = score_difficulties(
         examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
