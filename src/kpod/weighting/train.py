@@ -372,13 +372,10 @@ def _answer_losses(
                 [scored[i] for i in idx],
             ).float()
         )
-    sorted_nll = torch.cat(parts)
-    nll = torch.empty_like(sorted_nll).index_copy(
-        0, torch.tensor(order, device=sorted_nll.device), sorted_nll
-    )
-    nll = nll * torch.tensor(scale, device=nll.device)
+    # The losses come in sorted order: scale and sum them by their owners in that order.
+    nll = torch.cat(parts) * torch.tensor([scale[i] for i in order], device=parts[0].device)
     out = torch.zeros(len(masked) * len(batch), device=nll.device).index_add(
-        0, torch.tensor(owner, device=nll.device), nll
+        0, torch.tensor([owner[i] for i in order], device=nll.device), nll
     )
     return out.view(len(masked), len(batch))
 
