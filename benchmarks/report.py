@@ -5,8 +5,10 @@
 Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's accuracy with its
 95 % interval, tokens seen and wall time; then kpod against std-cot on the same test questions:
 McNemar's exact test per seed pair (same seed) and pooled over the pairs (discordant counts
-summed, which treats seed pairs as independent replications). The section of BENCHMARKS.md
-between the markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
+summed, which treats seed pairs as independent replications); whether each ablation lies between
+std-cot and kpod (the issue's target); and ``results/accuracy.png``, every seed's accuracy as a dot
+over the mean's bar, one panel per (suite, dataset). The section of BENCHMARKS.md between the
+markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT  # noqa: E402
 
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+ABLATIONS = ("kpod-no-weights", "kpod-no-progressive", "kpod-no-diversity", "kpod-uniform-difficulty")
 ORDER = [
     "untrained",
     "answer-only",
@@ -78,11 +81,86 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     return out
 
 
-def tables(results: list[dict]) -> str:
+def _mean(runs: list[dict]) -> float:
+    return statistics.fmean(r["accuracy"] for r in runs)
+
+
+def _ablations(methods: dict[str, list[dict]]) -> list[str]:
+    """Target: each ablation's mean lies between std-cot's and kpod's (the paper's ordering)."""
+    if "std-cot" not in methods or "kpod" not in methods:
+        return []
+    lo, hi = _mean(methods["std-cot"]), _mean(methods["kpod"])
+    out = []
+    for name in ABLATIONS:
+        if name in methods:
+            a = _mean(methods[name])
+            between = min(lo, hi) <= a <= max(lo, hi)
+            where = "between" if between else ("below" if a < min(lo, hi) else "above")
+            out.append(
+                f"{name}: {a:.2f} %, {where} std-cot ({lo:.2f}) and kpod ({hi:.2f})"
+                f"{'' if between else ' (target: between)'}."
+            )
+    return ["", *out] if out else []
+
+
+def group(results: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """(suite, dataset) -> method (with ``+variant`` when tagged) -> its runs, seeds ascending."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         variant = f"+{r['variant']}" if r.get("variant") else ""
         groups[(r["suite"], r["dataset"])][r["method"] + variant].append(r)
+    for methods in groups.values():
+        for runs in methods.values():
+            runs.sort(key=lambda r: r["seed"])
+    return groups
+
+
+def _names(methods: dict[str, list[dict]]) -> list[str]:
+    """Methods in ORDER (untrained first, kpod last), each variant after its method."""
+
+    def key(name: str) -> tuple[int, str]:
+        base = name.split("+")[0]
+        return (ORDER.index(base) if base in ORDER else len(ORDER), name)
+
+    return sorted(methods, key=key)
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    """One panel per (suite, dataset): mean accuracy per method as a bar, each seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(results)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False, constrained_layout=True
+    )
+    for ax, ((suite, dataset), methods) in zip(axes[0], sorted(groups.items()), strict=True):
+        names = _names(methods)
+        means = [_mean(methods[m]) for m in names]
+        colours = [
+            "#999999" if m == "untrained" else "#c0392b" if m.startswith("kpod") else "#2e86c1" for m in names
+        ]
+        ax.bar(range(len(names)), means, color=colours, alpha=0.55)
+        top = max(r["accuracy"] for runs in methods.values() for r in runs) or 1.0
+        ax.set_ylim(0, top * 1.15)
+        for i, m in enumerate(names):
+            accs = [r["accuracy"] for r in methods[m]]
+            ax.plot([i] * len(accs), accs, "o", color="black", ms=4)
+            ax.text(i, max(accs) + 0.03 * top, f"{means[i]:.1f}", ha="center", va="bottom", fontsize="small")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        n = methods[names[0]][0]["n"]
+        ax.set_title(f"{suite} / {dataset} (n = {n})")
+        ax.set_ylabel("test accuracy % (bar: mean; dots: seeds)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def tables(results: list[dict]) -> str:
+    groups = group(results)
     out = []
     for (suite, dataset), methods in sorted(groups.items()):
         out.append(f"#### {suite} / {dataset}\n")
@@ -91,9 +169,9 @@ def tables(results: list[dict]) -> str:
             "| commit |"
         )
         out.append("|---|---|---|---|---|---|---|---|")
-        names = sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+        names = _names(methods)
         for m in names:
-            runs = sorted(methods[m], key=lambda r: r["seed"])
+            runs = methods[m]
             accs = [r["accuracy"] for r in runs]
             sd = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
             per_seed = "; ".join(
@@ -116,6 +194,7 @@ def tables(results: list[dict]) -> str:
         contenders = [m for m in names if m == "kpod" or m.startswith("kpod+")]
         for name in contenders if "std-cot" in methods else []:
             out.extend(_paired(name, methods[name], methods["std-cot"]))
+        out.extend(_ablations(methods))
         out.append("")
     return "\n".join(out)
 
@@ -123,6 +202,9 @@ def tables(results: list[dict]) -> str:
 def main() -> None:
     results = load_results()
     text = tables(results) if results else "No accuracy results yet.\n"
+    if results:
+        figure = plot(results, RESULTS / "accuracy.png")
+        text = f"![accuracy per method and seed]({figure.relative_to(ROOT).as_posix()})\n\n{text}"
     print(text)
     bench = ROOT / "BENCHMARKS.md"
     doc = bench.read_text(encoding="utf-8")

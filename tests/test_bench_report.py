@@ -1,0 +1,116 @@
+"""benchmarks/report.py: the accuracy tables, paired tests and figure that BENCHMARKS.md is built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpod.evaluate import mcnemar_exact
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+def _result(method: str, seed: int, right: set[int], n: int = 10, dataset: str = "asdiv", variant: str = ""):
+    return {
+        "suite": "cpu-small",
+        "dataset": dataset,
+        "method": method,
+        "variant": variant,
+        "seed": seed,
+        "accuracy": 100 * len(right) / n,
+        "ci95": [0.0, 100.0],
+        "n": n,
+        "train_tokens": 1000,
+        "wall_seconds": 600,
+        "commit": "abc1234",
+        "per_question": {f"q{i}": i in right for i in range(n)},
+    }
+
+
+def test_paired_counts_per_seed_and_pooled(report):
+    results = [
+        _result("std-cot", 0, {0, 1, 2}),
+        _result("kpod", 0, {0, 1, 3, 4, 5}),  # kpod only: 3, 4, 5; std-cot only: 2
+        _result("std-cot", 1, {0, 6, 7}),
+        _result("kpod", 1, {0, 6, 8}),  # kpod only: 8; std-cot only: 7
+    ]
+    text = report.tables(results)
+    assert "| 0 | 3 | 1 |" in text
+    assert "| 1 | 1 | 1 |" in text
+    assert f"| pooled | 4 | 2 | {mcnemar_exact(4, 2):.3f} |" in text
+    # means 40.0 (kpod) and 30.0 (std-cot)
+    assert "Mean gap kpod - std-cot: **+10.00 points**" in text
+
+
+def test_variants_get_their_own_row_and_paired_block(report):
+    results = [
+        _result("std-cot", 0, {0, 1}),
+        _result("kpod", 0, {0, 1, 2}),
+        _result("kpod", 0, {0}, variant="minmax"),
+        _result("untrained", 0, set()),
+    ]
+    text = report.tables(results)
+    rows = [
+        line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "%" not in line
+    ]
+    order = [r for r in rows if r in {"untrained", "std-cot", "kpod", "kpod+minmax"}]
+    assert order == ["untrained", "std-cot", "kpod", "kpod+minmax"]
+    assert "kpod+minmax against std-cot" in text
+    assert "Mean gap kpod+minmax - std-cot: **-10.00 points**" in text
+
+
+def test_ablations_are_placed_against_std_cot_and_kpod(report):
+    results = [
+        _result("std-cot", 0, {0, 1}),
+        _result("kpod", 0, {0, 1, 2, 3}),
+        _result("kpod-no-weights", 0, {0, 1, 2}),
+        _result("kpod-no-progressive", 0, {0}),
+    ]
+    text = report.tables(results)
+    assert "kpod-no-weights: 30.00 %, between std-cot (20.00) and kpod (40.00)." in text
+    assert "kpod-no-progressive: 10.00 %, below std-cot (20.00) and kpod (40.00) (target: between)." in text
+
+
+def test_plot_has_one_panel_per_dataset(report, tmp_path):
+    from PIL import Image
+
+    results = [
+        _result("std-cot", 0, {0}),
+        _result("kpod", 0, {0, 1}),
+        _result("kpod", 0, {1}, dataset="gsm8k"),
+    ]
+    one = report.plot(results[:2], tmp_path / "one.png")
+    two = report.plot(results, tmp_path / "two.png")
+    w1, w2 = Image.open(one).size[0], Image.open(two).size[0]
+    assert w2 == pytest.approx(2 * w1, rel=0.02)
+
+
+def test_main_rewrites_only_the_marked_section(report, tmp_path, monkeypatch):
+    (tmp_path / "benchmarks" / "results" / "accuracy").mkdir(parents=True)
+    for r in (_result("std-cot", 0, {0}), _result("kpod", 0, {0, 1})):
+        path = tmp_path / "benchmarks" / "results" / "accuracy" / f"{r['method']}-{r['seed']}.json"
+        path.write_text(json.dumps(r))
+    (tmp_path / "BENCHMARKS.md").write_text(f"before\n{report.BEGIN}\nold table\n{report.END}\nafter\n")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "benchmarks" / "results")
+    report.main()
+    doc = (tmp_path / "BENCHMARKS.md").read_text()
+    assert doc.startswith("before\n") and doc.endswith(f"{report.END}\nafter\n")
+    assert "old table" not in doc
+    assert "![accuracy per method and seed](benchmarks/results/accuracy.png)" in doc
+    assert (tmp_path / "benchmarks" / "results" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| kpod | 1 | **20.00** |" in doc
