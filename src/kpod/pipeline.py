@@ -555,7 +555,7 @@ def run_pipeline(
     if any(m.needs_weights for m in methods):
         runner.stage(
             "weights",
-            config.weighting,
+            config.weighting.training_settings(),
             [train_stage],
             lambda f: stage_weights(config.weighting, train_path, f, config.report.heatmaps),
         )
@@ -565,7 +565,12 @@ def run_pipeline(
         upstream = [train_stage] + ([] if uniform else ["weights"])
         runner.stage(
             variant,
-            {"schedule": scfg, "difficulty": config.difficulty, "student": config.student.name},
+            {
+                "schedule": scfg,
+                "difficulty": config.difficulty,
+                "student": config.student.name,
+                **({} if uniform else {"read_weights": config.weighting.read_settings()}),
+            },
             upstream,
             lambda f, s=scfg, u=uniform: stage_schedule(
                 s,
@@ -593,7 +598,11 @@ def run_pipeline(
         upstream = [train_stage] + (["weights"] if m.token_weights else []) + ([variant] if variant else [])
         out = runner.stage(
             f"train-{method}",
-            {"train": dataclasses.replace(config.train, method=method), "student": config.student},
+            {
+                "train": dataclasses.replace(config.train, method=method),
+                "student": config.student,
+                **({"read_weights": config.weighting.read_settings()} if m.token_weights else {}),
+            },
             upstream,
             lambda f, method=method, variant=variant: stage_train(
                 config, method, d / "data", train_path, d / "weights", d / variant if variant else None, f

@@ -160,6 +160,19 @@ class WeightingConfig:
         if self.alpha < 0 or self.tau <= 0 or self.n_prefixes < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"bad weighting settings: {self}")
 
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that shape the trained weights: the weights stage's cache key. The
+        rescale fields are left out (only the weights' readers use them), so changing them
+        re-runs the schedule and the weighted training but not the weight training."""
+        return {k: v for k, v in asdict(self).items() if k not in _READ_SETTINGS}
+
+    def read_settings(self) -> dict[str, Any]:
+        """How the weights are read (part of the keys of the stages that read them)."""
+        return {k: getattr(self, k) for k in _READ_SETTINGS}
+
+
+_READ_SETTINGS = ("rescale", "rescale_floor")
+
 
 def rendered_token_weights(example: Example, tokens: Any, row: dict[str, Any] | None) -> list[float]:
     """The learned weight of every token of a rendered, tokenized example (a
