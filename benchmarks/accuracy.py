@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,6 +249,9 @@ def run_one(
         "overrides": overrides,
         "config": to_dict(config),
         "per_question": {p["qid"]: bool(p["correct"]) for p in predictions},
+        # Which extraction rule found each answer: "last" (the last number) or "none" mean the
+        # student never stated an answer, mostly a generation that ran to the token limit.
+        "answer_rules": dict(Counter(p.get("rule") or "none" for p in predictions)),
     }
     path = result_path(suite, dataset, method, seed, tag)
     path.parent.mkdir(parents=True, exist_ok=True)

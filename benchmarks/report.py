@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/report.py            # print, and rewrite BENCHMARKS.md's accuracy section
 
 Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's accuracy with its
-95 % interval, tokens seen and wall time; then kpod against std-cot on the same test questions:
-McNemar's exact test per seed pair (same seed) and pooled over the pairs (discordant counts
-summed, which treats seed pairs as independent replications); whether each ablation lies between
-std-cot and kpod (the issue's target); and ``results/accuracy.png``, every seed's accuracy as a dot
-over the mean's bar, one panel per (suite, dataset). The section of BENCHMARKS.md between the
-markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
+95 % interval, the share of answers never stated, tokens seen and wall time; then kpod against
+std-cot on the same test questions: McNemar's exact test per seed pair (same seed) and pooled over
+the pairs (discordant counts summed, which treats seed pairs as independent replications); whether
+each ablation lies between std-cot and kpod (the issue's target); and ``results/accuracy.png``,
+every seed's accuracy as a dot over the mean's bar, one panel per (suite, dataset). The section of
+BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
 
 from __future__ import annotations
@@ -83,6 +83,18 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
 
 def _mean(runs: list[dict]) -> float:
     return statistics.fmean(r["accuracy"] for r in runs)
+
+
+def _unstated(runs: list[dict]) -> str:
+    """Mean share of test answers the student never stated (found only as the text's last number,
+    or not at all): mostly generations that ran to the token limit. '-' for results without
+    ``answer_rules``."""
+    shares = [
+        100 * (r["answer_rules"].get("last", 0) + r["answer_rules"].get("none", 0)) / r["n"]
+        for r in runs
+        if "answer_rules" in r
+    ]
+    return f"{statistics.fmean(shares):.1f}" if shares else "-"
 
 
 def _ablations(methods: dict[str, list[dict]]) -> list[str]:
@@ -165,10 +177,10 @@ def tables(results: list[dict]) -> str:
     for (suite, dataset), methods in sorted(groups.items()):
         out.append(f"#### {suite} / {dataset}\n")
         out.append(
-            "| method | seeds | mean accuracy % | sd | per seed (95 % CI) | tokens seen | wall (min) "
-            "| commit |"
+            "| method | seeds | mean accuracy % | sd | per seed (95 % CI) | no stated answer % "
+            "| tokens seen | wall (min) | commit |"
         )
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         names = _names(methods)
         for m in names:
             runs = methods[m]
@@ -182,7 +194,7 @@ def tables(results: list[dict]) -> str:
             commits = ", ".join(sorted({r["commit"] for r in runs}))
             out.append(
                 f"| {m} | {len(runs)} | **{statistics.fmean(accs):.2f}** | {sd} | {per_seed} | "
-                f"{tokens:,.0f} | {wall:.0f} | {commits} |"
+                f"{_unstated(runs)} | {tokens:,.0f} | {wall:.0f} | {commits} |"
             )
         n = runs[0]["n"] if names else 0
         out.append(f"\nn = {n} test questions.")

@@ -114,3 +114,20 @@ def test_main_rewrites_only_the_marked_section(report, tmp_path, monkeypatch):
     assert "![accuracy per method and seed](benchmarks/results/accuracy.png)" in doc
     assert (tmp_path / "benchmarks" / "results" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "| kpod | 1 | **20.00** |" in doc
+
+
+def test_share_of_answers_never_stated(report):
+    stated = _result("kpod", 0, {0, 1})
+    stated["answer_rules"] = {"template": 7, "last": 2, "none": 1}
+    other = _result("kpod", 1, {0})
+    other["answer_rules"] = {"template": 9, "last": 1}
+    old = _result("std-cot", 0, {0})  # written before answer_rules existed
+    lines = report.tables([stated, other, old]).splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| method")).split("|")]
+    column = header.index("no stated answer %")
+
+    def cell(method: str) -> str:
+        return next(x for x in lines if x.startswith(f"| {method} |")).split("|")[column].strip()
+
+    assert cell("kpod") == "20.0"  # the mean of 30 % and 10 %
+    assert cell("std-cot") == "-"
