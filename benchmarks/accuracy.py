@@ -174,7 +174,8 @@ def run_config(suite: str, dataset: str, method: str, seed: int, tag: str | None
     data["methods"] = ["std-cot"] if method == "untrained" else [method]
     data["eval_untrained"] = method == "untrained"
     data["train"] = {**data.get("train", {}), "seed": seed}
-    data["weighting"] = {**data.get("weighting", {}), "seed": seed}
+    # The weighting module reads the student's tokenizer and embeddings.
+    data["weighting"] = {"student": data["student"]["name"], **data.get("weighting", {}), "seed": seed}
     return data
 
 
@@ -196,7 +197,6 @@ def run_one(
 
     started = provenance()
     data = apply_overrides(run_config(suite, dataset, method, seed, tag), overrides)
-    data["weighting"].setdefault("student", data["student"]["name"])
     config = from_dict(PipelineConfig, data)
     if method == "untrained":
         # Only the data and the untrained evaluation: no training stage.

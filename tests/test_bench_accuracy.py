@@ -1,0 +1,69 @@
+"""benchmarks/accuracy.py: every run of every suite is a valid `kpod run` config, with its own
+folder and result file, so a suite started on another machine (gpu-7b) does not fail on a typo."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpod.config import apply_overrides, from_dict
+from kpod.pipeline import PipelineConfig
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(BENCH))
+
+
+def test_every_run_of_every_suite_is_a_valid_config(accuracy):
+    seen_dirs, seen_results = set(), set()
+    for suite in accuracy.SUITES:
+        for dataset, method, seed in accuracy.all_runs(suite):
+            config = from_dict(PipelineConfig, accuracy.run_config(suite, dataset, method, seed))
+            assert config.train.seed == seed and config.weighting.seed == seed
+            assert config.weighting.student == config.student.name
+            if method == "untrained":
+                assert config.eval_untrained
+            else:
+                assert config.methods == (method,) and not config.eval_untrained
+            # the methods of one (suite, dataset, seed) share a run folder (and its cached stages)
+            seen_dirs.add(config.run_dir)
+            path = accuracy.result_path(suite, dataset, method, seed)
+            assert path not in seen_results
+            seen_results.add(path)
+        runs = accuracy.all_runs(suite)
+        assert len({(d, s) for d, _, s in runs}) == len({d for d in seen_dirs if f"/{suite}-" in d})
+
+
+def test_the_suites_keep_one_budget_for_every_method(accuracy):
+    for suite in accuracy.SUITES:
+        budgets = {}
+        for dataset, method, seed in accuracy.all_runs(suite):
+            if method == "untrained":
+                continue
+            config = from_dict(PipelineConfig, accuracy.run_config(suite, dataset, method, seed))
+            t = config.train
+            budget = (t.epochs, t.batch_size, t.lr, t.precision, t.max_length, config.data.n_train)
+            assert budgets.setdefault(dataset, budget) == budget, (suite, dataset, method, seed)
+
+
+def test_a_tagged_variant_has_its_own_folder_and_result(accuracy):
+    plain = accuracy.run_config("cpu-small", "asdiv", "kpod", 0)
+    tagged = apply_overrides(
+        accuracy.run_config("cpu-small", "asdiv", "kpod", 0, "minmax"), ["weighting.rescale=minmax"]
+    )
+    assert tagged["run_dir"] != plain["run_dir"] and tagged["run_dir"].endswith("-s0+minmax")
+    assert from_dict(PipelineConfig, tagged).weighting.rescale == "minmax"
+    assert accuracy.result_path("cpu-small", "asdiv", "kpod", 0, "minmax").name == (
+        "cpu-small-asdiv-kpod+minmax-s0.json"
+    )
