@@ -29,3 +29,24 @@ def tiny_seq2seq(tmp_path_factory) -> Path:
     from tiny_models import build_seq2seq
 
     return build_seq2seq(tmp_path_factory.mktemp("tiny-seq2seq"))
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Loads a script of benchmarks/ as a module (the scripts import their sibling ``common``)."""
+    import importlib.util
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

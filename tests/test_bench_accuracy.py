@@ -3,26 +3,15 @@ folder and result file, so a suite started on another machine (gpu-7b) does not 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from kpod.config import apply_overrides, from_dict
 from kpod.pipeline import PipelineConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def accuracy():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_accuracy", BENCH / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCH))
+def accuracy(load_benchmark):
+    return load_benchmark("accuracy")
 
 
 def test_every_run_of_every_suite_is_a_valid_config(accuracy):
