@@ -174,8 +174,7 @@ def run_config(suite: str, dataset: str, method: str, seed: int, tag: str | None
     data["methods"] = ["std-cot"] if method == "untrained" else [method]
     data["eval_untrained"] = method == "untrained"
     data["train"] = {**data.get("train", {}), "seed": seed}
-    # The weighting module reads the student's tokenizer and embeddings.
-    data["weighting"] = {"student": data["student"]["name"], **data.get("weighting", {}), "seed": seed}
+    data["weighting"] = {**data.get("weighting", {}), "seed": seed}
     return data
 
 
@@ -192,12 +191,12 @@ def run_one(
 ) -> dict:
     import dataclasses
 
-    from kpod.config import apply_overrides, from_dict, to_dict
-    from kpod.pipeline import PipelineConfig, Runner, run_pipeline
+    from kpod.config import apply_overrides, to_dict
+    from kpod.pipeline import Runner, pipeline_config, run_pipeline
 
     started = provenance()
     data = apply_overrides(run_config(suite, dataset, method, seed, tag), overrides)
-    config = from_dict(PipelineConfig, data)
+    config = pipeline_config(data)
     if method == "untrained":
         # Only the data and the untrained evaluation: no training stage.
         config = dataclasses.replace(config, methods=("std-cot",))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kpod.config import apply_overrides, from_dict
-from kpod.pipeline import PipelineConfig
+from kpod.config import apply_overrides
+from kpod.pipeline import pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def test_every_run_of_every_suite_is_a_valid_config(accuracy):
     seen_dirs, seen_results = set(), set()
     for suite in accuracy.SUITES:
         for dataset, method, seed in accuracy.all_runs(suite):
-            config = from_dict(PipelineConfig, accuracy.run_config(suite, dataset, method, seed))
+            config = pipeline_config(accuracy.run_config(suite, dataset, method, seed))
             assert config.train.seed == seed and config.weighting.seed == seed
             assert config.weighting.student == config.student.name
             if method == "untrained":
@@ -40,7 +40,7 @@ def test_the_suites_keep_one_budget_for_every_method(accuracy):
         for dataset, method, seed in accuracy.all_runs(suite):
             if method == "untrained":
                 continue
-            config = from_dict(PipelineConfig, accuracy.run_config(suite, dataset, method, seed))
+            config = pipeline_config(accuracy.run_config(suite, dataset, method, seed))
             t = config.train
             budget = (t.epochs, t.batch_size, t.lr, t.precision, t.max_length, config.data.n_train)
             assert budgets.setdefault(dataset, budget) == budget, (suite, dataset, method, seed)
@@ -52,7 +52,7 @@ def test_a_tagged_variant_has_its_own_folder_and_result(accuracy):
         accuracy.run_config("cpu-small", "asdiv", "kpod", 0, "minmax"), ["weighting.rescale=minmax"]
     )
     assert tagged["run_dir"] != plain["run_dir"] and tagged["run_dir"].endswith("-s0+minmax")
-    assert from_dict(PipelineConfig, tagged).weighting.rescale == "minmax"
+    assert pipeline_config(tagged).weighting.rescale == "minmax"
     assert accuracy.result_path("cpu-small", "asdiv", "kpod", 0, "minmax").name == (
         "cpu-small-asdiv-kpod+minmax-s0.json"
     )

@@ -179,15 +179,22 @@ class PipelineConfig:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
-    """The config file plus ``key=value`` overrides; weighting.student follows student.name."""
-    data = apply_overrides(read_yaml(path), list(overrides))
+def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
+    """A validated config from its nested dict; weighting.student follows student.name unless
+    given (the weights are aligned to the student's tokens). ``data`` is not modified."""
+    data = dict(data)
     student = data.get("student", {}) if isinstance(data.get("student"), dict) else {}
-    weighting = data.setdefault("weighting", {})
+    weighting = data.get("weighting", {})
     if isinstance(weighting, dict) and "student" not in weighting:
-        weighting["student"] = student.get("name", StudentConfig().name)
+        data["weighting"] = {**weighting, "student": student.get("name", StudentConfig().name)}
+    return from_dict(PipelineConfig, data)
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """The config file plus ``key=value`` overrides (see :func:`pipeline_config`)."""
+    data = apply_overrides(read_yaml(path), list(overrides))
     try:
-        return from_dict(PipelineConfig, data)
+        return pipeline_config(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
