@@ -76,7 +76,7 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
         out.append(f"| {s} | {b} | {c} | {p:.3f} |")
     if len(pairs) > 1:
         out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
-    gap = statistics.fmean(r["accuracy"] for r in runs) - statistics.fmean(r["accuracy"] for r in baseline)
+    gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
     return out
 
@@ -144,6 +144,8 @@ def plot(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kpod.report import method_colour
+
     groups = group(results)
     fig, axes = plt.subplots(
         1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False, constrained_layout=True
@@ -151,10 +153,7 @@ def plot(results: list[dict], path: Path) -> Path:
     for ax, ((suite, dataset), methods) in zip(axes[0], sorted(groups.items()), strict=True):
         names = _names(methods)
         means = [_mean(methods[m]) for m in names]
-        colours = [
-            "#999999" if m == "untrained" else "#c0392b" if m.startswith("kpod") else "#2e86c1" for m in names
-        ]
-        ax.bar(range(len(names)), means, color=colours, alpha=0.55)
+        ax.bar(range(len(names)), means, color=[method_colour(m) for m in names], alpha=0.55)
         top = max(r["accuracy"] for runs in methods.values() for r in runs) or 1.0
         ax.set_ylim(0, top * 1.15)
         for i, m in enumerate(names):

@@ -68,6 +68,12 @@ def _pyplot():
     return plt
 
 
+def method_colour(name: str) -> str:
+    """One colour per kind of method in every accuracy plot: grey untrained, red kpod and its
+    ablations and variants, blue the baselines."""
+    return "#999999" if name == "untrained" else "#c0392b" if name.startswith("kpod") else "#2e86c1"
+
+
 def plot_accuracy(results: dict[str, dict[str, Any] | None], path: Path) -> Path:
     """Test accuracy of every method with its 95 % Wilson interval."""
     plt = _pyplot()
@@ -76,10 +82,7 @@ def plot_accuracy(results: dict[str, dict[str, Any] | None], path: Path) -> Path
     lo = [results[n]["accuracy"] - results[n]["ci95"][0] for n in names]
     hi = [results[n]["ci95"][1] - results[n]["accuracy"] for n in names]
     fig, ax = plt.subplots(figsize=(1.6 * max(3, len(names)) + 1, 4), constrained_layout=True)
-    colours = [
-        "#999999" if n == "untrained" else "#c0392b" if n.startswith("kpod") else "#2e86c1" for n in names
-    ]
-    ax.bar(names, acc, yerr=[lo, hi], capsize=6, color=colours)
+    ax.bar(names, acc, yerr=[lo, hi], capsize=6, color=[method_colour(n) for n in names])
     for i, (a, h) in enumerate(zip(acc, hi, strict=True)):
         ax.text(i, a + h + 0.8, f"{a:.1f}", ha="center", va="bottom")  # above the error bar
     n_test = results[names[0]]["n"] if names else 0
