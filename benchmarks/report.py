@@ -6,7 +6,8 @@ Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's 
 95 % interval, the share of answers never stated, tokens seen and wall time; then kpod against
 std-cot on the same test questions: McNemar's exact test per seed pair (same seed) and pooled over
 the pairs (discordant counts summed, which treats seed pairs as independent replications); whether
-each ablation lies between std-cot and kpod (the issue's target); and ``results/accuracy.png``,
+each ablation lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch
+and the epoch kept (model selection); and ``results/accuracy.png``,
 every seed's accuracy as a dot over the mean's bar, one panel per (suite, dataset). The section of
 BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
@@ -115,6 +116,31 @@ def _ablations(methods: dict[str, list[dict]]) -> list[str]:
     return ["", *out] if out else []
 
 
+def _selection(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """Dev accuracy after each epoch for every trained run, the epoch whose checkpoint was kept
+    (the trainer keeps the first best) in bold, beside the test accuracy it gave."""
+    rows = [(m, r) for m in names for r in methods[m] if r.get("dev")]
+    if not rows:
+        return []
+    epochs = max(len(r["dev"]) for _, r in rows)
+    out = [
+        "",
+        "Model selection: dev accuracy % after each epoch (the kept checkpoint in bold) and the test "
+        "accuracy of the kept one:",
+        "",
+        "| method | seed | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " | test |",
+        "|---|---|" + "---|" * epochs + "---|",
+    ]
+    for m, r in rows:
+        cells = {d["epoch"]: f"{d['accuracy']:.1f}" for d in r["dev"]}
+        best = r.get("best_epoch")
+        if best in cells:
+            cells[best] = f"**{cells[best]}**"
+        dev = " | ".join(cells.get(e, "-") for e in range(epochs))
+        out.append(f"| {m} | {r['seed']} | {dev} | {r['accuracy']:.2f} |")
+    return out
+
+
 def group(results: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
     """(suite, dataset) -> method (with ``+variant`` when tagged) -> its runs, seeds ascending."""
     groups: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -206,6 +232,7 @@ def tables(results: list[dict]) -> str:
         for name in contenders if "std-cot" in methods else []:
             out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.extend(_ablations(methods))
+        out.extend(_selection(methods, names))
         out.append("")
     return "\n".join(out)
 

@@ -121,3 +121,14 @@ def test_share_of_answers_never_stated(report):
 
     assert cell("kpod") == "20.0"  # the mean of 30 % and 10 %
     assert cell("std-cot") == "-"
+
+
+def test_model_selection_table_marks_the_kept_epoch(report):
+    kpod = _result("kpod", 2, {0})
+    kpod["dev"] = [{"epoch": 0, "accuracy": 3.33}, {"epoch": 1, "accuracy": 18.33}, {"epoch": 2, "accuracy": 13.3}]
+    kpod["best_epoch"] = 1
+    untrained = _result("untrained", 0, set())  # no dev evaluation: no row
+    text = report.tables([kpod, untrained])
+    assert "| epoch 0 | epoch 1 | epoch 2 | test |" in text
+    assert "| kpod | 2 | 3.3 | **18.3** | 13.3 | 10.00 |" in text
+    assert "| untrained | 0 |" not in text
