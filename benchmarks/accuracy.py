@@ -9,7 +9,8 @@ whole suite in turn, each run writing one result JSON that later sittings never 
 Each run is a `kpod run` of the suite's config (stage caching shares data, token weights and
 schedules between the methods of one dataset and seed: runs/bench/<suite>-<dataset>-s<seed>/), then
 ``results/accuracy/<suite>-<dataset>-<method>-s<seed>.json`` with the accuracy, its 95 % interval,
-n, epochs, tokens seen, wall time, commit and the per-question correctness (for McNemar's test).
+n, epochs, tokens seen, wall time, commit and the per-question correctness (for McNemar's test),
+plus the dev accuracy after each epoch, the epoch kept, and the last epoch's test accuracy.
 
 Same budget for every method of a suite: same data, epochs, batch, learning rate, precision and
 evaluation. The seed changes the adapters' initialisation and the data order (and the token
@@ -54,6 +55,9 @@ _COMMON_CPU = {
         "eval_batch_size": 32,
         "eval_max_new_tokens": 200,
         "merge_lora": False,
+        # The last epoch's model is also scored on test when the 60/40-question dev split keeps an
+        # earlier one (since the ASDiv runs of session 5; their results have no ``last_epoch``).
+        "test_last_epoch": True,
     },
 }
 
@@ -138,6 +142,7 @@ SUITES: dict[str, dict] = {
                 "precision": "bf16",
                 "eval_batch_size": 64,
                 "eval_max_new_tokens": 320,
+                "test_last_epoch": True,
             },
         },
         "runs": [
@@ -184,6 +189,16 @@ def result_path(suite: str, dataset: str, method: str, seed: int, tag: str | Non
 
 def all_runs(suite: str) -> list[tuple[str, str, int]]:
     return [(d, m, s) for d, m, seeds in SUITES[suite]["runs"] for s in seeds]
+
+
+def _last_epoch(test_last: dict | None) -> dict | None:
+    if not test_last:
+        return None
+    return {
+        "accuracy": test_last["accuracy"],
+        "ci95": test_last["ci95"],
+        "per_question": dict(zip(test_last["qids"], test_last["per_question"], strict=True)),
+    }
 
 
 def run_one(
@@ -248,6 +263,9 @@ def run_one(
         "overrides": overrides,
         "config": to_dict(config),
         "per_question": {p["qid"]: bool(p["correct"]) for p in predictions},
+        # Test accuracy of the last epoch's model (no dev selection): the same as above when the
+        # selection kept the last epoch.
+        "last_epoch": _last_epoch(training.get("test_last")),
         # Which extraction rule found each answer: "last" (the last number) or "none" mean the
         # student never stated an answer, mostly a generation that ran to the token limit.
         "answer_rules": dict(Counter(p.get("rule") or "none" for p in predictions)),

@@ -125,11 +125,11 @@ def _selection(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     epochs = max(len(r["dev"]) for _, r in rows)
     out = [
         "",
-        "Model selection: dev accuracy % after each epoch (the kept checkpoint in bold) and the test "
-        "accuracy of the kept one:",
+        "Model selection: dev accuracy % after each epoch (the kept checkpoint in bold), the test "
+        "accuracy of the kept one and of the last epoch's model (runs since `test_last_epoch`):",
         "",
-        "| method | seed | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " | test |",
-        "|---|---|" + "---|" * epochs + "---|",
+        "| method | seed | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " | test | test, last epoch |",
+        "|---|---|" + "---|" * epochs + "---|---|",
     ]
     for m, r in rows:
         cells = {d["epoch"]: f"{d['accuracy']:.1f}" for d in r["dev"]}
@@ -137,7 +137,15 @@ def _selection(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
         if best in cells:
             cells[best] = f"**{cells[best]}**"
         dev = " | ".join(cells.get(e, "-") for e in range(epochs))
-        out.append(f"| {m} | {r['seed']} | {dev} | {r['accuracy']:.2f} |")
+        last = f"{r['last_epoch']['accuracy']:.2f}" if r.get("last_epoch") else "-"
+        out.append(f"| {m} | {r['seed']} | {dev} | {r['accuracy']:.2f} | {last} |")
+    pair = [methods.get("std-cot", []), methods.get("kpod", [])]
+    if all(runs and all(r.get("last_epoch") for r in runs) for runs in pair):
+        std, kpod = (statistics.fmean(r["last_epoch"]["accuracy"] for r in runs) for runs in pair)
+        out.append(
+            f"\nWithout selection (every run's last epoch): kpod {kpod:.2f}, std-cot {std:.2f}, "
+            f"gap **{kpod - std:+.2f} points**."
+        )
     return out
 
 

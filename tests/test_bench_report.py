@@ -129,6 +129,21 @@ def test_model_selection_table_marks_the_kept_epoch(report):
     kpod["best_epoch"] = 1
     untrained = _result("untrained", 0, set())  # no dev evaluation: no row
     text = report.tables([kpod, untrained])
-    assert "| epoch 0 | epoch 1 | epoch 2 | test |" in text
-    assert "| kpod | 2 | 3.3 | **18.3** | 13.3 | 10.00 |" in text
+    assert "| epoch 0 | epoch 1 | epoch 2 | test | test, last epoch |" in text
+    assert "| kpod | 2 | 3.3 | **18.3** | 13.3 | 10.00 | - |" in text
     assert "| untrained | 0 |" not in text
+    assert "Without selection" not in text  # no std-cot run, no last-epoch figures
+
+
+def test_last_epoch_figures_give_a_gap_without_selection(report):
+    runs = []
+    for method, seed, kept, last in (("std-cot", 0, {0}, {0, 1}), ("kpod", 0, {0, 1}, {0, 1, 2, 3})):
+        r = _result(method, seed, kept)
+        r["dev"], r["best_epoch"] = [{"epoch": 0, "accuracy": 5.0}, {"epoch": 1, "accuracy": 1.0}], 0
+        r["last_epoch"] = {"accuracy": 10.0 * len(last), "ci95": [0, 100], "per_question": {}}
+        runs.append(r)
+    text = report.tables(runs)
+    assert "| kpod | 0 | **5.0** | 1.0 | 20.00 | 40.00 |" in text
+    assert "Without selection (every run's last epoch): kpod 40.00, std-cot 20.00, gap **+20.00 points**." in text
+    runs[0]["last_epoch"] = None  # one run without the figure: no gap line
+    assert "Without selection" not in report.tables(runs)

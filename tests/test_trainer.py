@@ -334,3 +334,32 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_causal, 
     assert "step-00000005 (step 5 of 8)" in capsys.readouterr().err  # it resumed, it did not restart
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(tiny_causal, tmp_path):
+    """A random tiny model never answers a dev question, so selection keeps epoch 0 (the first of
+    equal ones); ``test_last_epoch`` then scores the last epoch's model too, exactly as a run
+    without selection would."""
+    examples = arithmetic_examples(4, seed=3)
+
+    def run(name: str, **settings) -> tuple:
+        student = load_model(str(tiny_causal))
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        config = TrainConfig(
+            method="std-cot", epochs=3, batch_size=2, lr=1e-2, precision="fp32", eval_max_new_tokens=12,
+            **settings,
+        )
+        result = train(config, student, builder, tmp_path / name, dev=examples[:2], test=examples, progress=False)
+        texts = {
+            f.name: [json.loads(x)["generated"] for x in f.read_text().splitlines()]
+            for f in (tmp_path / name).glob("test_predictions*.jsonl")
+        }
+        return result, texts
+
+    selected, selected_texts = run("selected", test_last_epoch=True)
+    plain, plain_texts = run("plain", select_on_dev=False)
+    assert [d["epoch"] for d in selected.dev] == [0, 1, 2] and selected.best_epoch == 0
+    assert plain.best_epoch is None and plain.test_last is None
+    assert selected_texts["test_predictions_last.jsonl"] == plain_texts["test_predictions.jsonl"]
+    assert selected_texts["test_predictions.jsonl"] != plain_texts["test_predictions.jsonl"]
+    assert selected.test_last["qids"] == selected.test["qids"]

@@ -415,7 +415,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {k: v for k, v in vars(result).items() if k != "test"} | {"test": test_summary(result.test)}
+                {k: v for k, v in vars(result).items() if k not in ("test", "test_last")}
+                | {"test": test_summary(result.test), "test_last": test_summary(result.test_last)}
             )
         )
     else:
@@ -425,6 +426,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         )
         if result.test:
             print(f"test accuracy {result.test['accuracy']:.2f} % (95 % CI {result.test['ci95']})")
+        if result.test_last and result.best_epoch != result.epochs - 1:
+            last = result.test_last
+            print(f"last epoch's model (not kept): {last['accuracy']:.2f} % (95 % CI {last['ci95']})")
     return 0
 
 

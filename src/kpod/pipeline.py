@@ -523,7 +523,11 @@ def stage_train(
         fmt=fmt,
     )
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: the student is saved
-    return {**dataclasses.asdict(result), "test": test_summary(result.test)}
+    return {
+        **dataclasses.asdict(result),
+        "test": test_summary(result.test),
+        "test_last": test_summary(result.test_last),
+    }
 
 
 def schedule_variant(method: str) -> str | None:

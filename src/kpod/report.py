@@ -247,12 +247,24 @@ def write_report(run_dir: Path, config: Any, results: dict[str, dict[str, Any] |
                     t["seconds"],
                     ", ".join(f"{x:.3f}" for x in t["stage_loss"]),
                     t.get("best_epoch"),
+                    (t.get("test") or {}).get("accuracy", "-"),
+                    (t.get("test_last") or {}).get("accuracy", "-"),
                 ]
             )
         parts.append(
             _table(
                 rows,
-                ["method", "steps", "tokens", "tokens/s", "seconds", "loss per stage", "best stage (dev)"],
+                [
+                    "method",
+                    "steps",
+                    "tokens",
+                    "tokens/s",
+                    "seconds",
+                    "loss per stage",
+                    "best stage (dev)",
+                    "test % (kept stage)",
+                    "test % (last stage)",
+                ],
             )
         )
     for p in sorted(run_dir.glob("train-*/test_predictions.jsonl")):

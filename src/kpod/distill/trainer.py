@@ -71,7 +71,12 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints to keep.
         group_by_length: batch examples of similar length together (less padding).
         step_by_step_alpha: weight of the rationale task of ``step-by-step``.
-        select_on_dev: evaluate on the dev split after every stage and keep the best stage.
+        select_on_dev: evaluate on the dev split after every stage and keep the best stage (the
+            first of equal ones).
+        test_last_epoch: also score the last epoch's model on the test split when dev selection
+            kept an earlier stage (``TrainResult.test_last``; predictions in
+            ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
+            split makes noisy. Costs one more test evaluation in those runs.
         eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
     """
@@ -93,6 +98,7 @@ class TrainConfig:
     group_by_length: bool = True
     step_by_step_alpha: float = 1.0
     select_on_dev: bool = True
+    test_last_epoch: bool = False
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
     merge_lora: bool = False
@@ -130,6 +136,7 @@ class TrainResult:
     dev: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     test: dict[str, Any] | None = None
+    test_last: dict[str, Any] | None = None  # the last epoch's model on test (``test_last_epoch``)
     student_dir: str = ""
 
 
@@ -504,6 +511,18 @@ def train(
     seconds = state["seconds"]
 
     unwrapped = accelerator.unwrap_model(model)
+    kept_earlier = state["best_epoch"] is not None and state["best_epoch"] != config.epochs - 1
+    test_last = None
+    if test and config.test_last_epoch and kept_earlier and accelerator.is_main_process:
+        test_last = _evaluate(
+            unwrapped,
+            student,
+            test,
+            config,
+            fmt,
+            builder.method.eval_prefix,
+            output / "test_predictions_last.jsonl",
+        )
     if state["best_epoch"] is not None and best_path.exists():
         from safetensors.torch import load_file
 
@@ -538,6 +557,8 @@ def train(
                 output / "test_predictions.jsonl",
             )
             result.test = summary
+            if config.test_last_epoch:
+                result.test_last = test_last if kept_earlier else summary
         result.student_dir = str(_save_student(unwrapped, tokenizer, output / "student", config.merge_lora))
         write_json(output / "training.json", asdict(result))
     accelerator.wait_for_everyone()
