@@ -39,6 +39,7 @@ def tiny_config(tmp_path: Path, model: Path, **extra) -> Path:
             "lr": 1e-3,
             "precision": "fp32",
             "eval_max_new_tokens": 24,
+            "test_last_epoch": True,
         },
     }
     for key, value in extra.items():
@@ -75,12 +76,15 @@ def test_run_writes_every_stage_and_a_manifest(finished_run):
     for method in ("std-cot", "kpod"):
         trained = json.loads((run / f"train-{method}" / "training.json").read_text())
         assert trained["method"] == method and trained["test"]["n"] == 8
+        # A random tiny student answers nothing on dev, so selection keeps stage 0 and the last
+        # stage's model is scored on test as well.
+        assert trained["best_epoch"] == 0 and trained["test_last"]["n"] == 8
         assert (run / f"train-{method}" / "student" / "config.json").exists()
         assert not (run / f"train-{method}" / "checkpoints").exists()  # cleaned once the student is saved
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config_hash"] and manifest["versions"]["torch"] and "git_commit" in manifest
     assert all(s["seconds"] is not None for s in manifest["stages"].values())
-    assert (run / "report.html").exists()
+    assert "test % (last stage)" in (run / "report.html").read_text(encoding="utf-8")
 
 
 def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, capsys):
