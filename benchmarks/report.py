@@ -128,7 +128,9 @@ def _selection(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
         "Model selection: dev accuracy % after each epoch (the kept checkpoint in bold), the test "
         "accuracy of the kept one and of the last epoch's model (runs since `test_last_epoch`):",
         "",
-        "| method | seed | " + " | ".join(f"epoch {e}" for e in range(epochs)) + " | test | test, last epoch |",
+        "| method | seed | "
+        + " | ".join(f"epoch {e}" for e in range(epochs))
+        + " | test | test, last epoch |",
         "|---|---|" + "---|" * epochs + "---|---|",
     ]
     for m, r in rows:

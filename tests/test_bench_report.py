@@ -125,7 +125,11 @@ def test_share_of_answers_never_stated(report):
 
 def test_model_selection_table_marks_the_kept_epoch(report):
     kpod = _result("kpod", 2, {0})
-    kpod["dev"] = [{"epoch": 0, "accuracy": 3.33}, {"epoch": 1, "accuracy": 18.33}, {"epoch": 2, "accuracy": 13.3}]
+    kpod["dev"] = [
+        {"epoch": 0, "accuracy": 3.33},
+        {"epoch": 1, "accuracy": 18.33},
+        {"epoch": 2, "accuracy": 13.3},
+    ]
     kpod["best_epoch"] = 1
     untrained = _result("untrained", 0, set())  # no dev evaluation: no row
     text = report.tables([kpod, untrained])
@@ -144,6 +148,9 @@ def test_last_epoch_figures_give_a_gap_without_selection(report):
         runs.append(r)
     text = report.tables(runs)
     assert "| kpod | 0 | **5.0** | 1.0 | 20.00 | 40.00 |" in text
-    assert "Without selection (every run's last epoch): kpod 40.00, std-cot 20.00, gap **+20.00 points**." in text
+    assert (
+        "Without selection (every run's last epoch): kpod 40.00, std-cot 20.00, gap **+20.00 points**."
+        in text
+    )
     runs[0]["last_epoch"] = None  # one run without the figure: no gap line
     assert "Without selection" not in report.tables(runs)

@@ -346,10 +346,17 @@ def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(tiny_
         student = load_model(str(tiny_causal))
         builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
         config = TrainConfig(
-            method="std-cot", epochs=3, batch_size=2, lr=1e-2, precision="fp32", eval_max_new_tokens=12,
+            method="std-cot",
+            epochs=3,
+            batch_size=2,
+            lr=1e-2,
+            precision="fp32",
+            eval_max_new_tokens=12,
             **settings,
         )
-        result = train(config, student, builder, tmp_path / name, dev=examples[:2], test=examples, progress=False)
+        result = train(
+            config, student, builder, tmp_path / name, dev=examples[:2], test=examples, progress=False
+        )
         texts = {
             f.name: [json.loads(x)["generated"] for x in f.read_text().splitlines()]
             for f in (tmp_path / name).glob("test_predictions*.jsonl")

@@ -511,18 +511,16 @@ def train(
     seconds = state["seconds"]
 
     unwrapped = accelerator.unwrap_model(model)
+
+    def score_test(predictions: str) -> dict[str, Any]:
+        return _evaluate(
+            unwrapped, student, test, config, fmt, builder.method.eval_prefix, output / predictions
+        )
+
     kept_earlier = state["best_epoch"] is not None and state["best_epoch"] != config.epochs - 1
     test_last = None
     if test and config.test_last_epoch and kept_earlier and accelerator.is_main_process:
-        test_last = _evaluate(
-            unwrapped,
-            student,
-            test,
-            config,
-            fmt,
-            builder.method.eval_prefix,
-            output / "test_predictions_last.jsonl",
-        )
+        test_last = score_test("test_predictions_last.jsonl")
     if state["best_epoch"] is not None and best_path.exists():
         from safetensors.torch import load_file
 
@@ -547,15 +545,7 @@ def train(
     )
     if accelerator.is_main_process:
         if test:
-            summary = _evaluate(
-                unwrapped,
-                student,
-                test,
-                config,
-                fmt,
-                builder.method.eval_prefix,
-                output / "test_predictions.jsonl",
-            )
+            summary = score_test("test_predictions.jsonl")
             result.test = summary
             if config.test_last_epoch:
                 result.test_last = test_last if kept_earlier else summary
