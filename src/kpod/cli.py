@@ -367,7 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.config import apply_overrides, from_dict, read_yaml
     from kpod.distill.methods import StageBuilder, get_method
-    from kpod.distill.trainer import TrainConfig, test_summary, train
+    from kpod.distill.trainer import TrainConfig, train
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
     from kpod.progressive.schedule import load_schedule_inputs
@@ -413,12 +413,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under `accelerate launch`, one process reports
     if args.json:
-        print(
-            json.dumps(
-                {k: v for k, v in vars(result).items() if k not in ("test", "test_last")}
-                | {"test": test_summary(result.test), "test_last": test_summary(result.test_last)}
-            )
-        )
+        print(json.dumps(result.summary()))
     else:
         print(
             f"{result.method}: {result.steps} steps, {result.train_tokens} tokens, "

@@ -523,11 +523,7 @@ def stage_train(
         fmt=fmt,
     )
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: the student is saved
-    return {
-        **dataclasses.asdict(result),
-        "test": test_summary(result.test),
-        "test_last": test_summary(result.test_last),
-    }
+    return result.summary()
 
 
 def schedule_variant(method: str) -> str | None:

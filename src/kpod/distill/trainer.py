@@ -139,6 +139,11 @@ class TrainResult:
     test_last: dict[str, Any] | None = None  # the last epoch's model on test (``test_last_epoch``)
     student_dir: str = ""
 
+    def summary(self) -> dict[str, Any]:
+        """Every field, the test results without their per-question lists (for printing and
+        stage records; ``training.json`` keeps them whole)."""
+        return {**asdict(self), "test": test_summary(self.test), "test_last": test_summary(self.test_last)}
+
 
 def test_summary(test: dict[str, Any] | None) -> dict[str, Any] | None:
     """A test result without its per-question lists (for printing and stage records)."""
