@@ -23,6 +23,7 @@ from kpod.weighting.train import (
     WeightingConfig,
     _answer_losses,
     _encode,
+    collapse_warning,
     load_weighting_model,
     load_weights,
     rationale_key,
@@ -115,6 +116,22 @@ def test_minmax_rescale_keeps_the_ranking_and_spans_floor_to_one() -> None:
         rescale_weights(w, "softmax")
     with pytest.raises(ConfigError):
         WeightingConfig(rescale="minmax", rescale_floor=1.5)
+
+
+def test_collapse_warning_advises_only_what_the_config_has_not_tried() -> None:
+    assert collapse_warning(0.5, WeightingConfig()) is None
+    assert collapse_warning(0.95, WeightingConfig()) is None
+    # the defaults already normalise L_m: near all-kept, advise alpha and the minmax rescale
+    kept = collapse_warning(0.971, WeightingConfig())
+    assert kept is not None and "all-kept (mean w = 0.971)" in kept
+    assert "larger alpha" in kept and "rescale: minmax" in kept and "normalize_mask_loss" not in kept
+    kept_minmax = collapse_warning(0.99, WeightingConfig(rescale="minmax", normalize_mask_loss=False))
+    assert kept_minmax is not None and "rescale" not in kept_minmax
+    assert "normalize_mask_loss: true" in kept_minmax
+    masked = collapse_warning(0.01, WeightingConfig())
+    assert masked is not None and "all-masked" in masked
+    assert "smaller alpha" in masked and "kept_budget" in masked
+    assert "kept_budget" not in (collapse_warning(0.01, WeightingConfig(kept_budget=0.5)) or "")
 
 
 def test_align_weights_by_offsets() -> None:

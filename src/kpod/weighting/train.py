@@ -515,17 +515,31 @@ def train_weighting(
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]['loss']:.2f}", kept=f"{kept_ratio:.2f}")
     bar.close()
-    final_kept = history[-1]["kept_ratio"]
-    if final_kept < 0.05 or final_kept > 0.95:
-        log.warning(
-            "token weights collapsed towards all-%s (mean w = %.3f): try a %s alpha or normalize_mask_loss",
-            "masked" if final_kept < 0.05 else "kept",
-            final_kept,
-            "smaller" if final_kept < 0.05 else "larger",
-        )
+    warning = collapse_warning(history[-1]["kept_ratio"], config)
+    if warning is not None:
+        log.warning(warning)
     if out_dir is not None:
         save_weighting(model, examples, out_dir, history, time.perf_counter() - start_time)
     return model, history
+
+
+def collapse_warning(final_kept: float, config: WeightingConfig) -> str | None:
+    """What to say when the trained weights ended near all-masked (mean w < 0.05) or all-kept
+    (> 0.95), with advice that fits ``config`` (``None`` when they did not). Near all-kept the
+    weighted loss is almost std-cot's; near all-masked it hardly trains the student."""
+    if 0.05 <= final_kept <= 0.95:
+        return None
+    kept = final_kept > 0.95
+    advice = ["a larger alpha" if kept else "a smaller alpha"]
+    if not config.normalize_mask_loss:
+        advice.append("normalize_mask_loss: true")
+    if kept and config.rescale == "none":
+        advice.append(f"rescale: minmax (each rationale's weights spread onto [{config.rescale_floor:g}, 1])")
+    if not kept and config.kept_budget is None:
+        advice.append("kept_budget (penalise only the kept tokens beyond a share)")
+    side = "kept" if kept else "masked"
+    tries = " or ".join(advice)
+    return f"token weights collapsed towards all-{side} (mean w = {final_kept:.3f}): try {tries}"
 
 
 def save_weighting(
