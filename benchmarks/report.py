@@ -5,7 +5,8 @@
 Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's accuracy with its
 95 % interval, the share of answers never stated, tokens seen and wall time; then kpod against
 std-cot on the same test questions: McNemar's exact test per seed pair (same seed) and pooled over
-the pairs (discordant counts summed, which treats seed pairs as independent replications); whether
+the pairs (discordant counts summed, which treats seed pairs as independent replications) and the
+gap that pooled test can detect (power); whether
 each ablation lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch
 and the epoch kept (model selection); and ``results/accuracy.png``,
 every seed's accuracy as a dot over the mean's bar, one panel per (suite, dataset). The section of
@@ -79,7 +80,26 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
         out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
     gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
+    if pairs and tot_b + tot_c:
+        out.append(_power(tot_b + tot_c, [len(ours[s]["per_question"]) for s in pairs]))
     return out
+
+
+def _power(discordant: int, sizes: list[int]) -> str:
+    """What the pooled McNemar test can detect at the observed discordance: the gap it finds with
+    80 % power from these seed pairs, and how many pairs a 2-point gap needs (normal approximation,
+    :func:`kpod.evaluate.mcnemar_detectable_gap`)."""
+    from kpod.evaluate import mcnemar_detectable_gap, mcnemar_pairs_needed
+
+    n = statistics.fmean(sizes)
+    share = discordant / sum(sizes)
+    detectable = 100 * mcnemar_detectable_gap(share, sum(sizes))
+    needed = mcnemar_pairs_needed(0.02, share, round(n))
+    return (
+        f"Power: {100 * share:.1f} % of the questions are solved by only one of the two (pooled); at that "
+        f"discordance the pooled test detects a gap of {detectable:.1f} points with 80 % power from "
+        f"{len(sizes)} seed pair(s) of {n:.0f} questions; a 2-point gap needs {needed} seed pairs."
+    )
 
 
 def _mean(runs: list[dict]) -> float:

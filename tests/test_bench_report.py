@@ -44,6 +44,11 @@ def test_paired_counts_per_seed_and_pooled(report):
     assert f"| pooled | 4 | 2 | {mcnemar_exact(4, 2):.3f} |" in text
     # means 40.0 (kpod) and 30.0 (std-cot)
     assert "Mean gap kpod - std-cot: **+10.00 points**" in text
+    # 6 of 20 paired questions discordant: 2.8016 * sqrt(0.3 / 20) = 34.3 points detectable;
+    # 2 points need (2.8016 * sqrt(0.3 / 10) / 0.02)^2 = 588.8 -> 589 pairs of 10 questions
+    assert "30.0 % of the questions are solved by only one" in text
+    assert "detects a gap of 34.3 points with 80 % power from 2 seed pair(s) of 10 questions" in text
+    assert "a 2-point gap needs 589 seed pairs" in text
 
 
 def test_variants_get_their_own_row_and_paired_block(report):

@@ -55,6 +55,38 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def mcnemar_detectable_gap(discordant_share: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest accuracy difference (as a fraction) that McNemar's test detects with the given
+    power on ``n`` paired questions, when ``discordant_share`` of them are solved by only one of
+    the two methods.
+
+    Normal approximation (after Connor, 1987): with N = n discordant-share pairs split b and c,
+    b - c has mean n d and standard deviation about sqrt(n r), so a two-sided test at ``alpha``
+    rejects with probability ``power`` once d >= (z_{1-alpha/2} + z_power) sqrt(r / n). Our choice:
+    the variance under the alternative is taken as r (not r - d^2), which overstates the needed gap
+    slightly, and the exact test's discreteness is ignored; a simulation test checks the result.
+    Pooling k seed pairs of n questions each is n -> k n.
+    """
+    if n <= 0 or not 0 < discordant_share <= 1:
+        raise ValueError(f"need n > 0 and a discordant share in (0, 1], got n={n}, share={discordant_share}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return z * math.sqrt(discordant_share / n)
+
+
+def mcnemar_pairs_needed(
+    gap: float, discordant_share: float, n: int, alpha: float = 0.05, power: float = 0.8
+) -> int:
+    """How many replications of ``n`` paired questions (seed pairs) the pooled McNemar test needs to
+    detect an accuracy difference ``gap`` (a fraction) with ``power``: the inverse of
+    :func:`mcnemar_detectable_gap` in the number of pairs, rounded up."""
+    if gap <= 0:
+        raise ValueError(f"gap must be positive, got {gap}")
+    at_one = mcnemar_detectable_gap(discordant_share, n, alpha, power)
+    return max(1, math.ceil((at_one / gap) ** 2 - 1e-9))
+
+
 def answer_complete(text: str) -> bool:
     """Whether generated text has finished its answer phrase ("... the answer is 72." + space/end)."""
     match = _COMPLETE.search(text)
