@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, provenance  # noqa: E402
+from common import RESULTS, ROOT, SittingClock, provenance  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -212,6 +211,8 @@ def run_one(
     started = provenance()
     data = apply_overrides(run_config(suite, dataset, method, seed, tag), overrides)
     config = pipeline_config(data)
+    # Wall time over every sitting of this run (a run cut by a session's end resumes in the next).
+    clock = SittingClock(Path(config.run_dir) / f"wall-{method}.json")
     if method == "untrained":
         # Only the data and the untrained evaluation: no training stage.
         config = dataclasses.replace(config, methods=("std-cot",))
@@ -220,21 +221,19 @@ def run_one(
 
         run_data_stage(runner, config)
         eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
-        start = time.perf_counter()
-        summary = runner.stage(
-            "eval-untrained",
-            eval_settings,
-            ["data"],
-            lambda f: stage_eval_untrained(config, runner.dir / "data" / "test.jsonl", f),
-        )["test"]
+        with clock:
+            summary = runner.stage(
+                "eval-untrained",
+                eval_settings,
+                ["data"],
+                lambda f: stage_eval_untrained(config, runner.dir / "data" / "test.jsonl", f),
+            )["test"]
         runner.save_manifest()
         folder = runner.dir / "eval-untrained"
         training = {"epochs": 0, "train_tokens": 0, "target_tokens": 0, "seconds": 0.0}
-        wall = time.perf_counter() - start
     else:
-        start = time.perf_counter()
-        out = run_pipeline(config, to_dict(config), echo=lambda line: print(line, flush=True))
-        wall = time.perf_counter() - start
+        with clock:
+            out = run_pipeline(config, to_dict(config), echo=lambda line: print(line, flush=True))
         summary = out["results"][method]
         folder = Path(config.run_dir) / f"train-{method}"
         training = json.loads((folder / "training.json").read_text())
@@ -258,7 +257,8 @@ def run_one(
         "train_seconds": training["seconds"],
         "best_epoch": training.get("best_epoch"),
         "dev": training.get("dev"),
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": clock.total_seconds,
+        "sittings": len(clock.sittings),
         "stage_seconds": stage_seconds,
         "overrides": overrides,
         "config": to_dict(config),
@@ -275,6 +275,7 @@ def run_one(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)
+    clock.reset()
     return result
 
 

@@ -1,11 +1,15 @@
-"""Facts every benchmark result records: machine, date, commit, command."""
+"""Facts every benchmark result records: machine, date, commit, command; and a run's wall time
+summed over the sittings it took."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,3 +46,59 @@ def provenance() -> dict[str, str]:
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+class SittingClock:
+    """Wall time of a run that may be killed and resumed in a later sitting.
+
+    A run's own timer restarts with each process, so a run cut by the end of a session and resumed
+    would report only its last sitting. This clock keeps every sitting's elapsed time in ``path``
+    (JSON), rewritten every ``every`` seconds from a daemon thread and on exit, so a killed sitting
+    loses at most ``every`` seconds of its count. ``total_seconds`` sums the sittings; delete the
+    file (``reset``) once the run's result is written, so a re-run starts from zero.
+    """
+
+    def __init__(self, path: Path, every: float = 30.0) -> None:
+        self.path = Path(path)
+        self.every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = 0.0
+        self.sittings: list[dict] = []
+
+    def __enter__(self) -> SittingClock:
+        if self.path.exists():
+            self.sittings = json.loads(self.path.read_text())["sittings"]
+        self.sittings.append({"started": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": 0.0})
+        self._start = time.perf_counter()
+        self._write()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._write()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def _write(self) -> None:
+        self.sittings[-1]["seconds"] = round(time.perf_counter() - self._start, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sittings": self.sittings}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    @property
+    def total_seconds(self) -> float:
+        """Every sitting's time, this one up to now (or up to its exit)."""
+        if not self._stop.is_set():
+            self.sittings[-1]["seconds"] = round(time.perf_counter() - self._start, 1)
+        return round(sum(s["seconds"] for s in self.sittings), 1)
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)

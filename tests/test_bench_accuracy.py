@@ -56,3 +56,36 @@ def test_a_tagged_variant_has_its_own_folder_and_result(accuracy):
     assert accuracy.result_path("cpu-small", "asdiv", "kpod", 0, "minmax").name == (
         "cpu-small-asdiv-kpod+minmax-s0.json"
     )
+
+
+def test_sitting_clock_sums_a_killed_sitting_and_the_resumed_one(load_benchmark, tmp_path):
+    """A run killed mid-way (no clean exit) keeps its elapsed time up to the last tick; the resumed
+    sitting adds its own, so a result's wall time is not just the last sitting's."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    common = load_benchmark("common")
+    path = tmp_path / "wall-kpod.json"
+    killed = (
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]); from common import SittingClock\n"
+        "c = SittingClock(sys.argv[2], every=0.1).__enter__(); time.sleep(0.6); os._exit(9)\n"
+    )
+    bench = str(common.ROOT / "benchmarks")
+    done = subprocess.run([sys.executable, "-c", killed, bench, str(path)])
+    assert done.returncode == 9
+    first = json.loads(path.read_text())["sittings"][0]["seconds"]
+    assert 0.4 <= first <= 0.6  # the last tick before the kill, at most one interval short
+    with common.SittingClock(path, every=0.1) as clock:
+        time.sleep(0.3)
+    assert len(clock.sittings) == 2
+    second = clock.sittings[1]["seconds"]
+    assert second >= 0.3
+    total = clock.total_seconds
+    assert total == round(first + second, 1)
+    time.sleep(0.2)
+    assert clock.total_seconds == total  # frozen at the exit, not counting what follows
+    assert json.loads(path.read_text())["sittings"][1]["seconds"] == second
+    clock.reset()
+    assert not path.exists()
