@@ -60,8 +60,9 @@ def mcnemar_detectable_gap(discordant_share: float, n: int, alpha: float = 0.05,
     power on ``n`` paired questions, when ``discordant_share`` of them are solved by only one of
     the two methods.
 
-    Normal approximation (after Connor, 1987): with N = n discordant-share pairs split b and c,
-    b - c has mean n d and standard deviation about sqrt(n r), so a two-sided test at ``alpha``
+    Normal approximation (after Connor, 1987): of n paired questions a share r is discordant
+    (b + c of them, b solved only by A, c only by B); for a true difference d in accuracy, b - c
+    has mean n d and standard deviation about sqrt(n r), so a two-sided test at ``alpha``
     rejects with probability ``power`` once d >= (z_{1-alpha/2} + z_power) sqrt(r / n). Our choice:
     the variance under the alternative is taken as r (not r - d^2), which overstates the needed gap
     slightly, and the exact test's discreteness is ignored; a simulation test checks the result.
