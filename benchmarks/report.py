@@ -193,8 +193,18 @@ def _names(methods: dict[str, list[dict]]) -> list[str]:
     return sorted(methods, key=key)
 
 
+def seed_points(runs: list[dict], x: float, spread: float = 0.5) -> list[tuple[float, float, float, float]]:
+    """(x, accuracy, CI low, CI high) of each seed of one method, side by side around ``x`` within
+    ``spread``, in seed order, so that the intervals of several seeds do not hide each other."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    step = spread / len(runs)
+    left = x - spread / 2
+    return [(left + step * (i + 0.5), r["accuracy"], r["ci95"][0], r["ci95"][1]) for i, r in enumerate(runs)]
+
+
 def plot(results: list[dict], path: Path) -> Path:
-    """One panel per (suite, dataset): mean accuracy per method as a bar, each seed as a dot."""
+    """One panel per (suite, dataset): mean accuracy per method as a bar, each seed as a dot with its
+    95 % interval (Wilson), so a reader sees at a glance whether two methods' gap exceeds the noise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,16 +220,21 @@ def plot(results: list[dict], path: Path) -> Path:
         names = _names(methods)
         means = [_mean(methods[m]) for m in names]
         ax.bar(range(len(names)), means, color=[method_colour(m) for m in names], alpha=0.55)
-        top = max(r["accuracy"] for runs in methods.values() for r in runs) or 1.0
-        ax.set_ylim(0, top * 1.15)
+        top = max(r["ci95"][1] for runs in methods.values() for r in runs) or 1.0
+        ax.set_ylim(0, top * 1.12)
         for i, m in enumerate(names):
-            accs = [r["accuracy"] for r in methods[m]]
-            ax.plot([i] * len(accs), accs, "o", color="black", ms=4)
-            ax.text(i, max(accs) + 0.03 * top, f"{means[i]:.1f}", ha="center", va="bottom", fontsize="small")
+            points = seed_points(methods[m], i)
+            xs, accs, lows, highs = (list(v) for v in zip(*points, strict=True))
+            below = [a - lo for a, lo in zip(accs, lows, strict=True)]
+            above = [h - a for a, h in zip(accs, highs, strict=True)]
+            ax.errorbar(
+                xs, accs, yerr=[below, above], fmt="o", color="black", ms=4, elinewidth=0.8, capsize=2
+            )
+            ax.text(i, max(highs) + 0.02 * top, f"{means[i]:.1f}", ha="center", va="bottom", fontsize="small")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         n = methods[names[0]][0]["n"]
         ax.set_title(f"{suite} / {dataset} (n = {n})")
-        ax.set_ylabel("test accuracy % (bar: mean; dots: seeds)")
+        ax.set_ylabel("accuracy % (bar: mean; dots: seeds, 95 % CI)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

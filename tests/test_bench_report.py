@@ -94,6 +94,18 @@ def test_plot_has_one_panel_per_dataset(report, tmp_path):
     assert w2 == pytest.approx(2 * w1, rel=0.02)
 
 
+def test_seed_points_spread_seeds_around_the_bar_with_their_intervals(report):
+    runs = [_result("kpod", 2, {0, 1, 2}), _result("kpod", 0, {0}), _result("kpod", 1, {0, 1})]
+    runs[0]["ci95"] = [10.0, 60.0]
+    points = report.seed_points(runs, x=3.0, spread=0.6)
+    # seed order, evenly spaced within the spread, centred on the bar
+    assert [p[1] for p in points] == [10.0, 20.0, 30.0]
+    assert [p[0] for p in points] == pytest.approx([2.8, 3.0, 3.2])
+    assert points[2][2:] == (10.0, 60.0)
+    (single,) = report.seed_points(runs[:1], x=1.0)
+    assert single[0] == 1.0
+
+
 def test_main_rewrites_only_the_marked_section(report, tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "results" / "accuracy").mkdir(parents=True)
     for r in (_result("std-cot", 0, {0}), _result("kpod", 0, {0, 1})):
