@@ -118,6 +118,14 @@ def _unstated(runs: list[dict]) -> str:
     return f"{statistics.fmean(shares):.1f}" if shares else "-"
 
 
+def _loss_tokens(runs: list[dict]) -> str:
+    """Mean number of target tokens the loss covered (``target_tokens``): a progressive method sees the
+    same sequences as std-cot ("tokens seen") but, while earlier steps are given as input, computes
+    its loss on fewer of them. "-" for results that predate the key."""
+    counts = [r["target_tokens"] for r in runs if "target_tokens" in r]
+    return f"{statistics.fmean(counts):,.0f}" if len(counts) == len(runs) and runs else "-"
+
+
 def _ablations(methods: dict[str, list[dict]]) -> list[str]:
     """Target: each ablation's mean lies between std-cot's and kpod's (the paper's ordering)."""
     if "std-cot" not in methods or "kpod" not in methods:
@@ -248,9 +256,9 @@ def tables(results: list[dict]) -> str:
         out.append(f"#### {suite} / {dataset}\n")
         out.append(
             "| method | seeds | mean accuracy % | sd | per seed (95 % CI) | no stated answer % "
-            "| tokens seen | wall (min) | commit |"
+            "| tokens seen | loss tokens | wall (min) | commit |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         names = _names(methods)
         for m in names:
             runs = methods[m]
@@ -260,11 +268,12 @@ def tables(results: list[dict]) -> str:
                 f"s{r['seed']}: {r['accuracy']:.2f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]" for r in runs
             )
             tokens = statistics.fmean(r["train_tokens"] for r in runs)
+            targets = _loss_tokens(runs)
             wall = statistics.fmean(r["wall_seconds"] for r in runs) / 60
             commits = ", ".join(sorted({r["commit"] for r in runs}))
             out.append(
                 f"| {m} | {len(runs)} | **{statistics.fmean(accs):.2f}** | {sd} | {per_seed} | "
-                f"{_unstated(runs)} | {tokens:,.0f} | {wall:.0f} | {commits} |"
+                f"{_unstated(runs)} | {tokens:,.0f} | {targets} | {wall:.0f} | {commits} |"
             )
         n = runs[0]["n"] if names else 0
         out.append(f"\nn = {n} test questions.")

@@ -94,6 +94,15 @@ def test_plot_has_one_panel_per_dataset(report, tmp_path):
     assert w2 == pytest.approx(2 * w1, rel=0.02)
 
 
+def test_table_shows_the_tokens_the_loss_covered(report):
+    kpod = [_result("kpod", 0, {0}), _result("kpod", 1, {0})]
+    kpod[0]["target_tokens"], kpod[1]["target_tokens"] = 700, 800
+    std = [_result("std-cot", 0, {0})]  # a result written before the key existed
+    rows = {line.split(" | ")[0]: line for line in report.tables(kpod + std).splitlines()}
+    assert "| 1,000 | 750 |" in rows["| kpod"]
+    assert "| 1,000 | - |" in rows["| std-cot"]
+
+
 def test_seed_points_spread_seeds_around_the_bar_with_their_intervals(report):
     runs = [_result("kpod", 2, {0, 1, 2}), _result("kpod", 0, {0}), _result("kpod", 1, {0, 1})]
     runs[0]["ci95"] = [10.0, 60.0]
