@@ -8,7 +8,9 @@ std-cot on the same test questions: McNemar's exact test per seed pair (same see
 the pairs (discordant counts summed, which treats seed pairs as independent replications) and the
 gap that pooled test can detect (power); whether
 each ablation lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch
-and the epoch kept (model selection); and ``results/accuracy.png``,
+and the epoch kept (model selection); accuracy by the number of quantities stated in the question (a
+proxy for the number of reasoning steps, pooled over seeds; needs the test file named in the
+results' config); and ``results/accuracy.png``,
 every seed's accuracy as a dot over the mean's bar, one panel per (suite, dataset). The section of
 BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
@@ -124,6 +126,74 @@ def _loss_tokens(runs: list[dict]) -> str:
     its loss on fewer of them. "-" for results that predate the key."""
     counts = [r["target_tokens"] for r in runs if "target_tokens" in r]
     return f"{statistics.fmean(counts):,.0f}" if len(counts) == len(runs) and runs else "-"
+
+
+QUANTITY_BINS = ("1-2", "3", "4+")
+
+
+def quantity_bin(question: str) -> str:
+    """Which of :data:`QUANTITY_BINS` a question falls in by the numbers written in it (``2``, ``1,000``,
+    ``3.5``; number words such as "twice" are not counted): a proxy for the number of steps its
+    solution takes, available for every test set (ASDiv's test questions come without rationales)."""
+    from kpod.data.answers import find_numbers
+
+    n = len(find_numbers(question))
+    return "1-2" if n <= 2 else "3" if n == 3 else "4+"
+
+
+def by_quantities(runs: list[dict], questions: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(right, scored) per quantity bin, pooled over the runs (seeds); questions missing from
+    ``questions`` are left out."""
+    counts = {b: [0, 0] for b in QUANTITY_BINS}
+    for r in runs:
+        for qid, right in r["per_question"].items():
+            if qid in questions:
+                cell = counts[quantity_bin(questions[qid])]
+                cell[0] += bool(right)
+                cell[1] += 1
+    return {b: (c[0], c[1]) for b, c in counts.items()}
+
+
+def _quantities(
+    methods: dict[str, list[dict]], names: list[str], questions: dict[str, str] | None
+) -> list[str]:
+    if not questions:
+        return []
+    n_questions = {b: 0 for b in QUANTITY_BINS}
+    for qid in next(iter(methods.values()))[0]["per_question"]:
+        if qid in questions:
+            n_questions[quantity_bin(questions[qid])] += 1
+    head = " | ".join(f"{b} quantities ({n_questions[b]} q)" for b in QUANTITY_BINS)
+    out = [
+        "\nAccuracy % by the number of quantities written in the question (a proxy for its steps), "
+        "right / scored pooled over seeds:\n",
+        f"| method | {head} |",
+        "|---|" + "---|" * len(QUANTITY_BINS),
+    ]
+    for m in names:
+        cells = by_quantities(methods[m], questions)
+        out.append(
+            f"| {m} | "
+            + " | ".join(f"{100 * r / n:.1f} ({r}/{n})" if n else "-" for r, n in cells.values())
+            + " |"
+        )
+    return out
+
+
+def test_questions(results: list[dict]) -> dict[tuple[str, str], dict[str, str]]:
+    """qid -> question of each (suite, dataset)'s test file, read from the path in its results' config
+    with kpod's loader; a (suite, dataset) whose file is not on this machine is left out."""
+    from kpod.data.loaders import load_examples
+
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for r in results:
+        key = (r["suite"], r["dataset"])
+        path = ((r.get("config") or {}).get("data") or {}).get("test_path")
+        if key in out or not path or not Path(path).is_file():
+            continue
+        examples, _ = load_examples(path, None)
+        out[key] = {e.qid: e.question for e in examples}
+    return out
 
 
 def _ablations(methods: dict[str, list[dict]]) -> list[str]:
@@ -249,8 +319,9 @@ def plot(results: list[dict], path: Path) -> Path:
     return path
 
 
-def tables(results: list[dict]) -> str:
+def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]] | None = None) -> str:
     groups = group(results)
+    questions = questions or {}
     out = []
     for (suite, dataset), methods in sorted(groups.items()):
         out.append(f"#### {suite} / {dataset}\n")
@@ -287,13 +358,14 @@ def tables(results: list[dict]) -> str:
             out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.extend(_ablations(methods))
         out.extend(_selection(methods, names))
+        out.extend(_quantities(methods, names, questions.get((suite, dataset))))
         out.append("")
     return "\n".join(out)
 
 
 def main() -> None:
     results = load_results()
-    text = tables(results) if results else "No accuracy results yet.\n"
+    text = tables(results, test_questions(results)) if results else "No accuracy results yet.\n"
     if results:
         figure = plot(results, RESULTS / "accuracy.png")
         text = f"![accuracy per method and seed]({figure.relative_to(ROOT).as_posix()})\n\n{text}"

@@ -103,6 +103,47 @@ def test_table_shows_the_tokens_the_loss_covered(report):
     assert "| 1,000 | - |" in rows["| std-cot"]
 
 
+def test_quantity_bins_count_the_numbers_written_in_the_question(report):
+    assert report.quantity_bin("Tom has 3 apples and buys twice as many. How many?") == "1-2"
+    assert report.quantity_bin("He paid $1,000 for 3 chairs and 2.5 tables.") == "3"
+    assert report.quantity_bin("2 cats, 3 dogs, 4 birds and 5 fish.") == "4+"
+
+
+def test_accuracy_by_quantities_pools_the_seeds(report, tmp_path):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    rows = [
+        {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=7\n#### 7"},
+        {
+            "question": "A has 2, B has 5, C has 1,000 and D has 3.5. Sum?",
+            "answer": "2+5+1000+3.5=1010.5\n#### 1010.5",
+        },
+    ]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = []
+    for seed, right in (
+        (0, {"mydata-test-0": True, "mydata-test-1": True}),
+        (1, {"mydata-test-0": False, "mydata-test-1": True}),
+    ):
+        r = _result("kpod", seed, set(), n=2)
+        r["per_question"] = {**right, "not-in-the-file": True}
+        r["config"] = {"data": {"test_path": str(folder / "test.jsonl")}}
+        runs.append(r)
+    missing = _result("std-cot", 0, set(), dataset="gsm8k")
+    missing["config"] = {"data": {"test_path": str(tmp_path / "elsewhere.jsonl")}}
+    questions = report.test_questions(runs + [missing])
+    assert set(questions) == {("cpu-small", "asdiv")}  # the missing file is skipped, not an error
+    assert report.by_quantities(runs, questions["cpu-small", "asdiv"]) == {
+        "1-2": (1, 2),
+        "3": (0, 0),
+        "4+": (2, 2),
+    }
+    text = report.tables(runs, questions)
+    assert "| method | 1-2 quantities (1 q) | 3 quantities (0 q) | 4+ quantities (1 q) |" in text
+    assert "| kpod | 50.0 (1/2) | - | 100.0 (2/2) |" in text
+    assert "by the number of quantities" not in report.tables(runs)  # no questions, no table
+
+
 def test_seed_points_spread_seeds_around_the_bar_with_their_intervals(report):
     runs = [_result("kpod", 2, {0, 1, 2}), _result("kpod", 0, {0}), _result("kpod", 1, {0, 1})]
     runs[0]["ci95"] = [10.0, 60.0]
