@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/report.py            # print, and rewrite BENCHMARKS.md's accuracy section
 
 Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's accuracy with its
-95 % interval, the share of answers never stated, tokens seen and wall time; then kpod against
+95 % interval, the share of answers never stated, tokens seen, tokens the loss covered and wall
+time; then kpod against
 std-cot on the same test questions: McNemar's exact test per seed pair (same seed) and pooled over
 the pairs (discordant counts summed, which treats seed pairs as independent replications) and the
 gap that pooled test can detect (power); whether
