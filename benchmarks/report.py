@@ -4,16 +4,15 @@
 
 Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's accuracy with its
 95 % interval, the share of answers never stated, tokens seen, tokens the loss covered and wall
-time; then kpod against
-std-cot on the same test questions: McNemar's exact test per seed pair (same seed) and pooled over
-the pairs (discordant counts summed, which treats seed pairs as independent replications) and the
-gap that pooled test can detect (power); whether
-each ablation lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch
-and the epoch kept (model selection); accuracy by the number of quantities stated in the question (a
-proxy for the number of reasoning steps, pooled over seeds; needs the test file named in the
-results' config); and ``results/accuracy.png``,
-every seed's accuracy as a dot over the mean's bar, one panel per (suite, dataset). The section of
-BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
+time. Then kpod against std-cot on the same test questions: McNemar's exact test per seed pair
+(same seed) and pooled over the pairs (discordant counts summed, which treats seed pairs as
+independent replications), and the gap that pooled test can detect (power); whether each ablation
+lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch and the epoch
+kept (model selection); accuracy by the number of quantities written in the question (a proxy for
+the number of reasoning steps, pooled over seeds; needs the test file named in the results'
+config). ``results/accuracy.png``: every seed's accuracy with its 95 % interval beside the mean's
+bar, one panel per (suite, dataset). The section of BENCHMARKS.md between the markers
+``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
 
 from __future__ import annotations
