@@ -109,3 +109,56 @@ def test_mcnemar_detectable_gap_by_hand_and_by_simulation():
             c += p_b <= u < p_b + p_c
         rejections += mcnemar_exact(b, c) < 0.05
     assert 0.70 <= rejections / trials <= 0.90
+
+
+def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_path) -> None:
+    from kpod.evaluate import weights_fingerprint
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    examples = arithmetic_examples(7, seed=4)
+    settings = dict(max_new_tokens=8, batch_size=2, progress=False)
+    reference = evaluate(loaded.model, loaded.tokenizer, examples, **settings)
+    key = weights_fingerprint(loaded.model)
+    out = tmp_path / "p.jsonl"
+    partial = tmp_path / "p.jsonl.partial"
+    real_generate = loaded.model.generate
+    calls = []
+
+    def generate_then_die(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed during the third batch
+        calls.append(kwargs["input_ids"].shape[0])
+        return real_generate(*args, **kwargs)
+
+    loaded.model.generate = generate_then_die
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 4  # header + 2 batches
+    with open(partial, "a") as handle:
+        handle.write('{"qid": "cut short by the ki')  # a torn last line
+
+    calls.clear()
+    loaded.model.generate = lambda *a, **k: (calls.append(k["input_ids"].shape[0]), real_generate(*a, **k))[1]
+    resumed = evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
+    assert calls == [2, 1]  # only the two batches not recorded: 7 questions = 2 + 2 + 2 + 1
+    assert [p["generated"] for p in resumed.predictions] == [p["generated"] for p in reference.predictions]
+    assert resumed.correct == reference.correct and not partial.exists()
+
+    # Another model (key) or other settings never reuse recorded generations.
+    partial.write_text(json.dumps({"resume_key": "other"}) + "\n" + '{"qid": "x", "generated": "y"}\n')
+    calls.clear()
+    evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
+    assert calls == [2, 2, 2, 1]
+
+
+def test_weights_fingerprint_follows_the_trainable_weights(tiny_causal) -> None:
+    import torch
+
+    from kpod.evaluate import weights_fingerprint
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    before = weights_fingerprint(loaded.model)
+    assert weights_fingerprint(loaded.model) == before  # deterministic
+    with torch.no_grad():
+        next(loaded.model.parameters())[0, 0] += 0.5
+    assert weights_fingerprint(loaded.model) != before

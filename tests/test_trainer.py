@@ -370,3 +370,45 @@ def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(tiny_
     assert selected_texts["test_predictions_last.jsonl"] == plain_texts["test_predictions.jsonl"]
     assert selected_texts["test_predictions.jsonl"] != plain_texts["test_predictions.jsonl"]
     assert selected.test_last["qids"] == selected.test["qids"]
+
+
+def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_path):
+    """The test evaluation of a finished run records its generations batch by batch; killed there,
+    the run started again restores its last checkpoint and generates only the batches not yet
+    recorded, ending with the predictions of an uninterrupted run."""
+    examples = arithmetic_examples(6, seed=5)
+    config = TrainConfig(
+        method="std-cot",
+        epochs=2,
+        batch_size=2,
+        lr=1e-2,
+        precision="fp32",
+        eval_batch_size=2,
+        eval_max_new_tokens=10,
+    )
+
+    def run(name: str, die_at: int | None = None) -> tuple[list[int], list[str]]:
+        student = load_model(str(tiny_causal))
+        real, calls = student.model.generate, []
+
+        def counted(*args, **kwargs):
+            if len(calls) == die_at:
+                raise KeyboardInterrupt
+            calls.append(kwargs["input_ids"].shape[0])
+            return real(*args, **kwargs)
+
+        student.model.generate = counted
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        train(config, student, builder, tmp_path / name, test=examples, progress=False)
+        rows = (tmp_path / name / "test_predictions.jsonl").read_text().splitlines()
+        return calls, [json.loads(r)["generated"] for r in rows]
+
+    calls, reference = run("whole")
+    assert calls == [2, 2, 2]
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", die_at=1)  # killed during the second of three test batches
+    assert (tmp_path / "killed" / "test_predictions.jsonl.partial").exists()
+    calls, resumed = run("killed")
+    assert calls == [2, 2]  # the first batch came from the partial file
+    assert resumed == reference
+    assert not (tmp_path / "killed" / "test_predictions.jsonl.partial").exists()

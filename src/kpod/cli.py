@@ -331,7 +331,7 @@ def cmd_schedule_show(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kpod.data.splits import gsm8k_paper_split
-    from kpod.evaluate import evaluate
+    from kpod.evaluate import evaluate, weights_fingerprint
     from kpod.models import load_model
     from kpod.prompt import PromptFormat
 
@@ -350,6 +350,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         out=args.out,
+        # with --out, an interrupted evaluation of the same model resumes from OUT.partial
+        resume_key=f"{weights_fingerprint(loaded.model)}:{args.precision}" if args.out else None,
     )
     summary = {"model": args.model, "data": str(args.path), **result.summary()}
     if args.json:
@@ -681,7 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--prompt-style", choices=("paper", "chat"), default="paper")
     ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ev.add_argument("--out", type=Path, help="write every prediction to this JSONL file")
+    ev.add_argument(
+        "--out",
+        type=Path,
+        help="write every prediction to this JSONL file; generations are also recorded batch by batch "
+        "in OUT.partial, so an interrupted evaluation of the same model resumes",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 

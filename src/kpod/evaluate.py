@@ -9,10 +9,12 @@ comes with a 95 % Wilson score interval, and every prediction is written to JSON
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,10 +123,20 @@ def generate(
     max_new_tokens: int = 256,
     add_special_tokens: bool = True,
     progress: bool = True,
+    done: dict[int, str] | None = None,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (in their order), batched by length."""
+    """Greedy continuations of ``prompts`` (in their order), batched by length.
+
+    ``done`` maps prompt indices to continuations already generated (by an earlier, interrupted
+    call with the same prompts and settings): a batch whose prompts are all there is not generated
+    again, so the remaining batches are exactly those of an uninterrupted call (a batch's padding
+    can change bf16 results, so a partly done batch is generated whole). ``on_batch(indices, texts)``
+    is called after each generated batch (to record progress).
+    """
     from transformers import StoppingCriteriaList
 
+    done = done or {}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     side = tokenizer.padding_side
@@ -133,6 +145,10 @@ def generate(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[start : start + batch_size]
+            if all(i in done for i in idx):
+                for i in idx:
+                    out[i] = done[i]
+                continue
             enc = tokenizer(
                 [prompts[i] for i in idx],
                 return_tensors="pt",
@@ -150,8 +166,11 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
                 out[i] = text
+            if on_batch is not None:
+                on_batch(idx, texts)
     finally:
         tokenizer.padding_side = side
     return out
@@ -191,15 +210,44 @@ def evaluate(
     out: Path | None = None,
     question_prefix: str = "",
     progress: bool = True,
+    resume_key: str | None = None,
 ) -> EvalResult:
     """Accuracy of a model on ``examples`` (one per question), with every prediction recorded.
 
     ``question_prefix`` goes before each question (the ``[label]`` task of distilling
     step-by-step).
+
+    With ``out`` and ``resume_key`` (a string that identifies the model's weights, e.g. from
+    :func:`weights_fingerprint`), the generations are also appended batch by batch to
+    ``OUT.partial``; a later call with the same key, prompts and generation settings reuses them and
+    generates only the rest, so a killed evaluation loses at most one batch. The partial file is
+    removed once ``out`` is written. A different key starts over.
     """
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
+    partial = None
+    done: dict[int, str] = {}
+    if out is not None and resume_key is not None:
+        header = {
+            "resume_key": resume_key,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "prompts": hashlib.sha1("\x00".join(prompts).encode()).hexdigest(),
+        }
+        partial = Path(out).with_name(Path(out).name + ".partial")
+        done = _read_partial(partial, header, [e.qid for e in questions])
+        if not done:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(header) + "\n", encoding="utf-8")
+
+    def record(indices: list[int], texts: list[str]) -> None:
+        if partial is None:
+            return
+        with open(partial, "a", encoding="utf-8") as handle:
+            for i, text in zip(indices, texts, strict=True):
+                handle.write(json.dumps({"qid": questions[i].qid, "generated": text}) + "\n")
+
     start = time.perf_counter()
     texts = generate(
         model,
@@ -210,6 +258,8 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         add_special_tokens=fmt.style == "paper",
         progress=progress,
+        done=done,
+        on_batch=record,
     )
     seconds = time.perf_counter() - start
     predictions = []
@@ -241,4 +291,44 @@ def evaluate(
     )
     if out is not None:
         write_jsonl(out, predictions)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return result
+
+
+def _read_partial(path: Path, header: dict[str, Any], qids: list[str]) -> dict[int, str]:
+    """Generations recorded in ``path`` by an interrupted :func:`evaluate` with the same ``header``,
+    by question index; empty when there is no such file or it was written for another model or
+    settings. A line cut short by a kill (the last one) is ignored."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if not lines or json.loads(lines[0]) != header:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    index = {qid: i for i, qid in enumerate(qids)}
+    done: dict[int, str] = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("qid") in index:
+            done[index[row["qid"]]] = row["generated"]
+    return done
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short fingerprint of a model's trainable weights (all weights when none is trainable): the
+    sum and absolute sum of each tensor, hashed. Cheap on any device and size; two differently
+    trained states collide only if every tensor's two sums agree to float64 rounding."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = params or list(model.named_parameters())
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, p in params:
+            q = p.detach().double()
+            digest.update(f"{name}:{float(q.sum())!r}:{float(q.abs().sum())!r};".encode())
+    return digest.hexdigest()[:16]

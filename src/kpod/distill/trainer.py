@@ -17,7 +17,8 @@ on the same directory continues where the newest complete checkpoint left it, mi
 
 Model selection: after each stage, accuracy on the dev split (greedy generation of the whole
 rationale); the best stage's trainable weights are kept and restored at the end. The test split,
-when given, is scored once, at the end. The student is saved with ``save_pretrained`` in
+when given, is scored at the end (resumable: its generations are recorded batch by batch, see
+:func:`kpod.evaluate.evaluate`). The student is saved with ``save_pretrained`` in
 ``OUTPUT/student`` (LoRA adapters, or merged into the base weights with ``merge_lora``).
 """
 
@@ -272,10 +273,13 @@ def _evaluate(
     prefix: str,
     out: Path | None,
 ) -> dict[str, Any]:
-    from kpod.evaluate import evaluate
+    from kpod.evaluate import evaluate, weights_fingerprint
 
     was_training = model.training
     model.eval()
+    # Test predictions (``out``) are resumable: a run killed while scoring test picks up the
+    # generations of the same weights (a checkpoint restored, then the best stage's weights).
+    resume_key = weights_fingerprint(model) if out is not None else None
     result = evaluate(
         model,
         student.tokenizer,
@@ -287,6 +291,7 @@ def _evaluate(
         out=out,
         question_prefix=prefix,
         progress=False,
+        resume_key=resume_key,
     )
     model.train(was_training)
     return {
