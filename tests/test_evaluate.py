@@ -115,39 +115,46 @@ def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_p
     from kpod.evaluate import weights_fingerprint
 
     loaded = load_model(str(tiny_causal), trainable=False)
-    examples = arithmetic_examples(7, seed=4)
+    examples = arithmetic_examples(7, seed=4)  # batches of 2: 2 + 2 + 2 + 1 questions
     settings = dict(max_new_tokens=8, batch_size=2, progress=False)
     reference = evaluate(loaded.model, loaded.tokenizer, examples, **settings)
     key = weights_fingerprint(loaded.model)
-    out = tmp_path / "p.jsonl"
-    partial = tmp_path / "p.jsonl.partial"
-    real_generate = loaded.model.generate
-    calls = []
+    out, partial = tmp_path / "p.jsonl", tmp_path / "p.jsonl.partial"
+    real_generate, calls = loaded.model.generate, []
 
-    def generate_then_die(*args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed during the third batch
-        calls.append(kwargs["input_ids"].shape[0])
-        return real_generate(*args, **kwargs)
+    def run(resume_key: str, die_at: int | None = None, **changed):
+        """evaluate(), counting the batches generated; killed at the batch ``die_at`` (0-based)."""
 
-    loaded.model.generate = generate_then_die
+        def generate(*args, **kwargs):
+            if len(calls) == die_at:
+                raise KeyboardInterrupt
+            calls.append(kwargs["input_ids"].shape[0])
+            return real_generate(*args, **kwargs)
+
+        calls.clear()
+        loaded.model.generate = generate
+        return evaluate(
+            loaded.model, loaded.tokenizer, examples, out=out, resume_key=resume_key, **settings | changed
+        )
+
     with pytest.raises(KeyboardInterrupt):
-        evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
-    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 4  # header + 2 batches
+        run(key, die_at=2)
+    assert not out.exists() and len(partial.read_text().splitlines()) == 4  # two batches recorded
     with open(partial, "a") as handle:
-        handle.write('{"qid": "cut short by the ki')  # a torn last line
-
-    calls.clear()
-    loaded.model.generate = lambda *a, **k: (calls.append(k["input_ids"].shape[0]), real_generate(*a, **k))[1]
-    resumed = evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
-    assert calls == [2, 1]  # only the two batches not recorded: 7 questions = 2 + 2 + 2 + 1
+        handle.write('{"qid": "cut short by the ki')  # a torn last line is dropped
+    resumed = run(key)
+    assert calls == [2, 1]  # only the two batches not recorded
     assert [p["generated"] for p in resumed.predictions] == [p["generated"] for p in reference.predictions]
     assert resumed.correct == reference.correct and not partial.exists()
 
-    # Another model (key) or other settings never reuse recorded generations.
-    partial.write_text(json.dumps({"resume_key": "other"}) + "\n" + '{"qid": "x", "generated": "y"}\n')
-    calls.clear()
-    evaluate(loaded.model, loaded.tokenizer, examples, out=out, resume_key=key, **settings)
+    # Generations recorded for another model (key) or other settings are not reused.
+    with pytest.raises(KeyboardInterrupt):
+        run("another model", die_at=3)
+    run(key)
+    assert calls == [2, 2, 2, 1]
+    with pytest.raises(KeyboardInterrupt):
+        run(key, die_at=3)
+    run(key, max_new_tokens=9)
     assert calls == [2, 2, 2, 1]
 
 

@@ -10,7 +10,6 @@ comes with a 95 % Wilson score interval, and every prediction is written to JSON
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -219,48 +218,49 @@ def evaluate(
 
     With ``out`` and ``resume_key`` (a string that identifies the model's weights, e.g. from
     :func:`weights_fingerprint`), the generations are also appended batch by batch to
-    ``OUT.partial``; a later call with the same key, prompts and generation settings reuses them and
-    generates only the rest, so a killed evaluation loses at most one batch. The partial file is
-    removed once ``out`` is written. A different key starts over.
+    ``OUT.partial`` (a :class:`kpod.teacher.store.RationaleStore`: complete lines survive a kill); a
+    later call with the same key, prompts and generation settings reuses them and generates only the
+    rest, so a killed evaluation loses at most one batch. The partial file is removed once ``out``
+    is written. Records of another key or settings are ignored.
     """
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
-    partial = None
+    store = None
     done: dict[int, str] = {}
     if out is not None and resume_key is not None:
-        header = {
-            "resume_key": resume_key,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "prompts": hashlib.sha1("\x00".join(prompts).encode()).hexdigest(),
-        }
-        partial = Path(out).with_name(Path(out).name + ".partial")
-        done = _read_partial(partial, header, [e.qid for e in questions])
-        if not done:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        # The teacher's crash-safe store, keyed by (qid, model fingerprint, prompt and settings, 0).
+        from kpod.teacher.store import RationaleStore, record_key
+
+        settings = f"{batch_size}:{max_new_tokens}:"
+        hashes = [hashlib.sha1((settings + p).encode()).hexdigest()[:16] for p in prompts]
+        store = RationaleStore(Path(out).with_name(Path(out).name + ".partial"), fsync=False)
+        recorded = {record_key(r): r["generated"] for r in store}
+        keys = [(e.qid, resume_key, h, 0) for e, h in zip(questions, hashes, strict=True)]
+        done = {i: recorded[k] for i, k in enumerate(keys) if k in recorded}
 
     def record(indices: list[int], texts: list[str]) -> None:
-        if partial is None:
-            return
-        with open(partial, "a", encoding="utf-8") as handle:
-            for i, text in zip(indices, texts, strict=True):
-                handle.write(json.dumps({"qid": questions[i].qid, "generated": text}) + "\n")
+        for i, text in zip(indices, texts, strict=True):
+            row = {"qid": questions[i].qid, "teacher": resume_key, "prompt_hash": hashes[i], "sample": 0}
+            store.append({**row, "generated": text})
 
     start = time.perf_counter()
-    texts = generate(
-        model,
-        tokenizer,
-        prompts,
-        kind=kind,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        add_special_tokens=fmt.style == "paper",
-        progress=progress,
-        done=done,
-        on_batch=record,
-    )
+    try:
+        texts = generate(
+            model,
+            tokenizer,
+            prompts,
+            kind=kind,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            add_special_tokens=fmt.style == "paper",
+            progress=progress,
+            done=done,
+            on_batch=record if store is not None else None,
+        )
+    finally:
+        if store is not None:
+            store.close()
     seconds = time.perf_counter() - start
     predictions = []
     n_tokens = 0
@@ -291,33 +291,9 @@ def evaluate(
     )
     if out is not None:
         write_jsonl(out, predictions)
-        if partial is not None:
-            partial.unlink(missing_ok=True)
+    if store is not None:
+        store.path.unlink(missing_ok=True)
     return result
-
-
-def _read_partial(path: Path, header: dict[str, Any], qids: list[str]) -> dict[int, str]:
-    """Generations recorded in ``path`` by an interrupted :func:`evaluate` with the same ``header``,
-    by question index; empty when there is no such file or it was written for another model or
-    settings. A line cut short by a kill (the last one) is ignored."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    try:
-        if not lines or json.loads(lines[0]) != header:
-            return {}
-    except json.JSONDecodeError:
-        return {}
-    index = {qid: i for i, qid in enumerate(qids)}
-    done: dict[int, str] = {}
-    for line in lines[1:]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("qid") in index:
-            done[index[row["qid"]]] = row["generated"]
-    return done
 
 
 def weights_fingerprint(model: Any) -> str:
