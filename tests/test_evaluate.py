@@ -157,6 +157,11 @@ def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_p
     run(key, max_new_tokens=9)
     assert calls == [2, 2, 2, 1]
 
+    partial.write_text('{"resume_key": "a file kpod did not write"}\n')
+    with pytest.warns(UserWarning, match="starting the evaluation over"):
+        again = run(key)
+    assert calls == [2, 2, 2, 1] and again.correct == reference.correct and not partial.exists()
+
 
 def test_weights_fingerprint_follows_the_trainable_weights(tiny_causal) -> None:
     import torch

@@ -13,6 +13,7 @@ import hashlib
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from kpod.data.answers import ANSWER_PHRASE, answers_match, extract_answer_detail
 from kpod.data.schema import Example
+from kpod.errors import DataError
 from kpod.io import write_jsonl
 from kpod.prompt import PromptFormat, render_prompt
 
@@ -234,7 +236,13 @@ def evaluate(
 
         settings = f"{batch_size}:{max_new_tokens}:"
         hashes = [hashlib.sha1((settings + p).encode()).hexdigest()[:16] for p in prompts]
-        store = RationaleStore(Path(out).with_name(Path(out).name + ".partial"), fsync=False)
+        path = Path(out).with_name(Path(out).name + ".partial")
+        try:
+            store = RationaleStore(path, fsync=False)
+        except DataError as err:  # not ours (or from an older kpod): start over rather than fail
+            warnings.warn(f"{err}; starting the evaluation over", stacklevel=2)
+            path.unlink()
+            store = RationaleStore(path, fsync=False)
         recorded = {record_key(r): r["generated"] for r in store}
         keys = [(e.qid, resume_key, h, 0) for e, h in zip(questions, hashes, strict=True)]
         done = {i: recorded[k] for i, k in enumerate(keys) if k in recorded}
