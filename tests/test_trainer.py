@@ -295,7 +295,9 @@ def test_two_processes_end_with_the_same_parameters_as_one(tiny64, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
-def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_causal, tmp_path, capsys):
+def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(
+    tiny_causal, tmp_path, capsys, monkeypatch
+):
     """Resume from a mid-run LoRA checkpoint (later ones removed, as after a crash) == the whole run."""
     import shutil
 
@@ -319,7 +321,11 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_causal, 
         train(config, student, builder, out, progress=False)
         return {n: p.detach().clone() for n, p in student.model.named_parameters() if p.requires_grad}
 
+    import kpod.allocator
+
+    monkeypatch.setattr(kpod.allocator, "cpu_allocator_hint", lambda: "note: preload jemalloc")
     whole = run(tmp_path / "run")
+    assert "note: preload jemalloc" in capsys.readouterr().err  # the CPU allocator hint is shown
     ckpts = tmp_path / "run" / "checkpoints"
     saved = latest_checkpoint(ckpts) / "model.safetensors"
     from safetensors.torch import load_file

@@ -215,12 +215,15 @@ def input_files(cfg: DataConfig) -> dict[str, str]:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
+    from kpod.allocator import current_allocator
+
     out = {"python": platform.python_version()}
     for pkg in ("kpod", "torch", "transformers", "peft", "accelerate", "datasets"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "absent"
+    out["malloc"] = current_allocator()  # CPU speed depends on it (kpod.allocator), results do not
     return out
 
 

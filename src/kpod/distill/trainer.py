@@ -406,6 +406,12 @@ def train(
     )
     if resumed_from is not None and accelerator.is_main_process:
         print(f"resuming from {resumed_from} (step {state['step']} of {total_steps})", file=sys.stderr)
+    if accelerator.device.type == "cpu" and accelerator.is_main_process and state["step"] < total_steps:
+        from kpod.allocator import cpu_allocator_hint
+
+        hint = cpu_allocator_hint()
+        if hint:
+            print(hint, file=sys.stderr)
     start_time = time.perf_counter() - state["seconds"]
     skipped = 0
     model.train()

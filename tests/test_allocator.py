@@ -1,0 +1,105 @@
+"""Which allocator the process runs on, where a faster one is, and the hint the trainer prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpod.allocator import (
+    allocator_in,
+    cpu_allocator_hint,
+    current_allocator,
+    find_fast_allocator,
+)
+
+GLIBC_MAPS = [
+    "7f0000000000-7f0000100000 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libc.so.6",
+    "7f0000200000-7f0000300000 r-xp 00000000 08:01 124 /usr/lib/x86_64-linux-gnu/libm.so.6",
+    "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]",
+    "",
+]
+
+
+def test_allocator_in_reads_maps_lines_and_paths():
+    assert allocator_in(GLIBC_MAPS) is None
+    jemalloc = "7f1-7f2 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    assert allocator_in([*GLIBC_MAPS, jemalloc]) == "jemalloc"
+    assert allocator_in(["/usr/lib64/libtcmalloc_minimal.so.4"]) == "tcmalloc"
+    assert allocator_in(["/opt/lib/libmimalloc.so.2"]) == "mimalloc"
+    # a path that merely contains the name is not the library
+    assert allocator_in(["/home/me/libjemalloc-notes/libc.so.6"]) is None
+
+
+def test_current_allocator_reads_maps_else_ld_preload(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("\n".join(GLIBC_MAPS))
+    assert current_allocator(maps, env={"LD_PRELOAD": "/x/libjemalloc.so.2"}) == "system"  # maps win
+    maps.write_text("\n".join([*GLIBC_MAPS, "1-2 r-xp 0 0:0 1 /usr/lib/libtcmalloc.so.4"]))
+    assert current_allocator(maps, env={}) == "tcmalloc"
+    missing = tmp_path / "no-such-maps"
+    assert current_allocator(missing, env={"LD_PRELOAD": "/a/libfoo.so:/x/libjemalloc.so.2"}) == "jemalloc"
+    assert current_allocator(missing, env={}) == "system"
+
+
+def test_find_fast_allocator_prefers_jemalloc_and_returns_none_when_absent(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert find_fast_allocator([a, b]) is None
+    (a / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert find_fast_allocator([a, b]) == a / "libtcmalloc_minimal.so.4"
+    (b / "libjemalloc.so.2").write_bytes(b"")
+    assert find_fast_allocator([a, b]) == b / "libjemalloc.so.2"
+
+
+def test_hint_only_under_glibc_on_linux_and_says_how():
+    lib = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    with_lib = cpu_allocator_hint("system", lib, "Linux")
+    assert with_lib is not None and f"LD_PRELOAD={lib}" in with_lib
+    without = cpu_allocator_hint("system", None, "Linux")
+    if find_fast_allocator() is None:  # nothing to point at: say what to install
+        assert without is not None and "apt-get install libjemalloc2" in without
+    assert cpu_allocator_hint("jemalloc", lib, "Linux") is None
+    assert cpu_allocator_hint("system", lib, "Darwin") is None
+
+
+@pytest.mark.skipif(
+    find_fast_allocator() is None or not Path("/proc/self/maps").exists(),
+    reason="no jemalloc/tcmalloc/mimalloc installed (Debian: apt-get install libjemalloc2; .ci/run does)",
+)
+def test_a_preloaded_allocator_is_seen_in_a_real_process():
+    code = (
+        "from kpod.allocator import current_allocator as c, cpu_allocator_hint as h; print(c(), h() is None)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lib = find_fast_allocator()
+    preloaded = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "LD_PRELOAD": str(lib)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert plain.stdout.split() == ["system", "False"]
+    assert preloaded.stdout.split() == [allocator_in([str(lib)]), "True"]
+
+
+def test_trainlog_splits_a_resumed_runs_log_into_labelled_sittings(load_benchmark, tmp_path):
+    bench = load_benchmark("allocator")
+    # steps 1-4 at 100 tokens/s, then a resumed sitting from step 5 at 200 tokens/s
+    rows = [{"step": s, "tokens": 100 * s, "step_s": s / (1 if s < 5 else 2)} for s in range(1, 9)]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = bench.trainlog(log, starts=[5], labels=["glibc", "jemalloc"], window=2)
+    assert [s["allocator"] for s in out["sittings"]] == ["glibc", "jemalloc"]
+    assert [s["steps"] for s in out["sittings"]] == [[1, 4], [5, 8]]
+    assert [s["tokens_per_s"] for s in out["sittings"]] == [100.0, 200.0]
+    assert [w["steps"] for w in out["sittings"][1]["windows"]] == [[5, 6], [7, 8]]
+    with pytest.raises(SystemExit, match="2 sittings in the log, 3 labels"):
+        bench.trainlog(log, starts=[5], labels=["a", "b", "c"], window=2)
