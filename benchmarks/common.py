@@ -13,6 +13,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kpod.allocator import current_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -36,7 +38,10 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     python = platform.python_version()
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {python}"
+    text = f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {python}"
+    # Since session 8: name a preloaded allocator (it changes CPU speed, not results; kpod.allocator).
+    allocator = current_allocator()
+    return text if allocator == "system" else f"{text}, {allocator}"
 
 
 def provenance() -> dict[str, str]:
