@@ -7,10 +7,11 @@
 
 ``numerics`` trains a small random Llama for 6 AdamW steps (bf16 autocast, batches of changing
 length) in two fresh processes, one under the system malloc and one with the installed jemalloc
-(or tcmalloc) preloaded, and compares the final weights' hash and the losses: an allocator must not
-change a result. ``trainlog`` reads a kpod ``train_log.jsonl`` whose run was killed and resumed
-(``--starts``: the first step of each later sitting), and reports real tokens per second per sitting
-and per window of steps, labelled with the allocator each sitting ran under (the log does not know).
+(or tcmalloc) preloaded, and compares the final weights' hash and the losses: an allocator must
+not change a result. It is not timed: six small steps say nothing of a heap fragmenting over an
+hour. ``trainlog`` reads a kpod ``train_log.jsonl`` whose run was killed and resumed (``--starts``:
+the first step of each later sitting), and reports real tokens per second per sitting and per
+window of steps, labelled with the allocator each sitting ran under (the log does not know).
 Both write into ``results/allocator.json`` (one key each) with the usual provenance.
 """
 
@@ -32,7 +33,7 @@ from kpod.allocator import allocator_in, find_fast_allocator  # noqa: E402
 OUT = RESULTS / "allocator.json"
 
 TRAIN_SNIPPET = r"""
-import hashlib, json, time, torch
+import hashlib, json, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from kpod.allocator import current_allocator
 torch.manual_seed(0)
@@ -41,7 +42,7 @@ cfg = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=704, num_h
 model = LlamaForCausalLM(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 gen = torch.Generator().manual_seed(1)
-losses, start = [], time.perf_counter()
+losses = []
 for length in (37, 120, 64, 201, 90, 150):
     ids = torch.randint(0, 2000, (8, length), generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -54,7 +55,7 @@ digest = hashlib.sha1()
 for p in model.parameters():
     digest.update(p.detach().numpy().tobytes())
 print(json.dumps({"allocator": current_allocator(), "weights_sha1": digest.hexdigest(),
-                  "losses": losses, "seconds": time.perf_counter() - start}))
+                  "losses": losses}))
 """
 
 
