@@ -2,12 +2,14 @@
 
 Training on the CPU with length-grouped batches gives every step tensors of new shapes. Under
 glibc's malloc the freed blocks fragment its heap and ``_int_malloc`` searches ever longer free
-lists: in a GSM8K suite run (SmolLM2-135M, LoRA, bf16, 2 cores) one training process fell from
-about 140 to about 40 tokens/s within 40 minutes, and a profile put a third of the main thread in
-``_int_malloc``. The same run resumed under jemalloc trained at 130-200 tokens/s, with bit-identical
-results (BENCHMARKS.md, "Memory allocator"). A process cannot swap its allocator once started, so
-kpod says so (:func:`cpu_allocator_hint`) and ``make demo`` preloads jemalloc where it is installed
-(:func:`find_fast_allocator`; ``scripts/demo.sh``).
+lists: in a GSM8K suite run (SmolLM2-135M, LoRA, bf16, 2 cores) a training process fell from 130
+to 60 tokens/s within 40 minutes, a profile of it put a third of the main thread in
+``_int_malloc``, and a restart from its checkpoint was fast again, then slowed again. jemalloc does
+not use glibc's heap; preloading it changes no result (bit-identical weights,
+``benchmarks/allocator.py numerics``). BENCHMARKS.md ("Memory allocator") has the figures. A
+process cannot swap its allocator once started, so kpod says so (:func:`cpu_allocator_hint`) and
+``make demo`` preloads jemalloc where it is installed (:func:`find_fast_allocator`;
+``scripts/demo.sh``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def cpu_allocator_hint(
         else "install jemalloc (Debian/Ubuntu: apt-get install libjemalloc2) and preload it with LD_PRELOAD"
     )
     return (
-        "note: CPU training under glibc malloc slows down as its heap fragments (measured: ~140 to "
-        f"~40 tokens/s within 40 min); for the same results faster, {how} (BENCHMARKS.md, Memory allocator)"
+        "note: CPU training under glibc malloc slows down as its heap fragments (measured: 130 to 60 "
+        f"tokens/s within 40 min); to avoid it, with the same results, {how} "
+        "(BENCHMARKS.md, Memory allocator)"
     )
