@@ -57,15 +57,16 @@ def test_find_fast_allocator_prefers_jemalloc_and_returns_none_when_absent(tmp_p
     assert find_fast_allocator([a, b]) == b / "libjemalloc.so.2"
 
 
-def test_hint_only_under_glibc_on_linux_and_says_how():
+def test_hint_only_under_glibc_and_says_how():
     lib = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    with_lib = cpu_allocator_hint("system", lib, "Linux")
+    with_lib = cpu_allocator_hint("system", lib, "glibc")
     assert with_lib is not None and f"LD_PRELOAD={lib}" in with_lib
-    without = cpu_allocator_hint("system", None, "Linux")
+    without = cpu_allocator_hint("system", None, "glibc")
     if find_fast_allocator() is None:  # nothing to point at: say what to install
         assert without is not None and "apt-get install libjemalloc2" in without
-    assert cpu_allocator_hint("jemalloc", lib, "Linux") is None
-    assert cpu_allocator_hint("system", lib, "Darwin") is None
+    assert cpu_allocator_hint("jemalloc", lib, "glibc") is None
+    assert cpu_allocator_hint("system", lib, "") is None  # macOS: platform.libc_ver() names none
+    assert cpu_allocator_hint("system", lib, "musl") is None
 
 
 @pytest.mark.skipif(

@@ -73,13 +73,14 @@ def find_fast_allocator(dirs: Iterable[str | os.PathLike[str]] = LIBRARY_DIRS) -
 
 
 def cpu_allocator_hint(
-    allocator: str | None = None, library: Path | None = None, system: str | None = None
+    allocator: str | None = None, library: Path | None = None, libc: str | None = None
 ) -> str | None:
     """One line advising a faster allocator for a long CPU run, or ``None`` when there is nothing
-    to advise (one is loaded already, or the system is not Linux, where glibc is the problem)."""
-    system = system or platform.system()
+    to advise: one is loaded already, or the C library is not glibc (macOS, musl), whose heap is
+    the one measured to fragment. ``libc`` defaults to :func:`platform.libc_ver`'s name."""
+    libc = platform.libc_ver()[0] if libc is None else libc
     allocator = allocator or current_allocator()
-    if system != "Linux" or allocator != "system":
+    if libc != "glibc" or allocator != "system":
         return None
     if library is None:
         library = find_fast_allocator()
