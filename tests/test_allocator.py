@@ -65,7 +65,7 @@ def test_hint_only_under_glibc_and_says_how():
     if find_fast_allocator() is None:  # nothing to point at: say what to install
         assert without is not None and "apt-get install libjemalloc2" in without
     assert cpu_allocator_hint("jemalloc", lib, "glibc") is None
-    assert cpu_allocator_hint("system", lib, "") is None  # macOS: platform.libc_ver() names none
+    assert cpu_allocator_hint("system", lib, "") is None  # no glibc (macOS)
     assert cpu_allocator_hint("system", lib, "musl") is None
 
 

@@ -321,9 +321,9 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(
         train(config, student, builder, out, progress=False)
         return {n: p.detach().clone() for n, p in student.model.named_parameters() if p.requires_grad}
 
-    import kpod.allocator
+    import kpod.distill.trainer
 
-    monkeypatch.setattr(kpod.allocator, "cpu_allocator_hint", lambda: "note: preload jemalloc")
+    monkeypatch.setattr(kpod.distill.trainer, "cpu_allocator_hint", lambda: "note: preload jemalloc")
     whole = run(tmp_path / "run")
     assert "note: preload jemalloc" in capsys.readouterr().err  # the CPU allocator hint is shown
     ckpts = tmp_path / "run" / "checkpoints"

@@ -14,10 +14,11 @@ process cannot swap its allocator once started, so kpod says so (:func:`cpu_allo
 
 from __future__ import annotations
 
+import functools
 import os
-import platform
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 # Shared-library name fragments of the allocators worth preloading, in order of preference.
 FAST_ALLOCATORS = {"jemalloc": "libjemalloc", "tcmalloc": "libtcmalloc", "mimalloc": "libmimalloc"}
@@ -39,6 +40,32 @@ LIBRARY_FILES = (
     "libmimalloc.so.2",
     "libmimalloc.so",
 )
+
+
+@functools.cache
+def glibc() -> Any:
+    """The C library when it is glibc (it has ``malloc_trim``), else ``None`` (macOS, musl)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim).
+
+    On CPU, length-grouped batches give every step tensors of new shapes; glibc keeps the freed
+    blocks in per-thread arenas and the process grew to 17+ GB on ASDiv with a 135M student
+    (measured). Trimming after each step keeps it near its working set; it does not defragment the
+    heap (module docstring). No-op elsewhere.
+    """
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def allocator_in(mapped_paths: Iterable[str]) -> str | None:
@@ -77,8 +104,8 @@ def cpu_allocator_hint(
 ) -> str | None:
     """One line advising a faster allocator for a long CPU run, or ``None`` when there is nothing
     to advise: one is loaded already, or the C library is not glibc (macOS, musl), whose heap is
-    the one measured to fragment. ``libc`` defaults to :func:`platform.libc_ver`'s name."""
-    libc = platform.libc_ver()[0] if libc is None else libc
+    the one measured to fragment. ``libc`` defaults to ``glibc`` when :func:`glibc` finds it."""
+    libc = ("glibc" if glibc() is not None else "") if libc is None else libc
     allocator = allocator or current_allocator()
     if libc != "glibc" or allocator != "system":
         return None

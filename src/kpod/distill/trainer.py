@@ -25,7 +25,6 @@ when given, is scored at the end (resumable: its generations are recorded batch 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import shutil
@@ -39,6 +38,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from kpod.allocator import cpu_allocator_hint, release_freed_memory
 from kpod.data.schema import Example
 from kpod.distill.batches import collate, global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
@@ -176,31 +176,6 @@ def _forward_loss(
         ).logits
         weights = batch["weights"]
     return weighted_token_nll(logits, labels, weights, 1.0)
-
-
-@functools.cache
-def _glibc() -> Any:
-    """The C library when it is glibc (it has malloc_trim), else ``None``."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim).
-
-    On CPU, length-grouped batches give every step tensors of new shapes; glibc keeps the freed
-    blocks in per-thread arenas and the process grew to 17+ GB on ASDiv with a 135M student
-    (measured). Trimming after each step keeps it near its working set. No-op elsewhere.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -407,8 +382,6 @@ def train(
     if resumed_from is not None and accelerator.is_main_process:
         print(f"resuming from {resumed_from} (step {state['step']} of {total_steps})", file=sys.stderr)
     if accelerator.device.type == "cpu" and accelerator.is_main_process and state["step"] < total_steps:
-        from kpod.allocator import cpu_allocator_hint
-
         hint = cpu_allocator_hint()
         if hint:
             print(hint, file=sys.stderr)
@@ -474,7 +447,7 @@ def train(
                 loss_value, n_tokens = float("nan"), 0
             scheduler.step()
             if accelerator.device.type == "cpu":
-                _release_freed_memory()
+                release_freed_memory()
             state["step"] += 1
             seconds = time.perf_counter() - step_start
             row = {
