@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,12 +136,14 @@ print(json.dumps({{**measured, "allocator": current_allocator(),
 def speed(steps: int, rounds: int, student: str, out: Path) -> dict:
     """Each setting in its own fresh process, ``rounds`` times in rotated order (so that none always
     runs first on a machine whose speed drifts); the figure per setting is the mean over rounds."""
+    shutil.rmtree(out, ignore_errors=True)  # kpod resumes from a checkpoint it finds: start clean
     found = find_fast_allocator()
     libraries = {"jemalloc": found if found and allocator_in([str(found)]) == "jemalloc" else None}
     rows: dict[str, list[dict]] = {name: [] for name, *_ in SETTINGS}
     for r in range(rounds):
         order = SETTINGS[r % len(SETTINGS) :] + SETTINGS[: r % len(SETTINGS)]
-        for name, library, extra, trim in order:
+        for setting in order:
+            name, library, extra, trim = setting
             env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
             env.update(extra)
             if library is not None:
@@ -153,11 +156,11 @@ def speed(steps: int, rounds: int, student: str, out: Path) -> dict:
                 trim=trim,
                 student=student,
                 steps=steps,
-                out=str(out / f"{len(rows[name])}-{name.split()[0]}"),
+                out=str(out / f"setting{SETTINGS.index(setting)}-round{r}"),
             )
-            done = subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-            )
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"setting {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows[name].append(row)
             print(name, row, flush=True)
