@@ -111,6 +111,8 @@ SETTINGS: list[tuple[str, str | None, dict[str, str], bool]] = [
     ("jemalloc, retain pages", "jemalloc", {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}, True),
 ]
 
+BATCH, MAX_LENGTH = 8, 512  # the cpu-small suite's shape
+
 SPEED_CHILD = r"""
 import argparse, json, resource, sys, time
 sys.path.insert(0, {bench!r})
@@ -120,8 +122,8 @@ from kpod.allocator import current_allocator
 from kpod.models import load_tokenizer
 if not {trim!r}:
     trainer.release_freed_memory = lambda: None
-args = argparse.Namespace(student={student!r}, batch_size=8, max_length=512, precision="bf16")
-examples, _ = throughput.load_data({steps} * 8, load_tokenizer(args.student), 512)
+args = argparse.Namespace(student={student!r}, batch_size={batch}, max_length={max_length}, precision="bf16")
+examples, _ = throughput.load_data({steps} * args.batch_size, load_tokenizer(args.student), args.max_length)
 before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 measured = throughput.ours("std-cot", args, examples, __import__("pathlib").Path({out!r}))
 after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
@@ -156,6 +158,8 @@ def speed(steps: int, rounds: int, student: str, out: Path) -> dict:
                 trim=trim,
                 student=student,
                 steps=steps,
+                batch=BATCH,
+                max_length=MAX_LENGTH,
                 out=str(out / f"setting{SETTINGS.index(setting)}-round{r}"),
             )
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -177,8 +181,8 @@ def speed(steps: int, rounds: int, student: str, out: Path) -> dict:
     return {
         "student": student,
         "steps": steps,
-        "batch_size": 8,
-        "max_length": 512,
+        "batch_size": BATCH,
+        "max_length": MAX_LENGTH,
         "precision": "bf16",
         "settings": report,
     }
