@@ -203,6 +203,32 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
 
 
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    from tiny_models import build_causal
+
+    model = build_causal(tmp_path / "model", hidden=32, layers=2)
+    config = tiny_config(tmp_path, model, methods=["std-cot"], eval_untrained=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run" / "data").exists():
+            time.sleep(0.02)
+        assert first.poll() is None, "the first run finished before the second started"
+        before = sorted(p.name for p in (tmp_path / "run").iterdir())
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run finished before the second was refused"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2
+    assert f"is being written by process {first.pid}" in second.stderr
+    assert str(tmp_path / "run") in second.stderr and "Traceback" not in second.stderr
+    assert "-> " not in second.stdout  # refused before it printed or wrote anything
+    assert set(before) <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
 CHECK_SCRIPT = """
 <script>
 window.addEventListener('load', () => {

@@ -214,3 +214,52 @@ def test_a_local_model_as_teacher_uses_the_same_store(tiny_causal: Path, tmp_pat
     for r in records:
         by_q.setdefault(r["qid"], []).append(r["completion"])
     assert any(len(set(v)) > 1 for v in by_q.values())
+
+
+def test_a_second_generator_on_the_same_store_is_refused(tiny_causal: Path, tmp_path: Path) -> None:
+    """Two real `kpod teacher generate` on one store: the second stops at once (exit 2, naming the
+    first's PID) and writes nothing; the store ends with every (question, sample) once, and the
+    server was asked each of them once."""
+    data = tmp_path / "questions.jsonl"
+    write_jsonl(data, [e.to_dict() for e in arithmetic_examples(6, seed=3)])
+    port = free_port()
+    server = subprocess.Popen(
+        [*KPOD, "serve", str(tiny_causal), "--port", str(port), "--model-id", "tiny"]
+        + ["--inject-delay", "0.7", "--access-log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = tmp_path / "store.jsonl"
+    first = second = None
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        cmd = generate_cmd(data, store, port, 1)
+        cmd[cmd.index("--concurrency") + 1] = "1"
+        first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while (not store.exists() or not store.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first generator finished before the second started"
+        second = subprocess.run(
+            [*cmd, "--out", str(tmp_path / "second.jsonl")], capture_output=True, text=True, timeout=120
+        )
+        assert first.poll() is None, "the first generator finished before the second was refused"
+        out, err = first.communicate(timeout=120)
+    finally:
+        for proc in (first, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        server.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"{store} is being written by process {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr and not (tmp_path / "second.jsonl").exists()
+    assert first.returncode == 0, err
+    check_store(store, 6)
+    requests = [line for line in server.stderr.read().splitlines() if "POST /v1/chat/completions" in line]
+    assert len(requests) == 6, requests

@@ -2,6 +2,10 @@
 
 Errors a user can fix (a bad file, record, config key or server) print one line,
 ``kpod: error: <where>: <what>``, and exit with code 2; there is no traceback.
+
+Every command that writes takes its output's writer lock (:mod:`kpod.lock`) first, before any slow
+loading, so a second process on the same store, run directory or output is refused at once (exit 2,
+naming the holder's PID) or, with ``--wait``, queues behind it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from kpod import __version__
@@ -58,6 +63,26 @@ def _add_rescale_options(parser: argparse.ArgumentParser) -> None:
         type=_unit_interval,
         default=0.1,
         help="the lowest weight of a rationale under --rescale minmax (default 0.1)",
+    )
+
+
+_held_locks = ExitStack()  # the writer locks of the running command; released when it returns
+
+
+def _hold(path: Path | None, *, directory: bool) -> None:
+    """Take ``path``'s writer lock for the rest of this command (re-entrant: the stage function
+    called next takes the same lock again without waiting)."""
+    from kpod.lock import writer_lock
+
+    _held_locks.enter_context(writer_lock(path, directory=directory))
+
+
+def _add_wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another process is writing the same output, wait for it to finish instead of "
+        "stopping at once (exit code 2)",
     )
 
 
@@ -139,6 +164,7 @@ def cmd_teacher_generate(args: argparse.Namespace) -> int:
     )
     from kpod.teacher.store import RationaleStore
 
+    _hold(args.store, directory=False)
     examples, report = _load(args)
     questions = questions_of(examples)[: args.limit] if args.limit else questions_of(examples)
     settings = GenerationSettings(
@@ -204,6 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key_from_env(args.api_key_env),
         fault_rate=args.inject_faults,
         precision=args.precision,
+        delay_s=args.inject_delay,
+        access_log=args.access_log,
     )
     return 0
 
@@ -211,6 +239,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_weights_train(args: argparse.Namespace) -> int:
     from kpod.weighting.train import WeightingConfig, train_weighting
 
+    _hold(args.out, directory=True)
     examples, report = _load(args)
     if args.limit:
         examples = examples[: args.limit]
@@ -286,6 +315,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     from kpod.report import plot_schedule, schedule_table
     from kpod.weighting.train import load_weights, rationale_key
 
+    _hold(args.out, directory=True)
     examples, _ = _load(args)
     examples = [e for e in examples if e.steps]
     if not examples:
@@ -335,6 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kpod.models import load_model
     from kpod.prompt import PromptFormat
 
+    _hold(args.out, directory=False)
     examples, _ = _load(args)
     if args.split:
         examples = gsm8k_paper_split(examples, args.split, args.split_file)
@@ -384,6 +415,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config = from_dict(TrainConfig, data.get("train", {}), "train")
     student_config = from_dict(StudentConfig, data.get("student", {}), "student")
     method = get_method(config.method)
+    _hold(args.out, directory=True)
     examples, _ = _load(args)
     dev = load_examples_quiet(args.dev) if args.dev else []
     test = load_examples_quiet(args.test) if args.test else []
@@ -441,6 +473,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_pipeline_config(args.config, args.overrides)
     raw = apply_overrides(read_yaml(args.config), args.overrides)
+    _hold(config.directory, directory=True)
     print(f"kpod run {args.config} -> {config.directory}")
     out = run_pipeline(
         config,
@@ -548,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep rationales whose answer is wrong (default: drop)",
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_wait_option(gen)
     gen.set_defaults(func=cmd_teacher_generate)
 
     weights_sub = _command_group(sub, "weights", "token weighting by mask learning (paper section 3.3)")
@@ -605,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     wtrain.add_argument("--device", help="default cpu")
     wtrain.add_argument("--seed", type=int)
     wtrain.add_argument("--limit", type=int, help="only the first N rationales")
+    _add_wait_option(wtrain)
     wtrain.set_defaults(func=cmd_weights_train)
 
     wshow = weights_sub.add_parser(
@@ -660,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     splan.add_argument("--batch-size", type=int, default=8)
     splan.add_argument("--seed", type=int, default=0)
+    _add_wait_option(splan)
     splan.set_defaults(func=cmd_schedule_plan)
     sshow = sched_sub.add_parser("show", help="print a planned schedule and (re)draw its plot")
     sshow.add_argument("schedule", type=Path, help="schedule.json or its directory")
@@ -690,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in OUT.partial, so an interrupted evaluation of the same model resumes",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_wait_option(ev)
     ev.set_defaults(func=cmd_eval)
 
     run = sub.add_parser(
@@ -705,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. train.lr=5e-4"
     )
+    _add_wait_option(run)
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser(
@@ -747,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dist.add_argument("--json", action="store_true", help="print the result as one JSON object")
     dist.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_wait_option(dist)
     dist.set_defaults(func=cmd_distill)
 
     srv = sub.add_parser(
@@ -770,6 +809,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="for testing clients: answer this share of requests with HTTP 429/500 or a dropped connection",
     )
+    srv.add_argument(
+        "--inject-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="for testing clients: hold every chat reply this long (a slow teacher)",
+    )
+    srv.add_argument("--access-log", action="store_true", help="print one line per request to standard error")
     srv.set_defaults(func=cmd_serve)
     return parser
 
@@ -777,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kpod.lock import set_wait
+
+    set_wait(getattr(args, "wait", False))
     try:
         return int(args.func(args) or 0)
     except KpodError as err:
@@ -785,6 +835,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kpod: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _held_locks.close()
+        set_wait(False)
 
 
 if __name__ == "__main__":

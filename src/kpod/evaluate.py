@@ -26,6 +26,7 @@ from kpod.data.answers import ANSWER_PHRASE, answers_match, extract_answer_detai
 from kpod.data.schema import Example
 from kpod.errors import DataError
 from kpod.io import write_jsonl
+from kpod.lock import holds_lock
 from kpod.prompt import PromptFormat, render_prompt
 
 _COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
@@ -199,6 +200,7 @@ class EvalResult:
         }
 
 
+@holds_lock("out", directory=False)
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -223,7 +225,8 @@ def evaluate(
     ``OUT.partial`` (a :class:`kpod.teacher.store.RationaleStore`: complete lines survive a kill); a
     later call with the same key, prompts and generation settings reuses them and generates only the
     rest, so a killed evaluation loses at most one batch. The partial file is removed once ``out``
-    is written. Records of another key or settings are ignored.
+    is written. Records of another key or settings are ignored. ``out`` has one writer at a time
+    (its lock, ``OUT.lock``, is held throughout).
     """
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())

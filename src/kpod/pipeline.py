@@ -36,6 +36,7 @@ from kpod.distill.methods import METHOD_NAMES, get_method
 from kpod.distill.trainer import TrainConfig, test_summary
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
+from kpod.lock import holds_lock
 from kpod.models import StudentConfig
 from kpod.progressive.schedule import ScheduleConfig, load_schedule_inputs
 from kpod.weighting.train import WeightingConfig
@@ -546,10 +547,13 @@ def run_data_stage(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
     )
 
 
+@holds_lock(lambda a: a["config"].directory, directory=True)
 def run_pipeline(
     config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
 ) -> dict:
-    """Run every stage of ``config``; returns {method: test summary} (``untrained`` included)."""
+    """Run every stage of ``config``; returns {method: test summary} (``untrained`` included).
+
+    The run directory's writer lock is held throughout: a second `kpod run` on it is refused."""
     import dataclasses
 
     runner = Runner(config, config_data, echo)

@@ -6,7 +6,10 @@ default; ``--api-key-env VAR`` makes it require ``Authorization: Bearer $VAR``.
 
 ``--inject-faults RATE`` answers that share of chat requests with a fault (HTTP 429 or 500, or a
 connection dropped without an answer), chosen at random: it exists to test clients' retry logic,
-kpod's own teacher client first.
+kpod's own teacher client first. ``--inject-delay SECONDS`` holds every chat reply that long (a
+slow teacher, for tests of timeouts and of concurrent clients). ``--access-log`` prints one line per
+request to standard error (``"POST /v1/chat/completions HTTP/1.1" 200``), so a test or a user can
+count what the server was asked.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import random
 import secrets
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +36,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        log.debug("%s " + format, self.address_string(), *args)
+        if self.server.access_log:
+            super().log_message(format, *args)  # the stdlib's access line on stderr
+            sys.stderr.flush()
+        else:
+            log.debug("%s " + format, self.address_string(), *args)
 
     def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
@@ -88,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as err:
             self._error(400, f"bad request: {err}")
             return
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
         fault = self.server.pick_fault()
         if fault == "429":
             self._error(429, "injected fault: rate limited", "rate_limit_error")
@@ -175,8 +185,12 @@ class ChatServer(ThreadingHTTPServer):
         api_key: str | None = None,
         fault_rate: float = 0.0,
         seed: int = 0,
+        delay_s: float = 0.0,
+        access_log: bool = False,
     ) -> None:
         super().__init__(address, _Handler)
+        self.delay_s = delay_s
+        self.access_log = access_log
         self.chat_model = chat_model
         self.model_id = model_id
         self.api_key = api_key
@@ -203,14 +217,24 @@ def serve(
     api_key: str | None = None,
     fault_rate: float = 0.0,
     precision: str = "fp32",
+    delay_s: float = 0.0,
+    access_log: bool = False,
 ) -> None:
     """Load ``model`` and serve it until interrupted."""
     if not 0 <= fault_rate < 1:
         raise KpodError(f"--inject-faults must be in [0, 1), got {fault_rate}")
+    if delay_s < 0:
+        raise KpodError(f"--inject-delay must be >= 0 seconds, got {delay_s}")
     chat_model = LocalChatModel(model, precision=precision)
     try:
         httpd = ChatServer(
-            (host, port), chat_model, model_id=model_id or model, api_key=api_key, fault_rate=fault_rate
+            (host, port),
+            chat_model,
+            model_id=model_id or model,
+            api_key=api_key,
+            fault_rate=fault_rate,
+            delay_s=delay_s,
+            access_log=access_log,
         )
     except OSError as err:
         raise KpodError(f"cannot listen on {host}:{port}: {err.strerror}") from None

@@ -46,6 +46,7 @@ from kpod.distill.loss import IGNORE, shift_for_causal_lm, weighted_token_nll
 from kpod.distill.methods import METHOD_NAMES, StageBuilder
 from kpod.errors import ConfigError
 from kpod.io import write_json
+from kpod.lock import holds_lock
 from kpod.prompt import PromptFormat
 
 
@@ -276,6 +277,7 @@ def _evaluate(
     }
 
 
+@holds_lock("output_dir", directory=True)
 def train(
     config: TrainConfig,
     student: Any,
@@ -293,7 +295,9 @@ def train(
     With ``resume`` a run finding checkpoints in ``output_dir`` continues from the newest; without
     it, existing checkpoints are an error (nothing is overwritten by accident).
 
-    Starting again with the same ``output_dir`` resumes from its newest checkpoint.
+    Starting again with the same ``output_dir`` resumes from its newest checkpoint. The folder's
+    writer lock is held throughout; under ``accelerate launch`` the main process takes it before the
+    process group forms, so a refused run stops every rank before any of them writes.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed

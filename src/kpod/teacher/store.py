@@ -7,6 +7,10 @@ sample index). Appends are single ``os.write`` calls of a whole line on a file o
 loss, a full disk), opening the store drops the incomplete tail, so the file is valid JSONL again
 and a re-run regenerates exactly the records that are missing. A key already present is never
 written twice.
+
+A store has one writer at a time: opening it takes its :class:`kpod.lock.WriterLock` (``STORE.lock``),
+so a second process on the same file is refused (or waits, with ``wait=True``) instead of paying the
+teacher for every request a second time.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kpod.errors import DataError
+from kpod.lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +39,24 @@ class RationaleStore:
     """Append-only, crash-safe JSONL store of teacher completions.
 
     Use as a context manager or call :meth:`close`. ``fsync=False`` trades crash safety against
-    power loss for speed (a killed process still leaves complete lines).
+    power loss for speed (a killed process still leaves complete lines). The store's writer lock is
+    held from here to :meth:`close`; ``wait`` as in :class:`kpod.lock.WriterLock`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True, wait: bool | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._records: dict[tuple[str, str, str, int], dict[str, Any]] = {}
-        self.repaired_bytes = 0
-        self._load_and_repair()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
+        self._lock = WriterLock(self.path, directory=False, wait=wait).acquire()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._records: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+            self.repaired_bytes = 0
+            self._load_and_repair()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _load_and_repair(self) -> None:
         if not self.path.exists():
@@ -99,6 +111,7 @@ class RationaleStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._lock.release()
 
     def __enter__(self) -> RationaleStore:
         return self

@@ -53,6 +53,7 @@ from kpod.data.answers import ANSWER_PHRASE
 from kpod.data.schema import Example
 from kpod.errors import ConfigError
 from kpod.io import write_json, write_jsonl
+from kpod.lock import holds_lock
 from kpod.models import DEFAULT_STUDENT, LoraSettings, autocast, load_model
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.maths import (
@@ -393,6 +394,7 @@ def _answer_losses(
     return out.view(len(masked), len(batch))
 
 
+@holds_lock("out_dir", directory=True)
 def train_weighting(
     examples: Sequence[Example],
     config: WeightingConfig,
