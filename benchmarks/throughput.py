@@ -79,7 +79,7 @@ def ours(method: str, args, examples, out: Path) -> dict:
     from kpod.distill.trainer import TrainConfig, train
     from kpod.models import StudentConfig
     from kpod.progressive.schedule import ScheduleConfig, plan_schedule
-    from kpod.weighting.train import rationale_key
+    from kpod.weighting.weights import TokenWeights, rationale_key
 
     student = StudentConfig(name=args.student).load(seed=0)
     weights = inputs = None
@@ -88,10 +88,12 @@ def ours(method: str, args, examples, out: Path) -> dict:
         weights = {}
         for e in examples:
             enc = student.tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
-            weights[rationale_key(e)] = {
-                "offsets": [list(o) for o in enc["offset_mapping"]],
-                "weights": [0.5] * len(enc["input_ids"]),
-            }
+            weights[rationale_key(e)] = TokenWeights(
+                key=rationale_key(e),
+                qid=e.qid,
+                offsets=[tuple(o) for o in enc["offset_mapping"]],
+                weights=[0.5] * len(enc["input_ids"]),
+            )
         plan = plan_schedule(
             [[1.0] * len(e.steps) for e in examples],
             [0] * len(examples),

@@ -60,7 +60,8 @@ def main() -> None:
     from kpod.data.loaders import load_examples
     from kpod.data.synthetic import arithmetic_examples
     from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
-    from kpod.weighting.train import WeightingConfig, load_weights, train_weighting
+    from kpod.weighting.train import WeightingConfig, train_weighting
+    from kpod.weighting.weights import load_weights
 
     if args.data == "synthetic":
         examples = arithmetic_examples(args.n, seed=0)
@@ -80,7 +81,7 @@ def main() -> None:
 
     def measure(step: int, model) -> None:
         if args.data == "synthetic" and args.eval_every and step % args.eval_every == 0:
-            metrics = keypoint_metrics(examples, {r["key"]: r for r in model.weigh(examples)})
+            metrics = keypoint_metrics(examples, {r.key: r for r in model.weigh(examples)})
             trajectory.append({"step": step, **metrics})
             print(f"step {step}: {json.dumps(metrics)}", flush=True)
 

@@ -6,6 +6,7 @@ from kpod.data.loaders import make_example
 from kpod.distill.loss import IGNORE, count_targets, shift_for_causal_lm, weighted_token_nll
 from kpod.distill.stages import build_stage_example
 from kpod.models import load_tokenizer
+from kpod.weighting.weights import TokenWeights
 
 EXAMPLE = make_example(
     qid="q1",
@@ -72,7 +73,7 @@ def test_causal_stage_examples_label_only_the_target_steps(tiny_causal) -> None:
 def test_weights_are_resliced_onto_target_rationale_tokens(tiny_causal) -> None:
     tok = load_tokenizer(str(tiny_causal))
     enc = tok(EXAMPLE.rationale, add_special_tokens=False, return_offsets_mapping=True)
-    row = {"offsets": enc["offset_mapping"], "weights": [0.3] * len(enc["input_ids"])}
+    row = TokenWeights("k", EXAMPLE.qid, enc["offset_mapping"], [0.3] * len(enc["input_ids"]))
     ex = build_stage_example(EXAMPLE, 1, tok, weights_row=row)
     labelled = [(t, w) for t, w in zip(ex.labels, ex.weights, strict=True) if t != IGNORE]
     rationale_part = tok.decode([t for t, w in labelled if w == pytest.approx(0.3)])

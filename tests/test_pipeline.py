@@ -108,18 +108,18 @@ def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, 
 
 
 def test_weight_rescaling_reaches_difficulty_and_the_loss(finished_run, monkeypatch):
-    import kpod.weighting.train as weighting_train
+    import kpod.weighting.weights as weighting_weights
 
     tmp, config = finished_run
     calls = []
-    real = weighting_train.load_weights
+    real = weighting_weights.load_weights
 
     def recording(path, rescale="none", floor=0.1):
         calls.append((rescale, floor))
         return real(path, rescale, floor)
 
     assert main(["run", str(config)]) == 0  # the defaults, whatever an earlier test left
-    monkeypatch.setattr(weighting_train, "load_weights", recording)
+    monkeypatch.setattr(weighting_weights, "load_weights", recording)
     before = (tmp / "run" / "schedule" / "difficulty.jsonl").read_text()
     assert main(["run", str(config), "weighting.rescale=minmax", "weighting.rescale_floor=0.0"]) == 0
     ran = stages_run(tmp / "run")

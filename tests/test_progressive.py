@@ -155,7 +155,7 @@ def test_difficulty_scoring_matches_eq8_and_resumes(tiny_causal, tmp_path) -> No
     from kpod.models import load_model
     from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
     from kpod.prompt import render_example, tokenize_rendered
-    from kpod.weighting.train import rationale_key
+    from kpod.weighting.weights import TokenWeights, rationale_key
 
     student = load_model(str(tiny_causal), trainable=False)
     examples = arithmetic_examples(6, seed=4)
@@ -179,7 +179,9 @@ def test_difficulty_scoring_matches_eq8_and_resumes(tiny_causal, tmp_path) -> No
     rows = {}
     for ex in examples:
         enc = student.tokenizer(ex.rationale, add_special_tokens=False, return_offsets_mapping=True)
-        rows[rationale_key(ex)] = {"offsets": enc["offset_mapping"], "weights": [0.5] * len(enc["input_ids"])}
+        rows[rationale_key(ex)] = TokenWeights(
+            rationale_key(ex), ex.qid, enc["offset_mapping"], [0.5] * len(enc["input_ids"])
+        )
     flat = score_difficulties(examples, student, rows, progress=False)
     # Equal weights give the uniform result (softmax of a constant).
     assert flat[rationale_key(e)] == pytest.approx(both[rationale_key(e)], rel=1e-5)
@@ -223,13 +225,13 @@ def test_schedule_cli_plans_and_plots(tiny_causal, tmp_path, capsys) -> None:
 
 
 def test_schedule_cli_passes_the_weight_rescaling(tiny_causal, tmp_path, monkeypatch) -> None:
-    import kpod.weighting.train as weighting_train
+    import kpod.weighting.weights as weighting_weights
     from kpod.cli import main
 
     data = tmp_path / "a.jsonl"
     assert main(["data", "synth", "arithmetic", "-n", "8", "--out", str(data)]) == 0
     calls = []
-    monkeypatch.setattr(weighting_train, "load_weights", lambda path, *rest: calls.append((path, *rest)))
+    monkeypatch.setattr(weighting_weights, "load_weights", lambda path, *rest: calls.append((path, *rest)))
     args = ["schedule", "plan", str(data), "--out", str(tmp_path / "p"), "--student", str(tiny_causal)]
     args += ["--epochs", "4", "--clusters", "2", "--weights", str(tmp_path / "w")]
     assert main(args + ["--rescale", "minmax", "--rescale-floor", "0.3"]) == 0
@@ -245,7 +247,7 @@ def test_seq2seq_difficulty_reads_the_prompt_in_the_encoder(tiny_seq2seq) -> Non
     from kpod.models import load_model
     from kpod.progressive.difficulty import _tokenize, score_difficulties
     from kpod.prompt import PromptFormat
-    from kpod.weighting.train import rationale_key
+    from kpod.weighting.weights import rationale_key
 
     student = load_model(str(tiny_seq2seq), trainable=False)
     e = arithmetic_examples(1, seed=8)[0]

@@ -24,7 +24,7 @@ from kpod.errors import ConfigError
 from kpod.io import write_jsonl
 from kpod.models import load_model, load_tokenizer
 from kpod.progressive.schedule import ScheduleConfig, plan_schedule
-from kpod.weighting.train import rationale_key
+from kpod.weighting.weights import TokenWeights, rationale_key
 
 PYTHON = sys.executable
 
@@ -37,18 +37,16 @@ def tiny64(tmp_path_factory) -> Path:
     return build_causal(tmp_path_factory.mktemp("tiny64"), hidden=64, layers=2)
 
 
-def keypoint_weights(examples, tokenizer, keep: float = 1.0, other: float = 0.5) -> dict[str, dict]:
+def keypoint_weights(examples, tokenizer, keep: float = 1.0, other: float = 0.5) -> dict[str, TokenWeights]:
     """weights.jsonl rows from the synthetic ground truth: keypoint tokens ``keep``, others ``other``."""
     rows = {}
     for e in examples:
         enc = tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         weights = [keep if any(s < k.end and k.start < t for k in e.keypoints) else other for s, t in offsets]
-        rows[rationale_key(e)] = {
-            "key": rationale_key(e),
-            "offsets": [list(o) for o in offsets],
-            "weights": weights,
-        }
+        rows[rationale_key(e)] = TokenWeights(
+            key=rationale_key(e), qid=e.qid, offsets=offsets, weights=weights
+        )
     return rows
 
 

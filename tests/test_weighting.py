@@ -25,11 +25,10 @@ from kpod.weighting.train import (
     _encode,
     collapse_warning,
     load_weighting_model,
-    load_weights,
-    rationale_key,
     train_weighting,
 )
 from kpod.weighting.visualise import html_heatmap, terminal_heatmap
+from kpod.weighting.weights import load_weights, rationale_key
 
 
 def test_gumbel_hard_samples_keep_with_probability_w() -> None:
@@ -205,14 +204,14 @@ def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> N
     rows = load_weights(tmp_path / "w")
     assert set(rows) == {rationale_key(e) for e in examples}
     row = rows[rationale_key(examples[0])]
-    assert len(row["offsets"]) == len(row["weights"])
-    assert all(examples[0].rationale[s:e] for s, e in row["offsets"])
-    rescaled = load_weights(tmp_path / "w", "minmax", 0.1)[rationale_key(examples[0])]["weights"]
+    assert len(row.offsets) == len(row.weights)
+    assert all(examples[0].rationale[s:e] for s, e in row.offsets)
+    rescaled = load_weights(tmp_path / "w", "minmax", 0.1)[rationale_key(examples[0])].weights
     assert min(rescaled) == pytest.approx(0.1) and max(rescaled) == pytest.approx(1.0)
-    order = sorted(range(len(row["weights"])), key=row["weights"].__getitem__)
+    order = sorted(range(len(row.weights)), key=row.weights.__getitem__)
     assert [rescaled[i] for i in order] == sorted(rescaled)  # the learned ranking is kept
     again = load_weighting_model(tmp_path / "w").weigh(examples[:1])[0]
-    assert again["weights"] == pytest.approx(row["weights"], abs=1e-4)
+    assert again.weights == pytest.approx(row.weights, abs=1e-4)
     metrics = keypoint_metrics(examples, rows)
     assert 0 <= metrics["auc"] <= 1 and metrics["n_keypoint_tokens"] > 0
     classes = token_class_metrics(examples, rows)

@@ -261,7 +261,7 @@ def cmd_weights_train(args: argparse.Namespace) -> int:
 
 
 def _weights_and_examples(args: argparse.Namespace):
-    from kpod.weighting.train import load_weights
+    from kpod.weighting.weights import load_weights
 
     examples, _ = _load(args)
     rows = load_weights(args.weights)
@@ -270,8 +270,8 @@ def _weights_and_examples(args: argparse.Namespace):
 
 def cmd_weights_show(args: argparse.Namespace) -> int:
     from kpod.io import atomic_open
-    from kpod.weighting.train import rationale_key
     from kpod.weighting.visualise import html_heatmap, terminal_heatmap
+    from kpod.weighting.weights import rationale_key
 
     examples, rows = _weights_and_examples(args)
     chosen = [e for e in examples if rationale_key(e) in rows]
@@ -313,7 +313,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
     from kpod.progressive.schedule import ScheduleConfig, plan_schedule
     from kpod.report import plot_schedule, schedule_table
-    from kpod.weighting.train import load_weights, rationale_key
+    from kpod.weighting.weights import load_weights, rationale_key
 
     _hold(args.out, directory=True)
     examples, _ = _load(args)
@@ -405,7 +405,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.models import StudentConfig
     from kpod.progressive.schedule import load_schedule_inputs
     from kpod.prompt import PromptFormat
-    from kpod.weighting.train import load_weights
+    from kpod.weighting.weights import load_weights
 
     data = read_yaml(args.config) if args.config else {}
     data = apply_overrides(data, args.set or [])

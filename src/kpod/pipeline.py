@@ -406,8 +406,9 @@ def stage_teacher(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[st
 
 def stage_weights(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmaps: int) -> dict[str, Any]:
     from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
-    from kpod.weighting.train import load_weights, train_weighting
+    from kpod.weighting.train import train_weighting
     from kpod.weighting.visualise import html_heatmap
+    from kpod.weighting.weights import load_weights
 
     examples = _read_examples(train_path)
     _, history = train_weighting(examples, cfg, folder)
@@ -440,7 +441,7 @@ def stage_schedule(
     from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
     from kpod.progressive.schedule import plan_schedule
     from kpod.report import plot_schedule
-    from kpod.weighting.train import load_weights, rationale_key
+    from kpod.weighting.weights import load_weights, rationale_key
 
     examples = _read_examples(train_path)
     loaded = load_model(student.name, trainable=False, device=_device())
@@ -496,7 +497,7 @@ def stage_train(
     from kpod.distill.methods import StageBuilder
     from kpod.distill.trainer import train
     from kpod.prompt import PromptFormat
-    from kpod.weighting.train import load_weights
+    from kpod.weighting.weights import load_weights
 
     m = get_method(method)
     tcfg = dataclasses.replace(config.train, method=method)

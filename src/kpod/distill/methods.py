@@ -40,7 +40,7 @@ from typing import Any
 from kpod.data.schema import Example
 from kpod.distill.stages import StageExample, build_stage_example
 from kpod.prompt import PromptFormat
-from kpod.weighting.train import rationale_key
+from kpod.weighting.weights import TokenWeights, rationale_key
 
 LABEL_PREFIX = "[label] "
 RATIONALE_PREFIX = "[rationale] "
@@ -135,7 +135,7 @@ class StageBuilder:
         *,
         kind: str = "causal",
         fmt: PromptFormat | None = None,
-        weights: Mapping[str, dict[str, Any]] | None = None,
+        weights: Mapping[str, TokenWeights] | None = None,
         inputs: Mapping[str, Sequence[int]] | None = None,
         step_by_step_alpha: float = 1.0,
     ) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from kpod.data.schema import Example
 from kpod.distill.loss import IGNORE
 from kpod.prompt import PromptFormat, TokenizedExample, render_example, tokenize_rendered, tokenize_split
-from kpod.weighting.train import rendered_token_weights
+from kpod.weighting.weights import TokenWeights, rendered_token_weights
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StageExample:
 
 
 def _token_weights(
-    example: Example, tokens: TokenizedExample, row: dict[str, Any] | None, first_target: int
+    example: Example, tokens: TokenizedExample, row: TokenWeights | None, first_target: int
 ) -> list[float]:
     """Learned weights for target rationale tokens, 1 for answer and end tokens."""
     n_steps = len(example.steps)
@@ -52,7 +52,7 @@ def build_stage_example(
     tokenizer: Any,
     *,
     kind: str = "causal",
-    weights_row: dict[str, Any] | None = None,
+    weights_row: TokenWeights | None = None,
     fmt: PromptFormat | None = None,
 ) -> StageExample:
     """The training example of ``example`` when its first ``n_input_steps`` steps are input."""

@@ -28,7 +28,7 @@ from kpod.batching import pad_ids
 from kpod.data.schema import Example
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
-from kpod.weighting.train import rationale_key, rendered_token_weights
+from kpod.weighting.weights import rationale_key, rendered_token_weights
 
 
 def _read_cache(path: Path) -> dict[str, list[float]]:

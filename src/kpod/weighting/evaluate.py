@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kpod.data.schema import Example
-from kpod.weighting.train import rationale_key
+from kpod.weighting.weights import rationale_key
 
 _DIGIT_OR_OPERATOR = re.compile(r"^[\d.,]*\d[\d.,]*$|^[-+*/=x×÷%$]$")
 _WORD = re.compile(r"^[A-Za-z]+$")
@@ -50,8 +50,8 @@ def keypoint_metrics(examples: Sequence[Example], rows: dict[str, dict[str, Any]
         row = rows.get(rationale_key(e))
         if row is None or not e.keypoints:
             continue
-        all_w += row["weights"]
-        for label, w in zip(keypoint_labels(e, row["offsets"]), row["weights"], strict=True):
+        all_w += row.weights
+        for label, w in zip(keypoint_labels(e, row.offsets), row.weights, strict=True):
             if label is not None:
                 ys.append(label)
                 ws.append(w)
@@ -78,8 +78,8 @@ def token_class_metrics(examples: Sequence[Example], rows: dict[str, dict[str, A
         row = rows.get(rationale_key(e))
         if row is None:
             continue
-        all_w += row["weights"]
-        for offset, w in zip(row["offsets"], row["weights"], strict=True):
+        all_w += row.weights
+        for offset, w in zip(row.offsets, row.weights, strict=True):
             text = _token_text(e, offset)
             if _DIGIT_OR_OPERATOR.match(text):
                 numeric.append(w)

@@ -33,7 +33,6 @@ the predictor runs without gradients).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -57,16 +56,15 @@ from kpod.lock import holds_lock
 from kpod.models import DEFAULT_STUDENT, LoraSettings, autocast, load_model
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.maths import (
-    align_weights,
     apply_mask,
     bernoulli_log_prob,
     binary_gumbel_mask,
     keypoint_objective,
     mask_ratio_loss,
-    rescale_weights,
     score_function_surrogate,
 )
 from kpod.weighting.module import KeypointWeighter, WeighterShape
+from kpod.weighting.weights import WEIGHTS_FILE, TokenWeights, rationale_key, save_weights
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -173,22 +171,6 @@ class WeightingConfig:
 
 
 _READ_SETTINGS = ("rescale", "rescale_floor")
-
-
-def rendered_token_weights(example: Example, tokens: Any, row: dict[str, Any] | None) -> list[float]:
-    """The learned weight of every token of a rendered, tokenized example (a
-    :class:`kpod.prompt.TokenizedExample`), re-sliced from ``row`` (a ``weights.jsonl`` row, whose
-    offsets are in the rationale) by character offsets; 1 outside the rationale or without ``row``."""
-    if row is None:
-        return [1.0] * len(tokens.input_ids)
-    shift = tokens.rendered.steps[0].start - example.steps[0].start
-    offsets = [(s - shift, e - shift) for s, e in tokens.offsets]
-    return align_weights([tuple(o) for o in row["offsets"]], row["weights"], offsets, default=1.0)
-
-
-def rationale_key(example: Example) -> str:
-    """Identifies one rationale of one question (several rationales share a qid)."""
-    return hashlib.sha256(f"{example.qid}\x00{example.rationale}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -305,7 +287,7 @@ class WeightingModel:
     config: WeightingConfig
 
     @torch.no_grad()
-    def weigh(self, examples: Sequence[Example], batch_size: int = 32) -> list[dict[str, Any]]:
+    def weigh(self, examples: Sequence[Example], batch_size: int = 32) -> list[TokenWeights]:
         """Per-token weights of every rationale, with the tokens' character offsets."""
         self.weighter.eval()
         encoded = _encode(examples, self.tokenizer, self.tokenizer, self.config.max_rationale_tokens)
@@ -317,12 +299,12 @@ class WeightingModel:
             for i, b in enumerate(batch):
                 n = len(b.rationale_ids)
                 rows.append(
-                    {
-                        "qid": b.example.qid,
-                        "key": rationale_key(b.example),
-                        "offsets": [list(o) for o in b.offsets],
-                        "weights": [round(float(x), 5) for x in w[i, :n]],
-                    }
+                    TokenWeights(
+                        key=rationale_key(b.example),
+                        qid=b.example.qid,
+                        offsets=[tuple(o) for o in b.offsets],
+                        weights=[round(float(x), 5) for x in w[i, :n]],
+                    )
                 )
         return rows
 
@@ -557,7 +539,7 @@ def save_weighting(
     write_json(out_dir / "config.json", asdict(model.config))
     write_jsonl(out_dir / "history.jsonl", history)
     rows = model.weigh(examples)
-    write_jsonl(out_dir / "weights.jsonl", rows)
+    save_weights(out_dir / WEIGHTS_FILE, rows)
     write_json(
         out_dir / "summary.json",
         {
@@ -566,20 +548,6 @@ def save_weighting(
             "final": history[-1] if history else {},
         },
     )
-
-
-def load_weights(path: Path, rescale: str = "none", floor: float = 0.1) -> dict[str, dict[str, Any]]:
-    """``weights.jsonl`` (a file, or the directory holding it) by rationale key, each row's weights
-    rescaled per rationale (:func:`kpod.weighting.maths.rescale_weights`; ``none``: as trained)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "weights.jsonl"
-    with open(path, encoding="utf-8") as f:
-        rows = {row["key"]: row for row in map(json.loads, f)}
-    if rescale != "none":
-        for row in rows.values():
-            row["weights"] = rescale_weights(row["weights"], rescale, floor)
-    return rows
 
 
 def load_weighting_model(directory: Path) -> WeightingModel:

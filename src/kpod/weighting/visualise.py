@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kpod.data.schema import Example
-from kpod.weighting.train import rationale_key
+from kpod.weighting.weights import rationale_key
 
 # Eight background shades from white to dark red (256-colour terminal palette).
 _SHADES = (231, 224, 217, 210, 203, 196, 160, 124)
@@ -17,7 +17,7 @@ def _pieces(example: Example, row: dict[str, Any]) -> list[tuple[str, float | No
     """The rationale cut into (text, weight) pieces; text between tokens gets ``None``."""
     out: list[tuple[str, float | None]] = []
     pos = 0
-    for (start, end), w in zip(row["offsets"], row["weights"], strict=True):
+    for (start, end), w in zip(row.offsets, row.weights, strict=True):
         if start > pos:
             out.append((example.rationale[pos:start], None))
         out.append((example.rationale[start:end], w))
@@ -41,7 +41,7 @@ def _level(w: float, lo: float, hi: float) -> float:
 def terminal_heatmap(example: Example, row: dict[str, Any]) -> str:
     """The rationale with each token's background shaded by its weight (ANSI 256 colours),
     stretched over this rationale's range of weights."""
-    lo, hi = _scale(row["weights"])
+    lo, hi = _scale(row.weights)
     parts = []
     for text, w in _pieces(example, row):
         if w is None:
@@ -60,7 +60,7 @@ def html_heatmap(
 
     Shades are stretched over the range of weights shown (the legend gives the true values).
     """
-    shown = [w for e in examples if rationale_key(e) in rows for w in rows[rationale_key(e)]["weights"]]
+    shown = [w for e in examples if rationale_key(e) in rows for w in rows[rationale_key(e)].weights]
     lo, hi = _scale(shown)
     blocks = []
     for e in examples:
