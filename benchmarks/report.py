@@ -55,7 +55,7 @@ def load_results() -> list[dict]:
 
 
 def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
-    from kpod.evaluate import mcnemar_exact
+    from kpod.stats import mcnemar_exact
 
     common = sorted(set(a) & set(b))
     only_a = sum(a[q] and not b[q] for q in common)
@@ -65,7 +65,7 @@ def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
 
 def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     """McNemar's exact test of ``name`` against std-cot per shared seed and pooled, and the mean gap."""
-    from kpod.evaluate import mcnemar_exact
+    from kpod.stats import mcnemar_exact
 
     ours = {r["seed"]: r for r in runs}
     std = {r["seed"]: r for r in baseline}
@@ -91,7 +91,7 @@ def _power(discordant: int, sizes: list[int]) -> str:
     """What the pooled McNemar test can detect at the observed discordance: the gap it finds with
     80 % power from these seed pairs, and how many pairs a 2-point gap needs (normal approximation,
     :func:`kpod.evaluate.mcnemar_detectable_gap`)."""
-    from kpod.evaluate import mcnemar_detectable_gap, mcnemar_pairs_needed
+    from kpod.stats import mcnemar_detectable_gap, mcnemar_pairs_needed
 
     n = statistics.fmean(sizes)
     share = discordant / sum(sizes)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kpod.evaluate import mcnemar_exact
+from kpod.stats import mcnemar_exact
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,10 @@ import pytest
 
 from kpod.cli import main
 from kpod.data.synthetic import arithmetic_examples
-from kpod.evaluate import answer_complete, evaluate, generate, wilson_interval
+from kpod.evaluate import answer_complete, evaluate, generate
 from kpod.io import write_jsonl
 from kpod.models import load_model
+from kpod.stats import wilson_interval
 
 
 def test_wilson_interval_by_hand() -> None:
@@ -71,7 +72,7 @@ def test_eval_cli(tiny_causal, tmp_path, capsys) -> None:
 
 
 def test_mcnemar_exact_on_hand_computed_cases():
-    from kpod.evaluate import mcnemar_exact
+    from kpod.stats import mcnemar_exact
 
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(3, 3) == 1.0
@@ -85,7 +86,7 @@ def test_mcnemar_exact_on_hand_computed_cases():
 def test_mcnemar_detectable_gap_by_hand_and_by_simulation():
     import random
 
-    from kpod.evaluate import mcnemar_detectable_gap, mcnemar_exact, mcnemar_pairs_needed
+    from kpod.stats import mcnemar_detectable_gap, mcnemar_exact, mcnemar_pairs_needed
 
     # (1.95996 + 0.84162) * sqrt(0.1225 / 942)
     gap = mcnemar_detectable_gap(0.1225, 942)

@@ -10,7 +10,6 @@ comes with a 95 % Wilson score interval, and every prediction is written to JSON
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import time
 import warnings
@@ -28,68 +27,9 @@ from kpod.errors import DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
 from kpod.prompt import PromptFormat, render_prompt
+from kpod.stats import wilson_interval
 
 _COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion (better than the normal one near 0 and 1)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for paired outcomes on the same questions.
-
-    ``b``: questions method A got right and B wrong; ``c``: the reverse. Under the null hypothesis
-    the b + c discordant questions split as Binomial(b + c, 1/2); the p-value doubles the smaller
-    tail (capped at 1). Concordant questions carry no information about the difference.
-    """
-    from math import comb
-
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, k) for k in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def mcnemar_detectable_gap(discordant_share: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest accuracy difference (as a fraction) that McNemar's test detects with the given
-    power on ``n`` paired questions, when ``discordant_share`` of them are solved by only one of
-    the two methods.
-
-    Normal approximation (after Connor, 1987): of n paired questions a share r is discordant
-    (b + c of them, b solved only by A, c only by B); for a true difference d in accuracy, b - c
-    has mean n d and standard deviation about sqrt(n r), so a two-sided test at ``alpha``
-    rejects with probability ``power`` once d >= (z_{1-alpha/2} + z_power) sqrt(r / n). Our choice:
-    the variance under the alternative is taken as r (not r - d^2), which overstates the needed gap
-    slightly, and the exact test's discreteness is ignored; a simulation test checks the result.
-    Pooling k seed pairs of n questions each is n -> k n.
-    """
-    if n <= 0 or not 0 < discordant_share <= 1:
-        raise ValueError(f"need n > 0 and a discordant share in (0, 1], got n={n}, share={discordant_share}")
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    return z * math.sqrt(discordant_share / n)
-
-
-def mcnemar_pairs_needed(
-    gap: float, discordant_share: float, n: int, alpha: float = 0.05, power: float = 0.8
-) -> int:
-    """How many replications of ``n`` paired questions (seed pairs) the pooled McNemar test needs to
-    detect an accuracy difference ``gap`` (a fraction) with ``power``: the inverse of
-    :func:`mcnemar_detectable_gap` in the number of pairs, rounded up."""
-    if gap <= 0:
-        raise ValueError(f"gap must be positive, got {gap}")
-    at_one = mcnemar_detectable_gap(discordant_share, n, alpha, power)
-    return max(1, math.ceil((at_one / gap) ** 2 - 1e-9))
 
 
 def answer_complete(text: str) -> bool:
