@@ -75,19 +75,19 @@ def load_data(n: int, tokenizer, max_length: int):
 
 
 def ours(method: str, args, examples, out: Path) -> dict:
-    from kpod.distill.methods import StageBuilder, get_method
-    from kpod.distill.trainer import TrainConfig, train
-    from kpod.models import StudentConfig
+    from kpod.distill.trainer import TrainConfig
+    from kpod.models import StudentConfig, load_tokenizer
+    from kpod.pipeline import distill
     from kpod.progressive.schedule import ScheduleConfig, plan_schedule
     from kpod.weighting.weights import TokenWeights, rationale_key
 
-    student = StudentConfig(name=args.student).load(seed=0)
+    tokenizer = load_tokenizer(args.student)
     weights = inputs = None
     if method == "kpod":
         # Throughput does not depend on the values: weights 0.5 everywhere, a schedule over step counts.
         weights = {}
         for e in examples:
-            enc = student.tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
+            enc = tokenizer(e.rationale, add_special_tokens=False, return_offsets_mapping=True)
             weights[rationale_key(e)] = TokenWeights(
                 key=rationale_key(e),
                 qid=e.qid,
@@ -100,7 +100,6 @@ def ours(method: str, args, examples, out: Path) -> dict:
             ScheduleConfig(stages=2, n_clusters=1),
         )
         inputs = {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
-    builder = StageBuilder(get_method(method), examples, student.tokenizer, weights=weights, inputs=inputs)
     config = TrainConfig(
         method=method,
         epochs=1,
@@ -112,8 +111,16 @@ def ours(method: str, args, examples, out: Path) -> dict:
         keep_checkpoints=1,
         lr=1e-4,
     )
-    with PeakMemory() as mem:
-        train(config, student, builder, out, progress=False)
+    with PeakMemory() as mem:  # student loading included (its peak is below training's)
+        distill(
+            config,
+            StudentConfig(name=args.student),
+            examples,
+            out,
+            weights=weights,
+            inputs=inputs,
+            progress=False,
+        )
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][1:]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
     return {

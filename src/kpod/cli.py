@@ -308,12 +308,10 @@ def cmd_weights_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule_plan(args: argparse.Namespace) -> int:
-    from kpod.io import write_json
-    from kpod.models import load_model
-    from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
-    from kpod.progressive.schedule import ScheduleConfig, plan_schedule
-    from kpod.report import plot_schedule, schedule_table
-    from kpod.weighting.weights import load_weights, rationale_key
+    from kpod.pipeline import DifficultyConfig, stage_schedule
+    from kpod.progressive.schedule import Schedule, ScheduleConfig
+    from kpod.report import schedule_table
+    from kpod.weighting.weights import load_weights
 
     _hold(args.out, directory=True)
     examples, _ = _load(args)
@@ -328,21 +326,14 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
         n_clusters=args.clusters,
     )
     weights = None if args.weights is None else load_weights(args.weights, args.rescale, args.rescale_floor)
-    student = load_model(args.student, trainable=False)
-    args.out.mkdir(parents=True, exist_ok=True)
-    diffs = score_difficulties(
-        examples, student, weights, batch_size=args.batch_size, cache=args.out / "difficulty.jsonl"
-    )
-    emb = question_embeddings([e.question for e in examples], student, args.cluster_encoder)
-    clusters = cluster_questions(emb, config.n_clusters, seed=args.seed)
-    schedule = plan_schedule([diffs[rationale_key(e)] for e in examples], clusters.tolist(), config)
-    plan = schedule.to_dict()
-    plan["keys"] = [rationale_key(e) for e in examples]
-    plan["qids"] = [e.qid for e in examples]
-    write_json(args.out / "schedule.json", plan)
-    plot = plot_schedule(schedule, args.out / "schedule.png")
+    difficulty = DifficultyConfig(batch_size=args.batch_size, cluster_encoder=args.cluster_encoder)
+    stage_schedule(config, difficulty, args.student, examples, weights, args.out, seed=args.seed)
+    schedule = Schedule.from_dict(json.loads((args.out / "schedule.json").read_text()))
     print(schedule_table(schedule))
-    print(f"schedule of {len(examples)} rationales in {args.out / 'schedule.json'}; plot in {plot}")
+    print(
+        f"schedule of {len(examples)} rationales in {args.out / 'schedule.json'}; "
+        f"plot in {args.out / 'schedule.png'}"
+    )
     return 0
 
 
@@ -399,12 +390,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.config import apply_overrides, from_dict, read_yaml
-    from kpod.distill.methods import StageBuilder, get_method
-    from kpod.distill.trainer import TrainConfig, train
+    from kpod.distill.trainer import TrainConfig
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
+    from kpod.pipeline import distill
     from kpod.progressive.schedule import load_schedule_inputs
-    from kpod.prompt import PromptFormat
     from kpod.weighting.weights import load_weights
 
     data = read_yaml(args.config) if args.config else {}
@@ -414,33 +404,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config or '--set'}: unknown section '{unknown[0]}'; known: student, train")
     config = from_dict(TrainConfig, data.get("train", {}), "train")
     student_config = from_dict(StudentConfig, data.get("student", {}), "student")
-    method = get_method(config.method)
     _hold(args.out, directory=True)
     examples, _ = _load(args)
     dev = load_examples_quiet(args.dev) if args.dev else []
     test = load_examples_quiet(args.test) if args.test else []
     weights = load_weights(args.weights, args.rescale, args.rescale_floor) if args.weights else None
     inputs = load_schedule_inputs(args.schedule) if args.schedule else None
-    student = student_config.load(seed=config.seed)
-    fmt = PromptFormat(style=student_config.prompt_style)
-    builder = StageBuilder(
-        method,
+    result = distill(
+        config,
+        student_config,
         examples,
-        student.tokenizer,
-        kind=student.kind,
-        fmt=fmt,
+        args.out,
         weights=weights,
         inputs=inputs,
-        step_by_step_alpha=config.step_by_step_alpha,
-    )
-    result = train(
-        config,
-        student,
-        builder,
-        args.out,
         dev=dev,
         test=test,
-        fmt=fmt,
         progress=not args.quiet,
         resume=args.resume,
     )

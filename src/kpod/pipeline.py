@@ -26,20 +26,22 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
+from kpod.data.schema import Example
 from kpod.distill.methods import METHOD_NAMES, get_method
-from kpod.distill.trainer import TrainConfig, test_summary
+from kpod.distill.trainer import TrainConfig, TrainResult, test_summary
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
 from kpod.progressive.schedule import ScheduleConfig, load_schedule_inputs
 from kpod.weighting.train import WeightingConfig
+from kpod.weighting.weights import TokenWeights
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,12 @@ def _read_examples(path: Path):
     return load_examples(path, "kpod")[0]
 
 
+def _read_weights(folder: Path, wcfg: WeightingConfig):
+    from kpod.weighting.weights import load_weights
+
+    return load_weights(folder, wcfg.rescale, wcfg.rescale_floor)
+
+
 def _write_examples(path: Path, examples) -> None:
     write_jsonl(path, [e.to_dict() for e in examples])
 
@@ -429,28 +437,33 @@ def stage_weights(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatma
 def stage_schedule(
     cfg: ScheduleConfig,
     dcfg: DifficultyConfig,
-    student: StudentConfig,
-    train_path: Path,
-    weights_dir: Path | None,
+    student: str,
+    examples: Sequence[Example],
+    weights: Mapping[str, TokenWeights] | None,
     folder: Path,
-    wcfg: WeightingConfig,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Difficulty scores (cached in the stage folder, so an interrupted scoring resumes), clusters and
-    the planned schedule."""
+    """Difficulty scores (cached in ``folder``, so an interrupted scoring resumes), clusters and the
+    planned schedule of ``examples``: ``schedule.json`` and ``schedule.png`` in ``folder``.
+
+    ``student`` is the pretrained student that scores difficulty; ``weights`` the token weights by
+    rationale key, already rescaled as the run reads them (``None``: uniform, Eq. 8 without
+    weights); ``seed`` seeds K-means (`kpod run` uses 0, `kpod schedule plan` its ``--seed``).
+    Shared by `kpod run` and `kpod schedule plan`."""
     from kpod.models import load_model
     from kpod.progressive.difficulty import cluster_questions, question_embeddings, score_difficulties
     from kpod.progressive.schedule import plan_schedule
     from kpod.report import plot_schedule
-    from kpod.weighting.weights import load_weights, rationale_key
+    from kpod.weighting.weights import rationale_key
 
-    examples = _read_examples(train_path)
-    loaded = load_model(student.name, trainable=False, device=_device())
-    weights = load_weights(weights_dir, wcfg.rescale, wcfg.rescale_floor) if weights_dir is not None else None
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(student, trainable=False, device=_device())
     diffs = score_difficulties(
         examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
     )
     emb = question_embeddings([e.question for e in examples], loaded, dcfg.cluster_encoder)
-    clusters = cluster_questions(emb, cfg.n_clusters, seed=0)
+    clusters = cluster_questions(emb, cfg.n_clusters, seed=seed)
     schedule = plan_schedule([diffs[rationale_key(e)] for e in examples], clusters.tolist(), cfg)
     plan = schedule.to_dict()
     plan["keys"] = [rationale_key(e) for e in examples]
@@ -483,6 +496,45 @@ def stage_eval_untrained(config: PipelineConfig, test_path: Path, folder: Path) 
     return {"test": result.summary()}
 
 
+def distill(
+    tcfg: TrainConfig,
+    student_cfg: StudentConfig,
+    examples: Sequence[Example],
+    folder: Path,
+    *,
+    weights: Mapping[str, TokenWeights] | None = None,
+    inputs: Mapping[str, Sequence[int]] | None = None,
+    dev: Sequence[Example] = (),
+    test: Sequence[Example] = (),
+    progress: bool = True,
+    resume: bool = True,
+) -> TrainResult:
+    """Distil ``examples`` into the student with ``tcfg.method``: the student loaded and seeded, the
+    method's stage examples (token ``weights`` by rationale key for methods that use them, the
+    schedule's c_i(t) as ``inputs`` for progressive ones), then the trainer, writing to ``folder``.
+    Shared by `kpod run`, `kpod distill` and the throughput benchmark."""
+    from kpod.distill.methods import StageBuilder
+    from kpod.distill.trainer import train
+    from kpod.prompt import PromptFormat
+
+    method = get_method(tcfg.method)
+    student = student_cfg.load(seed=tcfg.seed)
+    fmt = PromptFormat(style=student_cfg.prompt_style)
+    builder = StageBuilder(
+        method,
+        examples,
+        student.tokenizer,
+        kind=student.kind,
+        fmt=fmt,
+        weights=weights if method.token_weights else None,
+        inputs=inputs,
+        step_by_step_alpha=tcfg.step_by_step_alpha,
+    )
+    return train(
+        tcfg, student, builder, folder, dev=dev, test=test, fmt=fmt, progress=progress, resume=resume
+    )
+
+
 def stage_train(
     config: PipelineConfig,
     method: str,
@@ -494,38 +546,18 @@ def stage_train(
 ) -> dict[str, Any]:
     import dataclasses
 
-    from kpod.distill.methods import StageBuilder
-    from kpod.distill.trainer import train
-    from kpod.prompt import PromptFormat
-    from kpod.weighting.weights import load_weights
-
     m = get_method(method)
-    tcfg = dataclasses.replace(config.train, method=method)
-    student = config.student.load(seed=tcfg.seed)
-    inputs = load_schedule_inputs(schedule_dir) if schedule_dir is not None else None
-    fmt = PromptFormat(style=config.student.prompt_style)
-    builder = StageBuilder(
-        m,
+    result = distill(
+        dataclasses.replace(config.train, method=method),
+        config.student,
         _read_examples(train_path),
-        student.tokenizer,
-        kind=student.kind,
-        fmt=fmt,
-        weights=(
-            load_weights(weights_dir, config.weighting.rescale, config.weighting.rescale_floor)
-            if (weights_dir is not None and m.token_weights)
-            else None
-        ),
-        inputs=inputs,
-        step_by_step_alpha=tcfg.step_by_step_alpha,
-    )
-    result = train(
-        tcfg,
-        student,
-        builder,
         folder,
+        weights=_read_weights(weights_dir, config.weighting)
+        if (weights_dir is not None and m.token_weights)
+        else None,
+        inputs=load_schedule_inputs(schedule_dir) if schedule_dir is not None else None,
         dev=_read_examples(data_dir / "dev.jsonl"),
         test=_read_examples(data_dir / "test.jsonl"),
-        fmt=fmt,
     )
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # finished: the student is saved
     return result.summary()
@@ -590,11 +622,10 @@ def run_pipeline(
             lambda f, s=scfg, u=uniform: stage_schedule(
                 s,
                 config.difficulty,
-                config.student,
-                train_path,
-                None if u else d / "weights",
+                config.student.name,
+                _read_examples(train_path),
+                None if u else _read_weights(d / "weights", config.weighting),
                 f,
-                config.weighting,
             ),
         )
     results: dict[str, Any] = {}
