@@ -416,3 +416,46 @@ def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_
     assert calls == [2, 2]  # the first batch came from the partial file
     assert resumed == reference
     assert not (tmp_path / "killed" / "test_predictions.jsonl.partial").exists()
+
+
+def test_a_new_method_with_its_own_loss_is_one_class_and_one_registration(tiny_causal, tmp_path):
+    """The extension point: a Method subclass with its own examples and loss, registered, is
+    accepted by the config and trained by the loop with that loss."""
+    from kpod.distill.methods import METHODS, Method, register
+
+    class LastStepOnly(Method):
+        """Trains on the last step only (its own examples) with a loss scaled by 0.5."""
+
+        calls = []
+
+        def stage_examples(self, builder, stage):
+            return [
+                builder.target(i, max(0, len(e.steps) - 1), weighted=False)
+                for i, e in enumerate(builder.examples)
+            ]
+
+        def loss(self, model, batch, student):
+            self.calls.append(int((batch["labels"] != -100).sum()))
+            return 0.5 * super().loss(model, batch, student)
+
+    with pytest.raises(ConfigError):
+        TrainConfig(method="last-step-only")
+    method = register(LastStepOnly("last-step-only"))
+    try:
+        with pytest.raises(ConfigError):
+            register(LastStepOnly("last-step-only"))  # names are unique
+        student = load_model(str(tiny_causal))
+        examples = arithmetic_examples(4, seed=1)
+        builder = StageBuilder(get_method("last-step-only"), examples, student.tokenizer)
+        whole = StageBuilder(get_method("std-cot"), examples, student.tokenizer).stage(0)
+        built = builder.stage(0)
+        assert all(b.n_input_steps == len(e.steps) - 1 for b, e in zip(built, examples, strict=True))
+        assert sum(b.n_targets for b in built) < sum(w.n_targets for w in whole)
+        config = TrainConfig(
+            method="last-step-only", epochs=1, batch_size=4, micro_batch_size=2, precision="fp32"
+        )
+        result = train(config, student, builder, tmp_path / "run", progress=False)
+        assert result.steps == 1 and len(method.calls) == 2  # two micro-batches, our loss each time
+        assert sum(method.calls) == sum(b.n_targets for b in built)
+    finally:
+        del METHODS["last-step-only"]

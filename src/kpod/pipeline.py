@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
 from kpod.data.schema import Example
-from kpod.distill.methods import METHOD_NAMES, get_method
+from kpod.distill.methods import METHODS, get_method
 from kpod.distill.trainer import TrainConfig, TrainResult, test_summary
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
@@ -169,8 +169,8 @@ class PipelineConfig:
         if not self.methods:
             raise ConfigError("methods: name at least one method")
         for m in self.methods:
-            if m not in METHOD_NAMES:
-                raise ConfigError(f"methods: '{m}' is not allowed; choose from: {', '.join(METHOD_NAMES)}")
+            if m not in METHODS:
+                raise ConfigError(f"methods: '{m}' is not allowed; choose from: {', '.join(METHODS)}")
         if self.weighting.student != self.student.name:
             raise ConfigError(
                 "weighting.student must be the student (the weights are aligned to its tokens): "

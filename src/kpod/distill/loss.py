@@ -13,6 +13,8 @@ Rationale tokens carry their learned weights w_j in (0, 1); answer tokens weight
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -50,3 +52,29 @@ def shift_for_causal_lm(
 def count_targets(labels: torch.Tensor, causal: bool) -> int:
     """Target tokens of a micro-batch, as :func:`weighted_token_nll` will count them."""
     return int(((labels[:, 1:] if causal else labels) != IGNORE).sum())
+
+
+def sequence_nll(
+    model: Any, batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int
+) -> torch.Tensor:
+    """Summed weighted NLL of a micro-batch of a causal or seq2seq student (the caller normalises):
+    the labels shifted for a causal model, the decoder fed the labels shifted right for seq2seq."""
+    if kind == "causal":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, labels, weights = shift_for_causal_lm(logits, batch["labels"], batch["weights"])
+    else:
+        labels = batch["labels"]
+        decoder_input = torch.cat(
+            [
+                torch.full_like(labels[:, :1], decoder_start),
+                labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
+            ],
+            dim=1,
+        )
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=decoder_input,
+        ).logits
+        weights = batch["weights"]
+    return weighted_token_nll(logits, labels, weights, 1.0)

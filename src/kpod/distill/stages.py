@@ -12,13 +12,18 @@ itself: no shift here).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpod.data.schema import Example
 from kpod.distill.loss import IGNORE
 from kpod.prompt import PromptFormat, TokenizedExample, render_example, tokenize_rendered, tokenize_split
-from kpod.weighting.weights import TokenWeights, rendered_token_weights
+from kpod.weighting.weights import TokenWeights, rationale_key, rendered_token_weights
+
+if TYPE_CHECKING:
+    from kpod.distill.methods import Method
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,113 @@ def build_stage_example(
     encoder_ids, tokens = tokenize_split(rendered, tokenizer, cut)
     weights = _token_weights(example, tokens, weights_row, c)
     return StageExample(encoder_ids, list(tokens.input_ids), weights, c)
+
+
+def _without_rationale(example: Example, prefix: str = "") -> Example:
+    return dataclasses.replace(
+        example, question=prefix + example.question, rationale="", steps=(), keypoints=()
+    )
+
+
+class StageBuilder:
+    """Builds a method's training examples for any stage, caching tokenization across stages.
+
+    The method (:meth:`kpod.distill.methods.Method.stage_examples`) chooses which examples a stage
+    has; this class renders and tokenizes them: :meth:`target` (a rationale's steps after the
+    first c, then the answer), :meth:`answer` (question -> answer), :meth:`whole` (any example,
+    unweighted), :meth:`cached` (anything else a method builds).
+
+    Args:
+        method: the method.
+        examples: training examples (one rationale each; examples without steps are trained on
+            the answer only under every method).
+        tokenizer, kind, fmt: the student's tokenizer, ``causal`` or ``seq2seq``, the prompt format.
+        weights: token weights by rationale key (needed when ``method.token_weights``).
+        inputs: the schedule's c_i(t) by rationale key, one entry per stage 0..T (needed when
+            ``method.progressive``); stages past the last entry use the last (zeros).
+        step_by_step_alpha: the rationale task's weight for ``step-by-step``.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        *,
+        kind: str = "causal",
+        fmt: PromptFormat | None = None,
+        weights: Mapping[str, TokenWeights] | None = None,
+        inputs: Mapping[str, Sequence[int]] | None = None,
+        step_by_step_alpha: float = 1.0,
+    ) -> None:
+        from kpod.errors import ConfigError
+
+        self.method = method
+        self.examples = list(examples)
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.fmt = fmt or PromptFormat()
+        self.weights = weights or {}
+        self.inputs = inputs or {}
+        self.step_by_step_alpha = step_by_step_alpha
+        self._cache: dict[Hashable, StageExample] = {}
+        keys = [rationale_key(e) for e in self.examples if e.steps]
+        if method.token_weights:
+            missing = [k for k in keys if k not in self.weights]
+            if missing:
+                raise ConfigError(
+                    f"method '{method.name}' needs token weights for every rationale; "
+                    f"{len(missing)} of {len(keys)} have none (run `kpod weights train` on this data)"
+                )
+        if method.progressive:
+            missing = [k for k in keys if k not in self.inputs]
+            if missing:
+                raise ConfigError(
+                    f"method '{method.name}' needs a schedule covering every rationale; "
+                    f"{len(missing)} of {len(keys)} are not in it (run `kpod schedule plan` on this data)"
+                )
+        self.keys = [rationale_key(e) for e in self.examples]
+
+    def n_input_steps(self, index: int, stage: int) -> int:
+        """c_i(t): leading steps of rationale ``index`` given as input at ``stage``."""
+        if not self.method.progressive:
+            return 0
+        row = self.inputs.get(self.keys[index])
+        if not row:
+            return 0
+        return int(row[min(stage, len(row) - 1)])
+
+    def cached(self, key: Hashable, build: Callable[[], StageExample]) -> StageExample:
+        """``build()``, once per ``key`` (stages repeat most examples)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def whole(self, example: Example) -> StageExample:
+        """``example`` with its whole rationale and answer as target, weight 1 everywhere."""
+        return build_stage_example(example, 0, self.tokenizer, kind=self.kind, fmt=self.fmt)
+
+    def answer(self, index: int, prefix: str = "") -> StageExample:
+        """Question (after ``prefix``) -> answer phrase, without the rationale."""
+        return self.cached(
+            (index, "answer", prefix), lambda: self.whole(_without_rationale(self.examples[index], prefix))
+        )
+
+    def target(self, index: int, c: int, *, weighted: bool) -> StageExample:
+        """Rationale ``index`` with its first ``c`` steps as input; its later steps and the answer
+        are the target, weighted by the learned token weights when ``weighted``. An example without
+        steps gives :meth:`answer`."""
+        example = self.examples[index]
+        if not example.steps:
+            return self.answer(index)
+        row = self.weights.get(self.keys[index]) if weighted else None
+        return self.cached(
+            (index, c, weighted),
+            lambda: build_stage_example(
+                example, c, self.tokenizer, kind=self.kind, fmt=self.fmt, weights_row=row
+            ),
+        )
+
+    def stage(self, stage: int) -> list[StageExample]:
+        """Every training example of ``stage``, in data order (the method decides which)."""
+        return self.method.stage_examples(self, stage)

@@ -42,8 +42,8 @@ from kpod.allocator import cpu_allocator_hint, release_freed_memory
 from kpod.data.schema import Example
 from kpod.distill.batches import collate, global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
-from kpod.distill.loss import IGNORE, shift_for_causal_lm, weighted_token_nll
-from kpod.distill.methods import METHOD_NAMES, StageBuilder
+from kpod.distill.loss import IGNORE
+from kpod.distill.methods import METHODS, StageBuilder, StudentShape
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
@@ -55,7 +55,7 @@ class TrainConfig:
     """Distillation hyper-parameters (one config for every method).
 
     Attributes:
-        method: one of :data:`kpod.distill.methods.METHOD_NAMES`.
+        method: a registered method's name (:data:`kpod.distill.methods.METHODS`).
         epochs: training epochs; stage t is epoch t (paper: 20 or 40 for LLaMA-7B).
         batch_size: examples per optimiser step, over all processes (paper: 4).
         micro_batch_size: examples per forward pass on one process (gradient accumulation
@@ -106,10 +106,8 @@ class TrainConfig:
     merge_lora: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ConfigError(
-                f"method: '{self.method}' is not allowed; choose one of: {', '.join(METHOD_NAMES)}"
-            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method: '{self.method}' is not allowed; choose one of: {', '.join(METHODS)}")
         for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -152,31 +150,6 @@ def test_summary(test: dict[str, Any] | None) -> dict[str, Any] | None:
     if not test:
         return None
     return {k: v for k, v in test.items() if k not in ("per_question", "qids")}
-
-
-def _forward_loss(
-    model: Any, batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int
-) -> torch.Tensor:
-    """Summed weighted NLL of a micro-batch (normalised by the caller)."""
-    if kind == "causal":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels, weights = shift_for_causal_lm(logits, batch["labels"], batch["weights"])
-    else:
-        labels = batch["labels"]
-        decoder_input = torch.cat(
-            [
-                torch.full_like(labels[:, :1], decoder_start),
-                labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
-            ],
-            dim=1,
-        )
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=decoder_input,
-        ).logits
-        weights = batch["weights"]
-    return weighted_token_nll(logits, labels, weights, 1.0)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -322,6 +295,7 @@ def train(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     decoder_start = getattr(model.config, "decoder_start_token_id", None)
     decoder_start = pad if decoder_start is None else decoder_start
+    shape = StudentShape(student.kind, pad, decoder_start)
 
     n_examples = len(builder.stage(0))
     steps_per_epoch = math.ceil(n_examples / config.batch_size)
@@ -429,7 +403,7 @@ def train(
                     tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
                     sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        loss = _forward_loss(model, tensors, student.kind, decoder_start, pad)
+                        loss = builder.method.loss(model, tensors, shape)
                         loss = loss * (mb.scale * world / n_targets)
                     accelerator.backward(loss)
                     step_loss += loss.detach() / world
