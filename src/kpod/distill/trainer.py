@@ -1,6 +1,8 @@
 """The one distillation loop, for every method (see :mod:`kpod.distill.methods`).
 
-Read it top to bottom in :func:`train`. One stage is one epoch (paper section 3.4): at the start
+Read it top to bottom in :func:`train` and the parts of :class:`DistillRecipe` it calls, in that
+order (set-up, an epoch of loss steps, the stage's end with dev selection, finishing). One stage is
+one epoch (paper section 3.4): at the start
 of each epoch the method's :class:`~kpod.distill.methods.StageBuilder` gives that stage's examples
 (inputs c_i(t), labels, token weights), which are cut into length-grouped optimiser-step batches.
 Each step's loss is the weighted token NLL normalised by the number of target tokens in the whole
@@ -44,6 +46,7 @@ from kpod.distill.batches import collate, global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from kpod.distill.loss import IGNORE
 from kpod.distill.methods import METHODS, StageBuilder, StudentShape
+from kpod.distill.stages import StageExample
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
@@ -272,114 +275,173 @@ def train(
     writer lock is held throughout; under ``accelerate launch`` the main process takes it before the
     process group forms, so a refused run stops every rank before any of them writes.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
-
-    fmt = fmt or PromptFormat()
-    output = Path(output_dir)
-    ckpt_root = output / "checkpoints"
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
-    # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
-    # accelerate then builds a gloo process group instead of running each process alone.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "DeepSpeed is not supported by the kpod loop yet; use DDP or FSDP (accelerate config)"
-        )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    set_seed(config.seed)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-    model = student.model
-    tokenizer = student.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    decoder_start = getattr(model.config, "decoder_start_token_id", None)
-    decoder_start = pad if decoder_start is None else decoder_start
-    shape = StudentShape(student.kind, pad, decoder_start)
-
-    n_examples = len(builder.stage(0))
-    steps_per_epoch = math.ceil(n_examples / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = _lr_scheduler(optimizer, config, total_steps)
-    # The scheduler is stepped by hand: accelerate would step a prepared one once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    # LoRA: checkpoints hold the trainable weights only (the frozen base is the loaded model), which
-    # keeps a 7B student's checkpoint in megabytes. FSDP shards state its own way: saved whole.
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    partial = len(trainable) < len(list(model.parameters())) and (
-        accelerator.distributed_type != DistributedType.FSDP
+    recipe = DistillRecipe(
+        config, student, builder, Path(output_dir), dev, test, fmt or PromptFormat(), progress
     )
-    if partial:
+    recipe.setup(resume)
+    for epoch in range(recipe.start_epoch, config.epochs):
+        recipe.train_epoch(epoch)
+        recipe.end_epoch(epoch)
+    return recipe.finish()
 
-        def keep_trainable(models: Any, weights: list[dict[str, Any]], output_dir: str) -> None:
-            for i, state_dict in enumerate(weights):
-                weights[i] = {k: v for k, v in state_dict.items() if k in trainable}
 
-        accelerator.register_save_state_pre_hook(keep_trainable)
+class DistillRecipe:
+    """The loop in named parts, in the order :func:`train` calls them (torchtune's recipe shape):
 
-    state: dict[str, Any] = {
-        "step": 0,
-        "best_accuracy": None,
-        "best_epoch": None,
-        "dev": [],
-        "stage_loss": [],
-        "train_tokens": 0,
-        "target_tokens": 0,
-        "seconds": 0.0,
-        "epoch_loss": [0.0, 0],
-    }
-    resumed_from = latest_checkpoint(ckpt_root)
-    if resumed_from is not None and not resume:
-        raise ConfigError(
-            f"{output} already holds checkpoints (newest: {resumed_from.name}); pass --resume to continue "
-            "that run, or choose another --out"
-        )
-    if resumed_from is not None:
-        accelerator.load_state(str(resumed_from), strict=not partial)
-        state.update(read_state(resumed_from))
-        if state.get("config") and state["config"] != asdict(config):
-            changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+    - :meth:`setup`: accelerate, the optimiser and scheduler, checkpoint hooks, resuming;
+    - :meth:`train_epoch`: one stage's batches, each through :meth:`loss_step`, with logging and
+      mid-stage checkpoints;
+    - :meth:`loss_step`: one optimiser step: the method's loss on every micro-batch, normalised by
+      the step's target tokens, then clipping and the update;
+    - :meth:`end_epoch`: the stage's mean loss, :meth:`select_on_dev`, a checkpoint;
+    - :meth:`finish`: the kept stage's weights restored, the test split scored, the student saved.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        student: Any,
+        builder: StageBuilder,
+        output: Path,
+        dev: Sequence[Example],
+        test: Sequence[Example],
+        fmt: PromptFormat,
+        progress: bool,
+    ) -> None:
+        self.config = config
+        self.student = student
+        self.builder = builder
+        self.output = output
+        self.dev = dev
+        self.test = test
+        self.fmt = fmt
+        self.progress = progress
+        self.ckpt_root = output / "checkpoints"
+        self.best_path = output / "best_trainable.safetensors"
+        self.skipped = 0
+
+    def setup(self, resume: bool) -> None:
+        """Everything before the first step; after a crash, the newest checkpoint's state."""
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        config, student, output = self.config, self.student, self.output
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+        # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
+        # accelerate then builds a gloo process group instead of running each process alone.
+        accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
-                f"{output}: holds a run with different settings ({', '.join(changed)}); "
-                "use a new output directory or delete its checkpoints"
+                "DeepSpeed is not supported by the kpod loop yet; use DDP or FSDP (accelerate config)"
             )
-    state["config"] = asdict(config)
-    log = _Log(output, state["step"], accelerator.is_main_process)
-    best_path = output / "best_trainable.safetensors"
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        set_seed(config.seed)
+        if accelerator.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+        model = student.model
+        tokenizer = student.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        decoder_start = getattr(model.config, "decoder_start_token_id", None)
+        decoder_start = pad if decoder_start is None else decoder_start
+        self.pad = pad
+        self.shape = StudentShape(student.kind, pad, decoder_start)
 
-    bar = tqdm(
-        total=total_steps,
-        initial=state["step"],
-        desc=config.method,
-        disable=not (progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    if resumed_from is not None and accelerator.is_main_process:
-        print(f"resuming from {resumed_from} (step {state['step']} of {total_steps})", file=sys.stderr)
-    if accelerator.device.type == "cpu" and accelerator.is_main_process and state["step"] < total_steps:
-        hint = cpu_allocator_hint()
-        if hint:
-            print(hint, file=sys.stderr)
-    start_time = time.perf_counter() - state["seconds"]
-    skipped = 0
-    model.train()
-    start_epoch = state["step"] // steps_per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        examples = builder.stage(epoch)
+        n_examples = len(self.builder.stage(0))
+        self.steps_per_epoch = math.ceil(n_examples / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = _lr_scheduler(optimizer, config, self.total_steps)
+        # The scheduler is stepped by hand: accelerate would step a prepared one once per process.
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        # LoRA: checkpoints hold the trainable weights only (the frozen base is the loaded model),
+        # which keeps a 7B student's checkpoint in megabytes. FSDP shards state its own way: saved whole.
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        partial = len(trainable) < len(list(self.model.parameters())) and (
+            accelerator.distributed_type != DistributedType.FSDP
+        )
+        if partial:
+
+            def keep_trainable(models: Any, weights: list[dict[str, Any]], output_dir: str) -> None:
+                for i, state_dict in enumerate(weights):
+                    weights[i] = {k: v for k, v in state_dict.items() if k in trainable}
+
+            accelerator.register_save_state_pre_hook(keep_trainable)
+
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "best_accuracy": None,
+            "best_epoch": None,
+            "dev": [],
+            "stage_loss": [],
+            "train_tokens": 0,
+            "target_tokens": 0,
+            "seconds": 0.0,
+            "epoch_loss": [0.0, 0],
+        }
+        state = self.state
+        resumed_from = latest_checkpoint(self.ckpt_root)
+        if resumed_from is not None and not resume:
+            raise ConfigError(
+                f"{output} already holds checkpoints (newest: {resumed_from.name}); pass --resume to "
+                "continue that run, or choose another --out"
+            )
+        if resumed_from is not None:
+            accelerator.load_state(str(resumed_from), strict=not partial)
+            state.update(read_state(resumed_from))
+            if state.get("config") and state["config"] != asdict(config):
+                changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+                raise ConfigError(
+                    f"{output}: holds a run with different settings ({', '.join(changed)}); "
+                    "use a new output directory or delete its checkpoints"
+                )
+        state["config"] = asdict(config)
+        self.log = _Log(output, state["step"], accelerator.is_main_process)
+        self.bar = tqdm(
+            total=self.total_steps,
+            initial=state["step"],
+            desc=config.method,
+            disable=not (self.progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        if resumed_from is not None and accelerator.is_main_process:
+            print(
+                f"resuming from {resumed_from} (step {state['step']} of {self.total_steps})", file=sys.stderr
+            )
+        if (
+            accelerator.device.type == "cpu"
+            and accelerator.is_main_process
+            and state["step"] < self.total_steps
+        ):
+            hint = cpu_allocator_hint()
+            if hint:
+                print(hint, file=sys.stderr)
+        self.start_time = time.perf_counter() - state["seconds"]
+        self.model.train()
+
+    @property
+    def start_epoch(self) -> int:
+        """The stage the run starts in (later than 0 when resumed)."""
+        return self.state["step"] // self.steps_per_epoch
+
+    def _stage_batches(self, epoch: int) -> tuple[list[StageExample], list[list[int]]]:
+        """The stage's examples and its optimiser-step batches (indices; too-long ones left out)."""
+        config = self.config
+        examples = self.builder.stage(epoch)
         too_long = [
             len(e.input_ids) > config.max_length or len(e.labels) > config.max_length for e in examples
         ]
-        if sum(too_long) and sum(too_long) != skipped and accelerator.is_main_process:
+        if sum(too_long) and sum(too_long) != self.skipped and self.accelerator.is_main_process:
             print(
                 f"stage {epoch}: {sum(too_long)} of {len(examples)} examples are longer than max_length "
                 f"{config.max_length} tokens and are left out (raise train.max_length to keep them)",
                 file=sys.stderr,
             )
-        skipped = sum(too_long)
-        lengths = [len(e.input_ids) + (0 if student.kind == "causal" else len(e.labels)) for e in examples]
+        self.skipped = sum(too_long)
+        causal = self.student.kind == "causal"
+        lengths = [len(e.input_ids) + (0 if causal else len(e.labels)) for e in examples]
         keep = [i for i, bad in enumerate(too_long) if not bad]
         batches = [
             [keep[i] for i in b]
@@ -387,44 +449,55 @@ def train(
                 [lengths[i] for i in keep], config.batch_size, config.seed, epoch, config.group_by_length
             )
         ]
-        batches += [[]] * (steps_per_epoch - len(batches))  # skipped examples: keep the step count
+        batches += [[]] * (self.steps_per_epoch - len(batches))  # skipped examples: keep the step count
+        return examples, batches
+
+    def loss_step(self, examples: Sequence[StageExample], batch: list[int]) -> tuple[float, int, int]:
+        """One optimiser step on ``batch``; returns (loss, tokens processed, target tokens)."""
+        accelerator, model, world = self.accelerator, self.model, self.world
+        n_targets = sum(examples[i].n_targets for i in batch)
+        micro = process_share(batch, self.rank, world, self.config.micro_batch_size)
+        step_loss = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device)
+        for k, mb in enumerate(micro):
+            tensors = collate([examples[i] for i in mb.indices], self.pad, self.student.kind)
+            tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
+            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = self.builder.method.loss(model, tensors, self.shape)
+                loss = loss * (mb.scale * world / n_targets)
+            accelerator.backward(loss)
+            step_loss += loss.detach() / world
+            if mb.scale:
+                tokens += tensors["attention_mask"].sum() + (
+                    0 if self.student.kind == "causal" else (tensors["labels"] != IGNORE).sum()
+                )
+        if self.config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(accelerator.reduce(step_loss, "sum")), int(accelerator.reduce(tokens, "sum")), n_targets
+
+    def train_epoch(self, epoch: int) -> None:
+        """Stage ``epoch``'s steps (from where a resumed run stopped), logged, checkpointed every
+        ``save_every`` steps."""
+        config, state, steps_per_epoch = self.config, self.state, self.steps_per_epoch
+        examples, batches = self._stage_batches(epoch)
         if state["step"] == epoch * steps_per_epoch:
             state["epoch_loss"] = [0.0, 0]  # sum and count of step losses in this stage so far
         for position in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
             batch = batches[position]
             step_start = time.perf_counter()
             if batch:
-                n_targets = sum(examples[i].n_targets for i in batch)
-                micro = process_share(batch, rank, world, config.micro_batch_size)
-                step_loss = torch.zeros((), device=accelerator.device)
-                tokens = torch.zeros((), device=accelerator.device)
-                for k, mb in enumerate(micro):
-                    tensors = collate([examples[i] for i in mb.indices], pad, student.kind)
-                    tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
-                    sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
-                        loss = builder.method.loss(model, tensors, shape)
-                        loss = loss * (mb.scale * world / n_targets)
-                    accelerator.backward(loss)
-                    step_loss += loss.detach() / world
-                    if mb.scale:
-                        tokens += tensors["attention_mask"].sum() + (
-                            0 if student.kind == "causal" else (tensors["labels"] != IGNORE).sum()
-                        )
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_value = float(accelerator.reduce(step_loss, "sum"))
-                n_tokens = int(accelerator.reduce(tokens, "sum"))
+                loss_value, n_tokens, n_targets = self.loss_step(examples, batch)
                 state["train_tokens"] += n_tokens
                 state["target_tokens"] += n_targets
                 state["epoch_loss"][0] += loss_value
                 state["epoch_loss"][1] += 1
             else:
                 loss_value, n_tokens = float("nan"), 0
-            scheduler.step()
-            if accelerator.device.type == "cpu":
+            self.scheduler.step()
+            if self.accelerator.device.type == "cpu":
                 release_freed_memory()
             state["step"] += 1
             seconds = time.perf_counter() - step_start
@@ -433,93 +506,120 @@ def train(
                 "epoch": epoch,
                 "stage": epoch,
                 "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": self.scheduler.get_last_lr()[0],
                 "tokens": n_tokens,
                 "step_s": seconds,
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
-                "elapsed_s": time.perf_counter() - start_time,
+                "elapsed_s": time.perf_counter() - self.start_time,
             }
-            log.write(row)
-            bar.update(1)
-            bar.set_postfix(stage=epoch, loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            self.log.write(row)
+            self.bar.update(1)
+            self.bar.set_postfix(stage=epoch, loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             at_epoch_end = position == steps_per_epoch - 1
             if config.save_every and state["step"] % config.save_every == 0 and not at_epoch_end:
-                state["seconds"] = time.perf_counter() - start_time
-                save_checkpoint(accelerator, ckpt_root, state["step"], state, config.keep_checkpoints)
-        # Stage end: loss summary, dev selection, checkpoint.
+                self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        self.state["seconds"] = time.perf_counter() - self.start_time
+        save_checkpoint(
+            self.accelerator, self.ckpt_root, self.state["step"], self.state, self.config.keep_checkpoints
+        )
+
+    def end_epoch(self, epoch: int) -> None:
+        """The stage's mean loss, dev selection, a checkpoint."""
+        state = self.state
         loss_sum, loss_steps = state["epoch_loss"]
         if loss_steps:
             state["stage_loss"] = state["stage_loss"][:epoch] + [loss_sum / loss_steps]
-        if dev and config.select_on_dev:
-            if accelerator.is_main_process:
-                summary = _evaluate(
-                    accelerator.unwrap_model(model),
-                    student,
-                    dev,
-                    config,
-                    fmt,
-                    builder.method.eval_prefix,
-                    None,
-                )
-                entry = {"epoch": epoch, "accuracy": summary["accuracy"], "ci95": summary["ci95"]}
-                state["dev"] = state["dev"][:epoch] + [entry]
-                bar.write(f"stage {epoch}: dev accuracy {summary['accuracy']:.1f} %")
-                if state["best_accuracy"] is None or summary["accuracy"] > state["best_accuracy"]:
-                    from safetensors.torch import save_file
+        if self.dev and self.config.select_on_dev:
+            self.select_on_dev(epoch)
+        self.save_checkpoint()
 
-                    state["best_accuracy"], state["best_epoch"] = summary["accuracy"], epoch
-                    save_file(_trainable_state(accelerator.unwrap_model(model)), str(best_path) + ".tmp")
-                    Path(str(best_path) + ".tmp").replace(best_path)
-            accelerator.wait_for_everyone()
-        state["seconds"] = time.perf_counter() - start_time
-        save_checkpoint(accelerator, ckpt_root, state["step"], state, config.keep_checkpoints)
-    bar.close()
-    log.close()
-    seconds = state["seconds"]
+    def select_on_dev(self, epoch: int) -> None:
+        """Dev accuracy after stage ``epoch``; the best stage's trainable weights are kept (the
+        first of equal ones)."""
+        accelerator, state = self.accelerator, self.state
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(self.model)
+            summary = _evaluate(
+                unwrapped,
+                self.student,
+                self.dev,
+                self.config,
+                self.fmt,
+                self.builder.method.eval_prefix,
+                None,
+            )
+            entry = {"epoch": epoch, "accuracy": summary["accuracy"], "ci95": summary["ci95"]}
+            state["dev"] = state["dev"][:epoch] + [entry]
+            self.bar.write(f"stage {epoch}: dev accuracy {summary['accuracy']:.1f} %")
+            if state["best_accuracy"] is None or summary["accuracy"] > state["best_accuracy"]:
+                from safetensors.torch import save_file
 
-    unwrapped = accelerator.unwrap_model(model)
+                state["best_accuracy"], state["best_epoch"] = summary["accuracy"], epoch
+                save_file(_trainable_state(unwrapped), str(self.best_path) + ".tmp")
+                Path(str(self.best_path) + ".tmp").replace(self.best_path)
+        accelerator.wait_for_everyone()
 
-    def score_test(predictions: str) -> dict[str, Any]:
-        return _evaluate(
-            unwrapped, student, test, config, fmt, builder.method.eval_prefix, output / predictions
+    def finish(self) -> TrainResult:
+        """The kept stage's weights restored, the test split scored (also the last stage's model
+        when dev selection kept an earlier one and ``test_last_epoch``), the student saved."""
+        config, state, accelerator = self.config, self.state, self.accelerator
+        self.bar.close()
+        self.log.close()
+        seconds = state["seconds"]
+        unwrapped = accelerator.unwrap_model(self.model)
+
+        def score_test(predictions: str) -> dict[str, Any]:
+            return _evaluate(
+                unwrapped,
+                self.student,
+                self.test,
+                config,
+                self.fmt,
+                self.builder.method.eval_prefix,
+                self.output / predictions,
+            )
+
+        kept_earlier = state["best_epoch"] is not None and state["best_epoch"] != config.epochs - 1
+        test_last = None
+        if self.test and config.test_last_epoch and kept_earlier and accelerator.is_main_process:
+            test_last = score_test("test_predictions_last.jsonl")
+        if state["best_epoch"] is not None and self.best_path.exists():
+            from safetensors.torch import load_file
+
+            best = load_file(str(self.best_path))
+            with torch.no_grad():
+                for name, param in unwrapped.named_parameters():
+                    if name in best:
+                        param.copy_(best[name].to(param.device, param.dtype))
+        result = TrainResult(
+            method=config.method,
+            steps=state["step"],
+            epochs=config.epochs,
+            train_tokens=state["train_tokens"],
+            target_tokens=state["target_tokens"],
+            seconds=round(seconds, 1),
+            tokens_per_s=round(state["train_tokens"] / seconds, 1) if seconds else 0.0,
+            skipped_too_long=self.skipped,
+            processes=self.world,
+            stage_loss=state["stage_loss"],
+            dev=state["dev"],
+            best_epoch=state["best_epoch"],
         )
-
-    kept_earlier = state["best_epoch"] is not None and state["best_epoch"] != config.epochs - 1
-    test_last = None
-    if test and config.test_last_epoch and kept_earlier and accelerator.is_main_process:
-        test_last = score_test("test_predictions_last.jsonl")
-    if state["best_epoch"] is not None and best_path.exists():
-        from safetensors.torch import load_file
-
-        best = load_file(str(best_path))
-        with torch.no_grad():
-            for name, param in unwrapped.named_parameters():
-                if name in best:
-                    param.copy_(best[name].to(param.device, param.dtype))
-    result = TrainResult(
-        method=config.method,
-        steps=state["step"],
-        epochs=config.epochs,
-        train_tokens=state["train_tokens"],
-        target_tokens=state["target_tokens"],
-        seconds=round(seconds, 1),
-        tokens_per_s=round(state["train_tokens"] / seconds, 1) if seconds else 0.0,
-        skipped_too_long=skipped,
-        processes=world,
-        stage_loss=state["stage_loss"],
-        dev=state["dev"],
-        best_epoch=state["best_epoch"],
-    )
-    if accelerator.is_main_process:
-        if test:
-            summary = score_test("test_predictions.jsonl")
-            result.test = summary
-            if config.test_last_epoch:
-                result.test_last = test_last if kept_earlier else summary
-        result.student_dir = str(_save_student(unwrapped, tokenizer, output / "student", config.merge_lora))
-        write_json(output / "training.json", asdict(result))
-    accelerator.wait_for_everyone()
-    return result
+        if accelerator.is_main_process:
+            if self.test:
+                summary = score_test("test_predictions.jsonl")
+                result.test = summary
+                if config.test_last_epoch:
+                    result.test_last = test_last if kept_earlier else summary
+            student_dir = _save_student(
+                unwrapped, self.student.tokenizer, self.output / "student", config.merge_lora
+            )
+            result.student_dir = str(student_dir)
+            write_json(self.output / "training.json", asdict(result))
+        accelerator.wait_for_everyone()
+        return result
 
 
 def _save_student(model: Any, tokenizer: Any, directory: Path, merge: bool) -> Path:
