@@ -217,16 +217,16 @@ def run_one(
         # Only the data and the untrained evaluation: no training stage.
         config = dataclasses.replace(config, methods=("std-cot",))
         runner = Runner(config, to_dict(config))
-        from kpod.pipeline import run_data_stage, stage_eval_untrained
+        from kpod.pipeline import eval_untrained_step, run_data_step
 
-        run_data_stage(runner, config)
+        run_data_step(runner, config)
         eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
         with clock:
-            summary = runner.stage(
+            summary = runner.step(
                 "eval-untrained",
                 eval_settings,
                 ["data"],
-                lambda f: stage_eval_untrained(config, runner.dir / "data" / "test.jsonl", f),
+                lambda f: eval_untrained_step(config, runner.dir / "data" / "test.jsonl", f),
             )["test"]
         runner.save_manifest()
         folder = runner.dir / "eval-untrained"

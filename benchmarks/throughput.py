@@ -77,7 +77,7 @@ def load_data(n: int, tokenizer, max_length: int):
 def ours(method: str, args, examples, out: Path) -> dict:
     from kpod.distill.trainer import TrainConfig
     from kpod.models import StudentConfig, load_tokenizer
-    from kpod.pipeline import distill
+    from kpod.pipeline import distill_student
     from kpod.progressive.schedule import ScheduleConfig, plan_schedule
     from kpod.weighting.weights import TokenWeights, rationale_key
 
@@ -112,7 +112,7 @@ def ours(method: str, args, examples, out: Path) -> dict:
         lr=1e-4,
     )
     with PeakMemory() as mem:  # student loading included (its peak is below training's)
-        distill(
+        distill_student(
             config,
             StudentConfig(name=args.student),
             examples,

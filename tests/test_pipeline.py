@@ -203,6 +203,40 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
 
 
+def test_python_api_runs_the_same_pipeline_and_single_steps(finished_run, tmp_path):
+    import dataclasses
+
+    import kpod
+    from kpod.progressive.schedule import load_schedule_inputs
+
+    tmp, config_path = finished_run
+    assert main(["run", str(config_path)]) == 0  # the defaults, whatever an earlier test left
+    config = kpod.load_config(config_path)
+    run = kpod.run(config, echo=lambda _: None)
+    assert not any(stages_run(tmp / "run").values())  # the CLI's keys: every step up to date
+    assert run.directory == tmp / "run" and run.report.is_file()
+    trained = json.loads((tmp / "run" / "train-kpod" / "training.json").read_text())
+    assert run.results["kpod"]["accuracy"] == trained["test"]["accuracy"]
+    assert set(run.results) == {"untrained", "std-cot", "kpod"}
+    # One step alone, on objects: distil from the run's data, weights and schedule.
+    examples, _ = kpod.load_examples(tmp / "run" / "data" / "train.jsonl")
+    weights = kpod.load_weights(tmp / "run" / "weights")
+    assert all(isinstance(w, kpod.TokenWeights) for w in weights.values())
+    result = kpod.distill_student(
+        dataclasses.replace(config.train, method="kpod", epochs=1, select_on_dev=False),
+        config.student,
+        examples,
+        tmp_path / "api-kpod",
+        weights=weights,
+        inputs=load_schedule_inputs(tmp / "run" / "schedule"),
+        progress=False,
+    )
+    assert result.method == "kpod" and result.steps == 4 and (tmp_path / "api-kpod" / "student").is_dir()
+    assert kpod.evaluate_model.__module__ == "kpod.evaluate"
+    with pytest.raises(AttributeError):
+        kpod.no_such_function  # noqa: B018
+
+
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     from tiny_models import build_causal
 
@@ -295,7 +329,7 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
 def test_an_edited_data_file_reruns_the_data_stage(tmp_path):
     from kpod.data.synthetic import gsm_symbolic_examples
     from kpod.io import write_jsonl
-    from kpod.pipeline import Runner, load_pipeline_config, run_data_stage
+    from kpod.pipeline import Runner, load_pipeline_config, run_data_step
 
     data = tmp_path / "train.jsonl"
     examples, _ = gsm_symbolic_examples(12, templates=(26,))
@@ -305,11 +339,11 @@ def test_an_edited_data_file_reruns_the_data_stage(tmp_path):
         f"run_dir: {tmp_path / 'run'}\ndata: {{source: file, path: {data}, n_dev: 2, n_test: 3}}\n"
     )
     config = load_pipeline_config(config_path)
-    run_data_stage(Runner(config, {}, echo=lambda _: None), config)
+    run_data_step(Runner(config, {}, echo=lambda _: None), config)
     runner = Runner(config, {}, echo=lambda _: None)
-    run_data_stage(runner, config)
+    run_data_step(runner, config)
     assert runner.manifest["stages"]["data"]["skipped"]
     write_jsonl(data, [e.to_dict() for e in examples[:10]])  # the file changes, the config does not
     runner = Runner(config, {}, echo=lambda _: None)
-    assert run_data_stage(runner, config)["train"] == 5  # 10 - 2 dev - 3 test
+    assert run_data_step(runner, config)["train"] == 5  # 10 - 2 dev - 3 test
     assert not runner.manifest["stages"]["data"]["skipped"]

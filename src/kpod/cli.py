@@ -1,4 +1,4 @@
-"""The ``kpod`` command: one subcommand per pipeline stage.
+"""The ``kpod`` command: one subcommand per pipeline step.
 
 Errors a user can fix (a bad file, record, config key or server) print one line,
 ``kpod: error: <where>: <what>``, and exit with code 2; there is no traceback.
@@ -70,7 +70,7 @@ _held_locks = ExitStack()  # the writer locks of the running command; released w
 
 
 def _hold(path: Path | None, *, directory: bool) -> None:
-    """Take ``path``'s writer lock for the rest of this command (re-entrant: the stage function
+    """Take ``path``'s writer lock for the rest of this command (re-entrant: the step function
     called next takes the same lock again without waiting)."""
     from kpod.lock import writer_lock
 
@@ -308,7 +308,7 @@ def cmd_weights_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule_plan(args: argparse.Namespace) -> int:
-    from kpod.pipeline import DifficultyConfig, stage_schedule
+    from kpod.pipeline import DifficultyConfig, schedule_step
     from kpod.progressive.schedule import Schedule, ScheduleConfig
     from kpod.report import schedule_table
     from kpod.weighting.weights import load_weights
@@ -327,7 +327,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     )
     weights = None if args.weights is None else load_weights(args.weights, args.rescale, args.rescale_floor)
     difficulty = DifficultyConfig(batch_size=args.batch_size, cluster_encoder=args.cluster_encoder)
-    stage_schedule(config, difficulty, args.student, examples, weights, args.out, seed=args.seed)
+    schedule_step(config, difficulty, args.student, examples, weights, args.out, seed=args.seed)
     schedule = Schedule.from_dict(json.loads((args.out / "schedule.json").read_text()))
     print(schedule_table(schedule))
     print(
@@ -393,7 +393,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from kpod.distill.trainer import TrainConfig
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
-    from kpod.pipeline import distill
+    from kpod.pipeline import distill_student
     from kpod.progressive.schedule import load_schedule_inputs
     from kpod.weighting.weights import load_weights
 
@@ -410,7 +410,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     test = load_examples_quiet(args.test) if args.test else []
     weights = load_weights(args.weights, args.rescale, args.rescale_floor) if args.weights else None
     inputs = load_schedule_inputs(args.schedule) if args.schedule else None
-    result = distill(
+    result = distill_student(
         config,
         student_config,
         examples,
@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the whole pipeline from one YAML config (resumable)",
         description="Data, teacher rationales, token weights, step difficulty and schedule, distillation "
         "of every listed method, evaluation and an HTML report, in order, in the run directory. Running "
-        "it again skips finished stages; a changed setting re-runs that stage and everything after it. "
+        "it again skips finished steps; a changed setting re-runs that step and everything after it. "
         "Ready configs: configs/quickstart.yaml (offline), gsm8k.yaml, asdiv.yaml, paper-llama7b-gsm8k.yaml.",
         epilog="example: kpod run configs/quickstart.yaml train.epochs=2 methods=[std-cot,kpod]",
     )

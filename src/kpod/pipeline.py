@@ -1,6 +1,7 @@
-"""``kpod run CONFIG.yaml``: the whole pipeline from one config, resumable stage by stage.
+"""``kpod run CONFIG.yaml``: the whole pipeline from one config, resumable step by step.
 
-Stages, in order (each in its own folder of the run directory)::
+Steps, in order (each in its own folder of the run directory; one function each, ``<name>_step``,
+shared with the subcommands)::
 
     data            train / dev / test JSONL (+ statistics)
     teacher         teacher rationales from an OpenAI-compatible server (only with teacher.source=server)
@@ -10,12 +11,16 @@ Stages, in order (each in its own folder of the run directory)::
     train-<method>  one distillation run per method (kpod, std-cot, ablations...), same budget
     report          report.html (self-contained) and the PNG plots
 
-Each stage has a key: the hash of the settings it reads and of the keys of the stages it reads
-from. A stage whose folder holds a finished marker with the same key is skipped; a changed
-setting changes the key of that stage and of everything downstream, and nothing upstream. A stage
+Each step has a key: the hash of the settings it reads and of the keys of the steps it reads
+from. A step whose folder holds a finished marker with the same key is skipped; a changed
+setting changes the key of that step and of everything downstream, and nothing upstream. A step
 interrupted half-way keeps its folder when its key is unchanged, so training resumes from its last
 checkpoint and scoring from its cache. ``manifest.json`` records the config and its hash, the
-inputs, package versions, git commit and every stage's timing.
+inputs, package versions, git commit and every step's timing.
+
+Words: a pipeline *step* is one of the above; a *stage* is the schedule's (t = 0..T, one per
+training epoch). The file names keep their history: each step's marker is ``stage.json`` and the
+manifest lists steps under ``"stages"``, so run directories of earlier versions still read.
 """
 
 from __future__ import annotations
@@ -207,7 +212,7 @@ def _hash(obj: Any) -> str:
 
 
 def input_files(cfg: DataConfig) -> dict[str, str]:
-    """sha256 of every data file the data stage reads, so that an edited file re-runs it."""
+    """sha256 of every data file the data step reads, so that an edited file re-runs it."""
     out = {}
     for path in (cfg.path, cfg.test_path):
         if path and Path(path).is_file():
@@ -242,7 +247,7 @@ def _git_commit() -> str | None:
 
 
 class Runner:
-    """Runs stages with keys, skipping finished ones; keeps the manifest."""
+    """Runs pipeline steps with keys, skipping finished ones; keeps the manifest."""
 
     def __init__(
         self, config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
@@ -263,10 +268,10 @@ class Runner:
         }
         self.keys: dict[str, str] = {}
 
-    def stage(
+    def step(
         self, name: str, settings: Any, upstream: list[str], fn: Callable[[Path], dict[str, Any]]
     ) -> dict:
-        """Run stage ``name`` unless finished with the same key; returns its result."""
+        """Run step ``name`` unless finished with the same key; returns its result."""
         key = _hash({"settings": to_dict(settings), "upstream": [self.keys[u] for u in upstream]})
         self.keys[name] = key
         folder = self.dir / name
@@ -277,7 +282,7 @@ class Runner:
             self.manifest["stages"][name] = {**state, "skipped": True}
             return state["result"]
         if state and state.get("key") != key or (folder.exists() and state is None):
-            shutil.rmtree(folder)  # settings changed: start this stage afresh
+            shutil.rmtree(folder)  # settings changed: start this step afresh
         resumed = bool(state) and state.get("key") == key
         folder.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"key": key, "done": False})
@@ -319,7 +324,7 @@ def _write_examples(path: Path, examples) -> None:
     write_jsonl(path, [e.to_dict() for e in examples])
 
 
-def stage_data(cfg: DataConfig, folder: Path) -> dict[str, Any]:
+def data_step(cfg: DataConfig, folder: Path) -> dict[str, Any]:
     """train/dev/test splits by question, written as kpod JSONL."""
     from kpod.data.loaders import load_examples, load_gsm8k_hub
     from kpod.data.splits import carve_dev, gsm8k_paper_split, split_by_question
@@ -378,7 +383,7 @@ def stage_data(cfg: DataConfig, folder: Path) -> dict[str, Any]:
     return {"train": len(train), "dev": len({e.qid for e in dev}), "test": len(test), "stats": stats}
 
 
-def stage_teacher(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[str, Any]:
+def teacher_step(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[str, Any]:
     """Teacher rationales for the training questions, filtered by their answers."""
     import asyncio
 
@@ -412,7 +417,7 @@ def stage_teacher(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[st
     return {"generated": summary.generated, "kept": len(kept), "filter": report.line()}
 
 
-def stage_weights(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmaps: int) -> dict[str, Any]:
+def weights_step(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmaps: int) -> dict[str, Any]:
     from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
     from kpod.weighting.train import train_weighting
     from kpod.weighting.visualise import html_heatmap
@@ -434,7 +439,7 @@ def stage_weights(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatma
     return metrics
 
 
-def stage_schedule(
+def schedule_step(
     cfg: ScheduleConfig,
     dcfg: DifficultyConfig,
     student: str,
@@ -477,7 +482,7 @@ def stage_schedule(
     }
 
 
-def stage_eval_untrained(config: PipelineConfig, test_path: Path, folder: Path) -> dict[str, Any]:
+def eval_untrained_step(config: PipelineConfig, test_path: Path, folder: Path) -> dict[str, Any]:
     from kpod.evaluate import evaluate
     from kpod.models import load_model
     from kpod.prompt import PromptFormat
@@ -496,7 +501,7 @@ def stage_eval_untrained(config: PipelineConfig, test_path: Path, folder: Path) 
     return {"test": result.summary()}
 
 
-def distill(
+def distill_student(
     tcfg: TrainConfig,
     student_cfg: StudentConfig,
     examples: Sequence[Example],
@@ -535,7 +540,7 @@ def distill(
     )
 
 
-def stage_train(
+def distill_step(
     config: PipelineConfig,
     method: str,
     data_dir: Path,
@@ -547,7 +552,7 @@ def stage_train(
     import dataclasses
 
     m = get_method(method)
-    result = distill(
+    result = distill_student(
         dataclasses.replace(config.train, method=method),
         config.student,
         _read_examples(train_path),
@@ -564,19 +569,19 @@ def stage_train(
 
 
 def schedule_variant(method: str) -> str | None:
-    """The schedule stage a method trains with (``None``: no schedule)."""
+    """The schedule step a method trains with (``None``: no schedule)."""
     m = get_method(method)
     if not m.progressive:
         return None
     return "schedule" + ("" if m.weighted_difficulty else "-uniform") + ("" if m.diversity else "-nodiv")
 
 
-def run_data_stage(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
-    """The data stage; its key covers the settings and the content of the files it reads."""
+def run_data_step(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
+    """The data step; its key covers the settings and the content of the files it reads."""
     inputs = input_files(config.data)
     runner.manifest["inputs"] = inputs
-    return runner.stage(
-        "data", {"data": config.data, "inputs": inputs}, [], lambda f: stage_data(config.data, f)
+    return runner.step(
+        "data", {"data": config.data, "inputs": inputs}, [], lambda f: data_step(config.data, f)
     )
 
 
@@ -584,33 +589,33 @@ def run_data_stage(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
 def run_pipeline(
     config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
 ) -> dict:
-    """Run every stage of ``config``; returns {method: test summary} (``untrained`` included).
+    """Run every step of ``config``; returns {method: test summary} (``untrained`` included).
 
     The run directory's writer lock is held throughout: a second `kpod run` on it is refused."""
     import dataclasses
 
     runner = Runner(config, config_data, echo)
     d = runner.dir
-    run_data_stage(runner, config)
-    train_path, train_stage = d / "data" / "train.jsonl", "data"
+    run_data_step(runner, config)
+    train_path, train_source = d / "data" / "train.jsonl", "data"
     if config.teacher.source == "server":
-        runner.stage(
-            "teacher", config.teacher, ["data"], lambda f: stage_teacher(config.teacher, train_path, f)
+        runner.step(
+            "teacher", config.teacher, ["data"], lambda f: teacher_step(config.teacher, train_path, f)
         )
-        train_path, train_stage = d / "teacher" / "train.jsonl", "teacher"
+        train_path, train_source = d / "teacher" / "train.jsonl", "teacher"
     methods = [get_method(m) for m in config.methods]
     if any(m.needs_weights for m in methods):
-        runner.stage(
+        runner.step(
             "weights",
             config.weighting.training_settings(),
-            [train_stage],
-            lambda f: stage_weights(config.weighting, train_path, f, config.report.heatmaps),
+            [train_source],
+            lambda f: weights_step(config.weighting, train_path, f, config.report.heatmaps),
         )
     for variant in sorted({v for v in map(schedule_variant, config.methods) if v}):
         uniform = "-uniform" in variant
         scfg = dataclasses.replace(config.schedule, beta=0.0) if "-nodiv" in variant else config.schedule
-        upstream = [train_stage] + ([] if uniform else ["weights"])
-        runner.stage(
+        upstream = [train_source] + ([] if uniform else ["weights"])
+        runner.step(
             variant,
             {
                 "schedule": scfg,
@@ -619,7 +624,7 @@ def run_pipeline(
                 **({} if uniform else {"read_weights": config.weighting.read_settings()}),
             },
             upstream,
-            lambda f, s=scfg, u=uniform: stage_schedule(
+            lambda f, s=scfg, u=uniform: schedule_step(
                 s,
                 config.difficulty,
                 config.student.name,
@@ -631,18 +636,18 @@ def run_pipeline(
     results: dict[str, Any] = {}
     if config.eval_untrained:
         eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
-        out = runner.stage(
+        out = runner.step(
             "eval-untrained",
             eval_settings,
             ["data"],
-            lambda f: stage_eval_untrained(config, d / "data" / "test.jsonl", f),
+            lambda f: eval_untrained_step(config, d / "data" / "test.jsonl", f),
         )
         results["untrained"] = out["test"]
     for method in config.methods:
         m = get_method(method)
         variant = schedule_variant(method)
-        upstream = [train_stage] + (["weights"] if m.token_weights else []) + ([variant] if variant else [])
-        out = runner.stage(
+        upstream = [train_source] + (["weights"] if m.token_weights else []) + ([variant] if variant else [])
+        out = runner.step(
             f"train-{method}",
             {
                 "train": dataclasses.replace(config.train, method=method),
@@ -650,7 +655,7 @@ def run_pipeline(
                 **({"read_weights": config.weighting.read_settings()} if m.token_weights else {}),
             },
             upstream,
-            lambda f, method=method, variant=variant: stage_train(
+            lambda f, method=method, variant=variant: distill_step(
                 config, method, d / "data", train_path, d / "weights", d / variant if variant else None, f
             ),
         )
@@ -665,7 +670,7 @@ def run_pipeline(
 
 
 def report_from_run(run_dir: str | Path) -> Path:
-    """(Re)write the report of an existing run directory from what its stages left."""
+    """(Re)write the report of an existing run directory from what its steps left."""
     from kpod.report import write_report
 
     run = Path(run_dir)
