@@ -123,7 +123,9 @@ def test_schedule_invariants(beta: float) -> None:
     assert c.shape == (300, 9)
     assert np.all((c >= 0) & (c <= n_steps[:, None]))
     assert np.all(np.diff(c, axis=1) <= 0)  # c_i(t) never increases
-    assert np.all(c[:, -1] == 0) and np.all(sched.inputs_at(20) == 0)
+    inputs = sched.stage_inputs([f"r{i}" for i in range(300)])
+    assert np.all(c[:, -1] == 0) and all(inputs.n_input_steps(f"r{i}", 20) == 0 for i in range(300))
+    assert [inputs.n_input_steps(f"r{i}", 3) for i in range(300)] == c[:, 3].tolist()
     assert np.all(np.diff(c[:, :-1], axis=1) >= -config.step_size)  # at most Delta_s per stage
     for t in range(1, config.stages):
         h_prev = output_difficulty(diffs, c[:, t - 1])

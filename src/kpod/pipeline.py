@@ -44,7 +44,7 @@ from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
-from kpod.progressive.schedule import ScheduleConfig, load_schedule_inputs
+from kpod.progressive.schedule import ScheduleConfig, StageInputs, load_schedule_inputs
 from kpod.weighting.train import WeightingConfig
 from kpod.weighting.weights import TokenWeights
 
@@ -508,7 +508,7 @@ def distill_student(
     folder: Path,
     *,
     weights: Mapping[str, TokenWeights] | None = None,
-    inputs: Mapping[str, Sequence[int]] | None = None,
+    inputs: StageInputs | Mapping[str, Sequence[int]] | None = None,
     dev: Sequence[Example] = (),
     test: Sequence[Example] = (),
     progress: bool = True,

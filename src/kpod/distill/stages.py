@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kpod.data.schema import Example
 from kpod.distill.loss import IGNORE
+from kpod.progressive.schedule import StageInputs
 from kpod.prompt import PromptFormat, TokenizedExample, render_example, tokenize_rendered, tokenize_split
 from kpod.weighting.weights import TokenWeights, rationale_key, rendered_token_weights
 
@@ -112,7 +113,7 @@ class StageBuilder:
         kind: str = "causal",
         fmt: PromptFormat | None = None,
         weights: Mapping[str, TokenWeights] | None = None,
-        inputs: Mapping[str, Sequence[int]] | None = None,
+        inputs: StageInputs | Mapping[str, Sequence[int]] | None = None,
         step_by_step_alpha: float = 1.0,
     ) -> None:
         from kpod.errors import ConfigError
@@ -123,7 +124,7 @@ class StageBuilder:
         self.kind = kind
         self.fmt = fmt or PromptFormat()
         self.weights = weights or {}
-        self.inputs = inputs or {}
+        self.inputs = inputs if isinstance(inputs, StageInputs) else StageInputs(dict(inputs or {}))
         self.step_by_step_alpha = step_by_step_alpha
         self._cache: dict[Hashable, StageExample] = {}
         keys = [rationale_key(e) for e in self.examples if e.steps]
@@ -147,10 +148,7 @@ class StageBuilder:
         """c_i(t): leading steps of rationale ``index`` given as input at ``stage``."""
         if not self.method.progressive:
             return 0
-        row = self.inputs.get(self.keys[index])
-        if not row:
-            return 0
-        return int(row[min(stage, len(row) - 1)])
+        return self.inputs.n_input_steps(self.keys[index], stage)
 
     def cached(self, key: Hashable, build: Callable[[], StageExample]) -> StageExample:
         """``build()``, once per ``key`` (stages repeat most examples)."""

@@ -16,7 +16,7 @@ Stage t >= T: every question is trained on its full rationale (c_i = 0), as Algo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,9 +66,9 @@ class Schedule:
     config: ScheduleConfig
     clusters: list[int] = field(default_factory=list)
 
-    def inputs_at(self, stage: int) -> np.ndarray:
-        """c_i at a training stage (epoch); every stage at or after T gives zeros."""
-        return self.c[:, min(stage, self.c.shape[1] - 1)]
+    def stage_inputs(self, keys: Sequence[str]) -> StageInputs:
+        """c_i(t) of the schedule's rationales, ``keys[i]`` naming row i."""
+        return StageInputs({key: row.tolist() for key, row in zip(keys, self.c, strict=True)})
 
     def to_dict(self) -> dict:
         return {
@@ -191,8 +191,29 @@ def plan_schedule(
     )
 
 
-def load_schedule_inputs(path: str | Path) -> dict[str, list[int]]:
-    """c_i(t) rows by rationale key from a ``schedule.json`` (or its directory), as the trainer reads them."""
+@dataclass(frozen=True)
+class StageInputs:
+    """c_i(t) by rationale key: how many leading steps of each rationale are input at stage t.
+
+    The one reader of a planned schedule's c (the trainer's stage examples go through
+    :meth:`n_input_steps`). Stages at or after T give zeros (the last column); a rationale the
+    schedule does not hold is given no steps as input."""
+
+    rows: Mapping[str, Sequence[int]]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def n_input_steps(self, key: str, stage: int) -> int:
+        """c_i(stage) of rationale ``key``."""
+        row = self.rows.get(key)
+        if not row:
+            return 0
+        return int(row[min(stage, len(row) - 1)])
+
+
+def load_schedule_inputs(path: str | Path) -> StageInputs:
+    """c_i(t) by rationale key from a ``schedule.json`` (or its directory), as the trainer reads them."""
     import json
 
     path = Path(path)
@@ -200,4 +221,4 @@ def load_schedule_inputs(path: str | Path) -> dict[str, list[int]]:
     if not path.is_file():
         raise ConfigError(f"no schedule at {path}; make one with `kpod schedule plan`")
     plan = json.loads(path.read_text(encoding="utf-8"))
-    return {key: row for key, row in zip(plan["keys"], plan["c"], strict=True)}
+    return StageInputs({key: row for key, row in zip(plan["keys"], plan["c"], strict=True)})
