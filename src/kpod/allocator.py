@@ -2,11 +2,10 @@
 
 Training on the CPU with length-grouped batches gives every step tensors of new shapes. Under
 glibc's malloc the freed blocks fragment its heap and ``_int_malloc`` searches ever longer free
-lists: in a GSM8K suite run (SmolLM2-135M, LoRA, bf16, 2 cores) a training process fell from 130
-to 60 tokens/s within 40 minutes, a profile of it put a third of the main thread in
-``_int_malloc``, and a restart from its checkpoint was fast again, then slowed again. jemalloc does
-not use glibc's heap; preloading it changes no result (bit-identical weights,
-``benchmarks/allocator.py numerics``). BENCHMARKS.md ("Memory allocator") has the figures. A
+lists, so a long training process slows down, and a restart from its checkpoint is fast again
+until it slows again. jemalloc does not use glibc's heap; preloading it changes no result
+(bit-identical weights, ``benchmarks/allocator.py numerics``). BENCHMARKS.md ("Memory allocator")
+has the measurements. A
 process cannot swap its allocator once started, so kpod says so (:func:`cpu_allocator_hint`) and
 ``make demo`` preloads jemalloc where it is installed (:func:`find_fast_allocator`;
 ``scripts/demo.sh``).
@@ -59,9 +58,9 @@ def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim).
 
     On CPU, length-grouped batches give every step tensors of new shapes; glibc keeps the freed
-    blocks in per-thread arenas and the process grew to 17+ GB on ASDiv with a 135M student
-    (measured). Trimming after each step keeps it near its working set; it does not defragment the
-    heap (module docstring). No-op elsewhere.
+    blocks in per-thread arenas and the process grows far beyond its working set (BENCHMARKS.md,
+    memory allocator). Trimming after each step keeps it near its working set; it does not
+    defragment the heap (module docstring). No-op elsewhere.
     """
     libc = glibc()
     if libc is not None:

@@ -77,10 +77,6 @@ class Rendered:
         return [self.prompt, *self.steps, self.answer, self.end]
 
     @property
-    def answer_segment(self) -> int:
-        return len(self.steps)
-
-    @property
     def end_segment(self) -> int:
         return len(self.steps) + 1
 

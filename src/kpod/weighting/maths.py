@@ -134,8 +134,8 @@ def rescale_weights(weights: list[float], mode: str = "none", floor: float = 0.1
     ``minmax`` maps the rationale's lowest weight to ``floor`` and its highest to 1, linearly:
     ``floor + (1 - floor) * (w - min) / (max - min)`` (a rationale whose weights are all equal gets
     1 everywhere). Not in the paper. Why offer it: with the score-function estimator and the
-    length-normalised L_m, our module ranks keypoints well (AUC 0.999 on synthetic data) but keeps
-    almost every token (mean w ~0.98), so the raw weights differ by a few per cent and the weighted
+    length-normalised L_m, our module ranks keypoints well but keeps almost every token
+    (BENCHMARKS.md, token weighting), so the raw weights differ by a few per cent and the weighted
     loss is close to the unweighted one; ``minmax`` keeps the learned ranking and restores a contrast.
     """
     if mode == "none" or not weights:

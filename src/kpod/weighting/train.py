@@ -10,14 +10,13 @@ How the answer loss reaches ``w`` is ``estimator``:
 
 * ``score-function`` (default, a deviation from the paper): ``samples`` exact Bernoulli(w) masks per
   rationale (Eq. 4's hard samples), each scored by the predictor, and the REINFORCE gradient with a
-  leave-one-out baseline. It follows the loss of the *discrete* masks: with the frozen SmolLM2
-  predictor, masking everything raises the answer NLL from 0.84 to 6.6 nats, keeping only the
-  keypoints gives 4.1, only the rest 7.3.
+  leave-one-out baseline. It follows the loss of the *discrete* masks, which tells keypoints from
+  the rest (BENCHMARKS.md, token weighting: the answer NLL under each kind of mask).
 * ``straight-through``: the paper's Gumbel-softmax relaxation. Its gradient is the first-order
   effect of sliding each embedding towards the mask embedding, which with a frozen predictor points
-  towards "mask more" for almost every token (and trains the mask embedding into a soft prompt):
-  measured, the weights separate for about a dozen steps and then collapse to 0, with or without the
-  sparsity term pushing (BENCHMARKS.md, token weighting).
+  towards "mask more" for almost every token (and trains the mask embedding into a soft prompt), so
+  the weights separate briefly and then collapse towards 0, with or without the sparsity term
+  (BENCHMARKS.md, token weighting).
 
 The answer predictor (paper: FlanT5-Large) defaults to the student's own pretrained model: it
 shares the student's tokenizer and embeddings, so no projection is needed, and it works offline.
@@ -80,9 +79,9 @@ class WeightingConfig:
         predictor_mode: ``frozen``, ``lora`` or ``full`` (see the module docstring for the default).
         alpha: weight of the mask-ratio loss (Eq. 7); the paper's App. A says 0.5, its Fig. 3a
             peaks at 0.7.
-        normalize_mask_loss: divide L_m by the rationale's length (default on; the paper prints
-            the sum, whose per-token push of alpha = 0.5 nats drives every weight to 0 within 20
-            steps here, because masking one token rarely costs a frozen predictor that much).
+        normalize_mask_loss: divide L_m by the rationale's length (default on). The paper prints
+            the sum, a per-token push of alpha nats, more than masking one token usually costs a
+            frozen predictor, so every weight is driven towards 0 (BENCHMARKS.md, token weighting).
         estimator: how the answer loss's gradient reaches ``w``. ``straight-through`` is Eq. (4)'s
             Gumbel-softmax relaxation (the paper's); ``score-function`` draws ``samples`` hard masks
             per rationale and uses REINFORCE with a leave-one-out baseline (default; see the module
@@ -99,14 +98,13 @@ class WeightingConfig:
         prefix_sum: estimate Eq. (5)'s sum over *all* prefixes from the sampled ones (weighting the
             shorter prefixes by n / (n_prefixes - 1)), which puts L_p on the scale of the printed,
             summed L_m. Off: L_p sums only the sampled prefixes.
-        max_steps: stop after this many optimiser steps (``None``: all epochs). With the
-            straight-through estimator the ranking is best after about a dozen steps and then
-            drifts towards all-masked.
+        max_steps: stop after this many optimiser steps (``None``: all epochs). The
+            straight-through estimator's ranking is best early and then drifts towards all-masked.
         epochs, batch_size, lr, predictor_lr: optimisation (AdamW). The sparsity gradient is the
-            same sign for every token while the answer gradient is noisy, so Adam at 1e-3 drives
-            every w to 0 within a few steps (measured on SmolLM2-135M); 1e-4 lets keypoints
-            separate (see BENCHMARKS.md). ``optimizer="sgd"`` (momentum 0.9) follows gradient
-            magnitudes instead, so a small alpha really is a small push.
+            same sign for every token while the answer gradient is noisy, and Adam normalises
+            both, so a large learning rate drives every w to 0 (BENCHMARKS.md, token weighting,
+            for the rates tried). ``optimizer="sgd"`` (momentum 0.9) follows gradient magnitudes
+            instead, so a small alpha really is a small push.
         max_rationale_tokens: longer rationales are truncated (their tail gets weight 1).
         precision: ``bf16`` autocast (CPU or GPU) or ``fp32``.
         num_heads, mlp_hidden: the module's attention heads and MLP width.
