@@ -83,3 +83,55 @@ def test_load_config_names_the_file(tmp_path):
         load_config(Outer, path)
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_cli_options_come_from_the_config_dataclasses(capsys):
+    """Every field of the step configs is an option of its subcommand, with the docstring's help,
+    and options, --set and defaults reach the config the same way a YAML config does."""
+    import argparse
+    import dataclasses
+
+    from kpod.cli import build_parser
+    from kpod.config import config_from_args, field_docs
+    from kpod.distill.trainer import TrainConfig
+    from kpod.models import StudentConfig
+    from kpod.pipeline import DifficultyConfig
+    from kpod.progressive.schedule import ScheduleConfig
+    from kpod.weighting.train import WeightingConfig
+
+    for cls in (WeightingConfig, ScheduleConfig, DifficultyConfig, TrainConfig, StudentConfig):
+        docs = field_docs(cls)
+        assert {f.name for f in dataclasses.fields(cls)} <= set(docs), cls  # every field documented
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    wtrain = next(a for a in sub.choices["weights"]._actions if isinstance(a, argparse._SubParsersAction))
+    wtrain = wtrain.choices["train"]
+    by_dest = {a.dest: a for a in wtrain._actions}
+    for f in dataclasses.fields(WeightingConfig):
+        if f.name in ("rescale", "rescale_floor"):
+            assert f"weighting.{f.name}" not in by_dest  # read settings belong to the readers
+            continue
+        action = by_dest[f"weighting.{f.name}"]
+        assert field_docs(WeightingConfig)[f.name].replace("%", "%%") in action.help
+    assert "--prefixes" in by_dest["weighting.n_prefixes"].option_strings  # the old name still works
+    args = parser.parse_args(
+        ["weights", "train", "d.jsonl", "--out", "w", "--prefixes", "3", "--no-normalize-mask-loss"]
+        + ["--estimator", "straight-through", "--tau-final", "null", "--set", "weighting.alpha=0.7"]
+    )
+    from kpod.cli import _config_sections
+
+    config = config_from_args(
+        WeightingConfig, args, "weighting", _config_sections(args, "weighting")["weighting"]
+    )
+    assert config == WeightingConfig(
+        n_prefixes=3, normalize_mask_loss=False, estimator="straight-through", alpha=0.7
+    )
+    args = parser.parse_args(["distill", "d.jsonl", "--out", "o", "--lr", "1e-3", "--student", "m"])
+    assert config_from_args(TrainConfig, args, "train", {"epochs": 2}) == TrainConfig(lr=1e-3, epochs=2)
+    assert config_from_args(StudentConfig, args, "student").name == "m"
+    args = parser.parse_args(["schedule", "plan", "d.jsonl", "--out", "o", "--c0", "0.2", "--clusters", "3"])
+    schedule = config_from_args(ScheduleConfig, args, "schedule")
+    assert (schedule.initial_fraction, schedule.n_clusters, schedule.p) == (0.2, 3, ScheduleConfig().p)
+    with pytest.raises(SystemExit):  # a Literal's choices are enforced by argparse
+        parser.parse_args(["weights", "train", "d.jsonl", "--out", "w", "--optimizer", "lion"])
+    capsys.readouterr()

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from kpod import __version__
+from kpod.config import add_config_options, config_from_args
 from kpod.errors import KpodError
 
 DESCRIPTION = """\
@@ -51,19 +52,33 @@ def _unit_interval(text: str) -> float:
 
 def _add_rescale_options(parser: argparse.ArgumentParser) -> None:
     """How --weights enter difficulty or the loss (``weighting.rescale`` in a `kpod run` config)."""
-    parser.add_argument(
-        "--rescale",
-        choices=["none", "minmax"],
-        default="none",
-        help="none: the learned weights as they are (the paper's); minmax: each rationale's weights "
-        "spread onto [--rescale-floor, 1], keeping their order (default none)",
+    from kpod.weighting.config import READ_SETTINGS, WeightingConfig
+
+    skip = tuple(f for f in WeightingConfig.__dataclass_fields__ if f not in READ_SETTINGS)
+    add_config_options(
+        parser, WeightingConfig, "weighting", skip=skip, types={"rescale_floor": _unit_interval}
     )
+
+
+def _add_set_option(parser: argparse.ArgumentParser, *sections: str) -> None:
+    keys = " or ".join(f"{s}.KEY" for s in sections)
     parser.add_argument(
-        "--rescale-floor",
-        type=_unit_interval,
-        default=0.1,
-        help="the lowest weight of a rationale under --rescale minmax (default 0.1)",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"set any config value ({keys}=VALUE, as in a `kpod run` config; the options above win)",
     )
+
+
+def _config_sections(args: argparse.Namespace, *sections: str) -> dict[str, dict]:
+    """The ``--set`` values by section; an unknown section is an error naming the known ones."""
+    from kpod.config import apply_overrides
+
+    data = apply_overrides({}, args.set or [])
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise KpodError(f"--set: unknown section '{unknown[0]}'; known: {', '.join(sections)}")
+    return {s: data.get(s, {}) for s in sections}
 
 
 _held_locks = ExitStack()  # the writer locks of the running command; released when it returns
@@ -239,18 +254,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_weights_train(args: argparse.Namespace) -> int:
     from kpod.weighting.train import WeightingConfig, train_weighting
 
+    # Options left out on the command line (and in --set) take WeightingConfig's defaults.
+    config = config_from_args(
+        WeightingConfig, args, "weighting", _config_sections(args, "weighting")["weighting"]
+    )
     _hold(args.out, directory=True)
     examples, report = _load(args)
     if args.limit:
         examples = examples[: args.limit]
-    # Options left out on the command line take WeightingConfig's defaults.
-    names = ["student", "predictor", "predictor_mode", "alpha", "normalize_mask_loss", "kept_budget"]
-    names += ["estimator", "samples", "tau", "tau_final", "prefixes", "prefix_sum", "optimizer", "epochs"]
-    names += ["max_steps", "batch_size", "lr", "precision", "seed", "device"]
-    renamed = {"prefixes": "n_prefixes"}
-    config = WeightingConfig(
-        **{renamed.get(n, n): getattr(args, n) for n in names if getattr(args, n) is not None}
-    )
     _, history = train_weighting(examples, config, out_dir=args.out)
     last = history[-1]
     print(
@@ -308,9 +319,10 @@ def cmd_weights_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule_plan(args: argparse.Namespace) -> int:
-    from kpod.pipeline import DifficultyConfig, schedule_step
-    from kpod.progressive.schedule import Schedule, ScheduleConfig
+    from kpod.pipeline import schedule_step
+    from kpod.progressive.schedule import DifficultyConfig, Schedule, ScheduleConfig
     from kpod.report import schedule_table
+    from kpod.weighting.train import WeightingConfig
     from kpod.weighting.weights import load_weights
 
     _hold(args.out, directory=True)
@@ -318,15 +330,13 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     examples = [e for e in examples if e.steps]
     if not examples:
         raise KpodError(f"{args.path} has no rationales to schedule")
-    config = ScheduleConfig(
-        stages=args.stages or max(1, args.epochs // 2),
-        p=args.p,
-        initial_fraction=args.c0,
-        beta=args.beta,
-        n_clusters=args.clusters,
-    )
-    weights = None if args.weights is None else load_weights(args.weights, args.rescale, args.rescale_floor)
-    difficulty = DifficultyConfig(batch_size=args.batch_size, cluster_encoder=args.cluster_encoder)
+    sections = _config_sections(args, "schedule", "difficulty")
+    if getattr(args, "schedule.stages") is None and "stages" not in sections["schedule"]:
+        sections["schedule"]["stages"] = max(1, args.epochs // 2)
+    config = config_from_args(ScheduleConfig, args, "schedule", sections["schedule"])
+    difficulty = config_from_args(DifficultyConfig, args, "difficulty", sections["difficulty"])
+    read = config_from_args(WeightingConfig, args, "weighting")
+    weights = None if args.weights is None else load_weights(args.weights, read.rescale, read.rescale_floor)
     schedule_step(config, difficulty, args.student, examples, weights, args.out, seed=args.seed)
     schedule = Schedule.from_dict(json.loads((args.out / "schedule.json").read_text()))
     print(schedule_table(schedule))
@@ -389,12 +399,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from kpod.config import apply_overrides, from_dict, read_yaml
-    from kpod.distill.trainer import TrainConfig
+    from kpod.config import apply_overrides, read_yaml
+    from kpod.distill.config import TrainConfig
     from kpod.errors import ConfigError
     from kpod.models import StudentConfig
     from kpod.pipeline import distill_student
     from kpod.progressive.schedule import load_schedule_inputs
+    from kpod.weighting.train import WeightingConfig
     from kpod.weighting.weights import load_weights
 
     data = read_yaml(args.config) if args.config else {}
@@ -402,13 +413,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     unknown = sorted(set(data) - {"train", "student"})
     if unknown:
         raise ConfigError(f"{args.config or '--set'}: unknown section '{unknown[0]}'; known: student, train")
-    config = from_dict(TrainConfig, data.get("train", {}), "train")
-    student_config = from_dict(StudentConfig, data.get("student", {}), "student")
+    config = config_from_args(TrainConfig, args, "train", data.get("train", {}))
+    student_config = config_from_args(StudentConfig, args, "student", data.get("student", {}))
     _hold(args.out, directory=True)
     examples, _ = _load(args)
     dev = load_examples_quiet(args.dev) if args.dev else []
     test = load_examples_quiet(args.test) if args.test else []
-    weights = load_weights(args.weights, args.rescale, args.rescale_floor) if args.weights else None
+    read = config_from_args(WeightingConfig, args, "weighting")
+    weights = load_weights(args.weights, read.rescale, read.rescale_floor) if args.weights else None
     inputs = load_schedule_inputs(args.schedule) if args.schedule else None
     result = distill_student(
         config,
@@ -482,6 +494,12 @@ def _command_group(sub, name: str, summary: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The config dataclasses give the options of the commands that run a pipeline step.
+    from kpod.distill.config import TrainConfig
+    from kpod.models import StudentConfig
+    from kpod.progressive.schedule import DifficultyConfig, ScheduleConfig
+    from kpod.weighting.config import READ_SETTINGS, WeightingConfig
+
     parser = argparse.ArgumentParser(
         prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -573,49 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_load_options(wtrain)
     wtrain.add_argument("--out", type=Path, required=True, help="output directory")
-    wtrain.add_argument("--student", help="the student (tokenizer, embeddings; default the offline SmolLM2)")
-    wtrain.add_argument(
-        "--predictor", help="answer predictor model (default: the student's pretrained model)"
+    add_config_options(
+        wtrain,
+        WeightingConfig,
+        "weighting",
+        skip=READ_SETTINGS,
+        flags={"n_prefixes": ["--n-prefixes", "--prefixes"]},
     )
-    wtrain.add_argument(
-        "--predictor-mode",
-        choices=("frozen", "lora", "full"),
-        help="what of the predictor trains (default frozen)",
-    )
-    wtrain.add_argument("--alpha", type=float, help="mask-ratio loss weight (Eq. 7; default 0.5)")
-    wtrain.add_argument(
-        "--normalize-mask-loss",
-        action=argparse.BooleanOptionalAction,
-        help="divide L_m by the rationale's length (default on; off: Eq. 6 as printed)",
-    )
-    wtrain.add_argument(
-        "--kept-budget", type=float, help="penalise only the kept ratio above this (a hinge on L_m)"
-    )
-    wtrain.add_argument(
-        "--estimator",
-        choices=("straight-through", "score-function"),
-        help="gradient of the answer loss w.r.t. w: Gumbel straight-through (Eq. 4) or sampled masks "
-        "with REINFORCE (default; see BENCHMARKS.md)",
-    )
-    wtrain.add_argument("--samples", type=int, help="masks per rationale for score-function (default 4)")
-    wtrain.add_argument("--tau", type=float, help="Gumbel-softmax temperature (default 1.0)")
-    wtrain.add_argument("--tau-final", type=float, help="anneal the temperature linearly to this value")
-    wtrain.add_argument("--prefixes", type=int, help="rationale prefixes per example in L_p (default 2)")
-    wtrain.add_argument(
-        "--prefix-sum",
-        action=argparse.BooleanOptionalAction,
-        help="estimate Eq. 5's sum over all prefixes from the sampled ones",
-    )
-    wtrain.add_argument("--epochs", type=int, help="passes over the rationales (default 1)")
-    wtrain.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    wtrain.add_argument("--batch-size", type=int, help="rationales per step (default 8)")
-    wtrain.add_argument("--lr", type=float, help="learning rate of the module (default 1e-4)")
-    wtrain.add_argument(
-        "--optimizer", choices=("adamw", "sgd"), help="optimiser of the module (default adamw)"
-    )
-    wtrain.add_argument("--precision", choices=("fp32", "bf16"), help="default bf16 autocast")
-    wtrain.add_argument("--device", help="default cpu")
-    wtrain.add_argument("--seed", type=int)
+    _add_set_option(wtrain, "weighting")
     wtrain.add_argument("--limit", type=int, help="only the first N rationales")
     _add_wait_option(wtrain)
     wtrain.set_defaults(func=cmd_weights_train)
@@ -657,21 +640,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, help="weights.jsonl or its directory (default: uniform weights)"
     )
     _add_rescale_options(splan)
-    splan.add_argument("--student", default="smollm2-135m-instruct")
+    splan.add_argument(
+        "--student", default="smollm2-135m-instruct", help="the pretrained student that scores"
+    )
     splan.add_argument("--epochs", type=int, default=20, help="training epochs; T = epochs / 2 (default 20)")
-    splan.add_argument("--stages", type=int, help="T directly (overrides --epochs)")
-    splan.add_argument("--p", type=float, default=0.5, help="pacing exponent (default 0.5)")
-    splan.add_argument(
-        "--c0", type=float, default=0.3, help="initial difficulty as a share of B (default 0.3)"
+    add_config_options(
+        splan,
+        ScheduleConfig,
+        "schedule",
+        flags={
+            "initial_fraction": ["--initial-fraction", "--c0"],
+            "n_clusters": ["--n-clusters", "--clusters"],
+        },
     )
-    splan.add_argument("--beta", type=float, default=12.0, help="diversity weight (default 12; 0 = w/o div)")
-    splan.add_argument("--clusters", type=int, default=5, help="K-means clusters K (default 5)")
-    splan.add_argument(
-        "--cluster-encoder",
-        help="embed questions with this encoder (e.g. a sentence-embedding model) instead of the "
-        "mean of the student's input embeddings",
-    )
-    splan.add_argument("--batch-size", type=int, default=8)
+    add_config_options(splan, DifficultyConfig, "difficulty")
+    _add_set_option(splan, "schedule", "difficulty")
     splan.add_argument("--seed", type=int, default=0)
     _add_wait_option(splan)
     splan.set_defaults(func=cmd_schedule_plan)
@@ -751,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=4 --set student.finetune=full",
     )
+    add_config_options(dist, TrainConfig, "train")
+    add_config_options(dist, StudentConfig, "student", flags={"name": ["--student"]})
     dist.add_argument("--weights", type=Path, help="weights.jsonl from `kpod weights train`")
     _add_rescale_options(dist)
     dist.add_argument("--schedule", type=Path, help="schedule.json from `kpod schedule plan`")

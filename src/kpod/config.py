@@ -133,6 +133,111 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation from ``cls``'s docstring section ``Attributes:`` (one entry may
+    document several fields: ``lora_r, lora_alpha: text``), joined onto one line."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:") + 1
+    except StopIteration:
+        return docs
+    entry = re.compile(r"^(\s+)([A-Za-z_][\w, ]*):\s+(.*)$")
+    names: list[str] = []
+    indent = None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is not None and depth < indent:
+            break
+        match = entry.match(line)
+        if match and (indent is None or depth == indent):
+            indent = depth
+            names = [n.strip() for n in match.group(2).split(",")]
+            for name in names:
+                docs[name] = match.group(3).strip()
+        elif names:
+            for name in names:
+                docs[name] += " " + line.strip()
+    return docs
+
+
+def _option_type(tp: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    """(argparse ``type``, ``choices``) of a field's hint; ``null`` reads as None where allowed."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return str, get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        base, choices = _option_type(inner[0])
+
+        def optional(text: str) -> Any:
+            return None if text.lower() in ("null", "none") else base(text)
+
+        optional.__name__ = getattr(base, "__name__", "value")
+        return optional, choices
+    if tp in (int, float, str, Path):
+        return tp, None
+    return str, None
+
+
+def add_config_options(
+    parser: Any,
+    cls: type,
+    section: str,
+    *,
+    skip: tuple[str, ...] = (),
+    flags: dict[str, list[str]] | None = None,
+    types: dict[str, Any] | None = None,
+) -> None:
+    """One option per field of config dataclass ``cls``: ``--field-name`` (or the names in
+    ``flags[field]``, the first being the main one), with type, choices and help taken from the
+    dataclass and its ``Attributes:`` docstring, so the CLI and YAML configs share one source of
+    names, defaults and help. Booleans get ``--x``/``--no-x``; ``types[field]`` replaces a field's
+    argparse type where a range is better refused by argparse. Options left out keep the
+    dataclass's default (:func:`config_from_args`)."""
+    import argparse
+
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    flags = flags or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        names = flags.get(f.name) or ["--" + f.name.replace("_", "-")]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        text = docs.get(f.name, "").replace("%", "%%")
+        kwargs: dict[str, Any] = {
+            "dest": f"{section}.{f.name}",
+            "default": None,
+            "help": f"{text} (default {shown}; {section}.{f.name} in a config)".strip(),
+        }
+        if hints[f.name] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"], choices = _option_type(hints[f.name])
+            kwargs["type"] = (types or {}).get(f.name, kwargs["type"])
+            if choices:
+                kwargs["choices"] = choices
+            kwargs["metavar"] = f.name.upper() if not choices else None
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from_args(cls: type[T], args: Any, section: str, data: dict[str, Any] | None = None) -> T:
+    """``cls`` from ``data`` (a config section, e.g. after ``--set``) with the options of
+    :func:`add_config_options` that were given on top; validated like a YAML config."""
+    values = dict(data or {})
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f"{section}.{f.name}", None)
+        if value is not None:
+            values[f.name] = value
+    return from_dict(cls, values, section)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=2e-4`` -> (["train", "lr"], 0.0002); the value is read as YAML."""
     if "=" not in text:
@@ -190,4 +295,13 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
 
 
-__all__ = ["apply_overrides", "from_dict", "load_config", "read_yaml", "to_dict"]
+__all__ = [
+    "add_config_options",
+    "apply_overrides",
+    "config_from_args",
+    "field_docs",
+    "from_dict",
+    "load_config",
+    "read_yaml",
+    "to_dict",
+]

@@ -44,7 +44,7 @@ from kpod.errors import ConfigError, DataError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
-from kpod.progressive.schedule import ScheduleConfig, StageInputs, load_schedule_inputs
+from kpod.progressive.schedule import DifficultyConfig, ScheduleConfig, StageInputs, load_schedule_inputs
 from kpod.weighting.train import WeightingConfig
 from kpod.weighting.weights import TokenWeights
 
@@ -117,20 +117,6 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.source == "server" and not (self.base_url and self.model):
             raise ConfigError("base_url: teacher.source 'server' needs teacher.base_url and teacher.model")
-
-
-@dataclass(frozen=True)
-class DifficultyConfig:
-    """Step difficulty scoring and question clustering (paper section 3.4).
-
-    Attributes:
-        batch_size: scoring batch size.
-        cluster_encoder: a sentence-embedding model for the clusters (``null``: the student's
-            mean input embedding, offline).
-    """
-
-    batch_size: int = 8
-    cluster_encoder: str | None = None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,20 @@ class ScheduleConfig:
             raise ConfigError(f"initial_fraction (C0 / B) must be in [0, 1], got {self.initial_fraction}")
 
 
+@dataclass(frozen=True)
+class DifficultyConfig:
+    """Step difficulty scoring and question clustering (paper section 3.4).
+
+    Attributes:
+        batch_size: scoring batch size.
+        cluster_encoder: a sentence-embedding model for the clusters (``null``: the student's
+            mean input embedding, offline).
+    """
+
+    batch_size: int = 8
+    cluster_encoder: str | None = None
+
+
 @dataclass
 class Schedule:
     """c[i, t] for t = 0 .. T (column T is all zeros), with per-stage facts for reports."""

@@ -1,0 +1,80 @@
+"""The distillation step's settings (``train:`` in a config, the options of `kpod distill`). Kept
+apart from the trainer so that reading a config or building the CLI needs no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kpod.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Distillation hyper-parameters (one config for every method).
+
+    Attributes:
+        method: a registered method's name (:data:`kpod.distill.methods.METHODS`).
+        epochs: training epochs; stage t is epoch t (paper: 20 or 40 for LLaMA-7B).
+        batch_size: examples per optimiser step, over all processes (paper: 4).
+        micro_batch_size: examples per forward pass on one process (gradient accumulation
+            makes up the rest; the loss does not depend on it).
+        lr: peak learning rate (paper: 1e-5 for LLaMA-7B with LoRA, 5e-5 for FlanT5). Small LoRA
+            students on few examples need more; the quickstart uses 1e-3.
+        weight_decay: AdamW's decoupled weight decay (the paper's Adam: 0).
+        warmup_ratio: share of all steps spent warming the learning rate up linearly from 0.
+        lr_schedule: after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``.
+        max_grad_norm: gradient clipping (0 turns it off).
+        max_length: examples whose sequence is longer are left out (counted in the log).
+        precision: ``bf16``/``fp16`` autocast with float32 weights, or ``fp32``.
+        seed: seeds data order, initialisation of adapters and dropout.
+        save_every: also checkpoint every this many optimiser steps (0: stage ends only).
+        keep_checkpoints: how many checkpoints to keep.
+        group_by_length: batch examples of similar length together (less padding).
+        step_by_step_alpha: weight of the rationale task of ``step-by-step``.
+        select_on_dev: evaluate on the dev split after every stage and keep the best stage (the
+            first of equal ones).
+        test_last_epoch: also score the last epoch's model on the test split when dev selection
+            kept an earlier stage (``TrainResult.test_last``; predictions in
+            ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
+            split makes noisy. Costs one more test evaluation in those runs.
+        eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
+        merge_lora: save the student with LoRA merged into its weights (loads without peft).
+    """
+
+    method: str = "kpod"
+    epochs: int = 4
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    group_by_length: bool = True
+    step_by_step_alpha: float = 1.0
+    select_on_dev: bool = True
+    test_last_epoch: bool = False
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int = 256
+    merge_lora: bool = False
+
+    def __post_init__(self) -> None:
+        from kpod.distill.methods import METHODS  # the registry, as it stands when the config is read
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: '{self.method}' is not allowed; choose one of: {', '.join(METHODS)}")
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_every < 0 or self.max_grad_norm < 0:
+            raise ConfigError(
+                "lr must be > 0, warmup_ratio in [0, 1), save_every >= 0 and max_grad_norm >= 0; "
+                f"got lr={self.lr}, warmup_ratio={self.warmup_ratio}, save_every={self.save_every}, "
+                f"max_grad_norm={self.max_grad_norm}"
+            )
