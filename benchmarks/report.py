@@ -216,11 +216,12 @@ def _ablations(methods: dict[str, list[dict]]) -> list[str]:
 
 def _selection(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     """Dev accuracy after each epoch for every trained run, the epoch whose checkpoint was kept
-    (the trainer keeps the first best) in bold, beside the test accuracy it gave."""
+    (the best eligible epoch; runs before issue #20 kept the first of equal ones, later ones the
+    later) in bold, beside the test accuracy it gave. Epochs not scored on dev show "-"."""
     rows = [(m, r) for m in names for r in methods[m] if r.get("dev")]
     if not rows:
         return []
-    epochs = max(len(r["dev"]) for _, r in rows)
+    epochs = max(d["epoch"] for _, r in rows for d in r["dev"]) + 1
     out = [
         "",
         "Model selection: dev accuracy % after each epoch (the kept checkpoint in bold), the test "

@@ -107,7 +107,7 @@ def ours(method: str, args, examples, out: Path) -> dict:
         micro_batch_size=args.batch_size,
         max_length=args.max_length,
         precision=args.precision,
-        select_on_dev=False,
+        select="last",
         keep_checkpoints=1,
         lr=1e-4,
     )

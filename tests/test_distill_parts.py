@@ -90,3 +90,19 @@ def test_seq2seq_stage_examples_split_encoder_and_decoder(tiny_seq2seq) -> None:
     assert encoder_text.endswith("Natalia sold 48+24 = 72 clips.")
     assert decoder_text.strip() == "So 72 in all. Therefore, the answer is 72."
     assert all(label != IGNORE for label in ex.labels)  # the model shifts them itself
+
+
+def test_each_target_token_carries_its_own_weight(tiny_causal) -> None:
+    """Weights that differ token by token (a ramp) land on exactly the token they belong to:
+    reversing, shifting or permuting them within a step or the rationale fails this test."""
+    tok = load_tokenizer(str(tiny_causal))
+    enc = tok(EXAMPLE.rationale, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    ramp = [round(0.05 + 0.9 * i / max(1, len(offsets) - 1), 4) for i in range(len(offsets))]
+    for c in (0, 1):
+        ex = build_stage_example(EXAMPLE, c, tok, weights_row=TokenWeights("k", "q", offsets, ramp))
+        input_end = EXAMPLE.steps[c - 1].end if c else 0  # the gap after the input goes with the target
+        expected = [w for (s, e), w in zip(offsets, ramp, strict=True) if s >= input_end]
+        got = [w for t, w in zip(ex.labels, ex.weights, strict=True) if t != IGNORE and w != 1.0]
+        assert got == pytest.approx(expected), c  # in order, one per rationale token, none missing
+    assert ramp != sorted(ramp, reverse=True)  # the inputs would expose a reversal

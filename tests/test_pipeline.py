@@ -76,9 +76,10 @@ def test_run_writes_every_stage_and_a_manifest(finished_run):
     for method in ("std-cot", "kpod"):
         trained = json.loads((run / f"train-{method}" / "training.json").read_text())
         assert trained["method"] == method and trained["test"]["n"] == 8
-        # A random tiny student answers nothing on dev, so selection keeps stage 0 and the last
-        # stage's model is scored on test as well.
-        assert trained["best_epoch"] == 0 and trained["test_last"]["n"] == 8
+        # A random tiny student answers nothing on dev: equal dev scores keep the later epoch, the
+        # last (and for kpod, with T = 2 in 2 epochs, the only one that trained whole rationales).
+        assert trained["best_epoch"] == 1 and trained["test_last"]["n"] == 8
+        assert [d["epoch"] for d in trained["dev"]] == ([1] if method == "kpod" else [0, 1])
         assert (run / f"train-{method}" / "student" / "config.json").exists()
         assert not (run / f"train-{method}" / "checkpoints").exists()  # cleaned once the student is saved
     manifest = json.loads((run / "manifest.json").read_text())
@@ -181,7 +182,7 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
             "keep_checkpoints": 50,
             "batch_size": 2,
             "micro_batch_size": 2,
-            "select_on_dev": False,
+            "select": "last",
         },
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -223,7 +224,7 @@ def test_python_api_runs_the_same_pipeline_and_single_steps(finished_run, tmp_pa
     weights = kpod.load_weights(tmp / "run" / "weights")
     assert all(isinstance(w, kpod.TokenWeights) for w in weights.values())
     result = kpod.distill_student(
-        dataclasses.replace(config.train, method="kpod", epochs=1, select_on_dev=False),
+        dataclasses.replace(config.train, method="kpod", epochs=2, select="last"),
         config.student,
         examples,
         tmp_path / "api-kpod",
@@ -231,7 +232,7 @@ def test_python_api_runs_the_same_pipeline_and_single_steps(finished_run, tmp_pa
         inputs=load_schedule_inputs(tmp / "run" / "schedule"),
         progress=False,
     )
-    assert result.method == "kpod" and result.steps == 4 and (tmp_path / "api-kpod" / "student").is_dir()
+    assert result.method == "kpod" and result.steps == 8 and (tmp_path / "api-kpod" / "student").is_dir()
     assert kpod.evaluate_model.__module__ == "kpod.evaluate"
     with pytest.raises(AttributeError):
         kpod.no_such_function  # noqa: B018

@@ -187,6 +187,28 @@ def test_difficulty_scoring_matches_eq8_and_resumes(tiny_causal, tmp_path) -> No
     flat = score_difficulties(examples, student, rows, progress=False)
     # Equal weights give the uniform result (softmax of a constant).
     assert flat[rationale_key(e)] == pytest.approx(both[rationale_key(e)], rel=1e-5)
+    # Weights that differ inside each step (a ramp over the rationale): Eq. 8 by hand, per step.
+    from kpod.weighting.weights import rendered_token_weights
+
+    ramp_rows = {}
+    for ex in examples:
+        enc = student.tokenizer(ex.rationale, add_special_tokens=False, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        ramp_rows[rationale_key(ex)] = TokenWeights(
+            rationale_key(ex), ex.qid, enc["offset_mapping"], [4.0 * i / max(1, n - 1) for i in range(n)]
+        )
+    ramped = score_difficulties(examples, student, ramp_rows, progress=False)
+    w_tok = rendered_token_weights(e, t, ramp_rows[rationale_key(e)])
+    for k, d in enumerate(ramped[rationale_key(e)]):
+        pos = [p for p, s in enumerate(t.segments) if s == k]
+        w = torch.tensor([w_tok[p] for p in pos], dtype=torch.float64)
+        assert len(set(w.tolist())) > 1  # the weights really differ inside this step
+        soft = torch.softmax(w, 0)
+        expected = -float(sum(soft[j] * logp[p - 1, t.input_ids[p]] for j, p in enumerate(pos)))
+        assert d == pytest.approx(expected, rel=1e-4)
+        reversed_soft = torch.softmax(w.flip(0), 0)
+        wrong = -float(sum(reversed_soft[j] * logp[p - 1, t.input_ids[p]] for j, p in enumerate(pos)))
+        assert abs(wrong - expected) > 1e-6 * abs(expected)  # a reversal inside the step would show
     emb = question_embeddings([x.question for x in examples], student)
     assert emb.shape == (6, 32)
     assert sorted(set(cluster_questions(emb, 3).tolist())) == [0, 1, 2]
@@ -280,3 +302,41 @@ def test_questions_can_be_embedded_by_a_named_encoder(tiny_causal) -> None:
     assert default.shape == encoded.shape == (3, 32)
     assert not np.allclose(default, encoded)  # contextual hidden states, not input embeddings
     assert len(cluster_questions(encoded, 2)) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_middle_stage_selects_nothing_while_its_budget_allows_a_step(seed: int) -> None:
+    """Stages 1..T-1: if some question could move one step within what D(t) leaves after the
+    previous stage, the stage advances at least one question."""
+    diffs, clusters = random_problem(120, seed=seed)
+    config = ScheduleConfig(stages=6, beta=12.0)
+    sched = plan_schedule(diffs, clusters, config)
+    for t in range(1, config.stages):
+        remaining = sched.budget[t] - sched.achieved[t - 1]
+        gains = [diffs[i][sched.c[i, t - 1] - 1] for i in range(len(diffs)) if sched.c[i, t - 1] > 0]
+        if gains and min(gains) <= remaining + 1e-9:
+            assert sched.advanced[t] > 0, (t, remaining, min(gains))
+
+
+def test_stages_larger_than_epochs_are_refused_naming_both_keys(tmp_path) -> None:
+    from kpod.distill.config import TrainConfig
+    from kpod.errors import ConfigError
+    from kpod.models import StudentConfig
+    from kpod.pipeline import distill_student, pipeline_config
+    from kpod.progressive.schedule import StageInputs
+
+    with pytest.raises(ConfigError, match=r"schedule\.stages.*train\.epochs"):
+        pipeline_config({"methods": ["kpod"], "schedule": {"stages": 5}, "train": {"epochs": 4}})
+    assert pipeline_config({"methods": ["std-cot"], "schedule": {"stages": 5}, "train": {"epochs": 4}})
+    assert pipeline_config({"train": {"epochs": 8}}).schedule.stages == 4  # T = epochs / 2 by default
+    assert pipeline_config({"schedule": {"stages": 4}, "train": {"epochs": 4}}).schedule.stages == 4
+    inputs = StageInputs({"a": [2, 1, 1, 0, 0, 0]})  # T = 5
+    assert inputs.stages == 5
+    with pytest.raises(ConfigError, match=r"T = 5.*train\.epochs = 4"):
+        distill_student(
+            TrainConfig(method="kpod", epochs=4),
+            StudentConfig(name="never-loaded"),
+            [],
+            tmp_path,
+            inputs=inputs,
+        )

@@ -190,7 +190,7 @@ def _write_run(tmp_path: Path, model: Path, n: int = 8, **train) -> tuple[Path, 
         "micro_batch_size": 1,
         "lr": 3e-3,
         "precision": "fp32",
-        "select_on_dev": False,
+        "select": "last",
         **train,
     }
     config.write_text(
@@ -310,7 +310,7 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(
         lr=1e-2,
         save_every=1,
         keep_checkpoints=100,
-        select_on_dev=False,
+        select="last",
     )
 
     def run(out: Path) -> dict[str, torch.Tensor]:
@@ -340,11 +340,22 @@ def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)
 
 
-def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(tiny_causal, tmp_path):
-    """A random tiny model never answers a dev question, so selection keeps epoch 0 (the first of
-    equal ones); ``test_last_epoch`` then scores the last epoch's model too, exactly as a run
-    without selection would."""
+def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(
+    tiny_causal, tmp_path, monkeypatch
+):
+    """Dev accuracies 50, 0, 0 %: selection keeps epoch 0; ``test_last_epoch`` then scores the last
+    epoch's model too, exactly as a run without selection would."""
+    import kpod.distill.trainer as trainer
+
     examples = arithmetic_examples(4, seed=3)
+    real = trainer._evaluate
+    dev_scores = iter([50.0, 0.0, 0.0])
+
+    def scripted_dev(model, student, data, config, fmt, prefix, out):
+        result = real(model, student, data, config, fmt, prefix, out)
+        return result if out is not None else {**result, "accuracy": next(dev_scores)}
+
+    monkeypatch.setattr(trainer, "_evaluate", scripted_dev)
 
     def run(name: str, **settings) -> tuple:
         student = load_model(str(tiny_causal))
@@ -368,12 +379,57 @@ def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(tiny_
         return result, texts
 
     selected, selected_texts = run("selected", test_last_epoch=True)
-    plain, plain_texts = run("plain", select_on_dev=False)
+    plain, plain_texts = run("plain", select="last")
     assert [d["epoch"] for d in selected.dev] == [0, 1, 2] and selected.best_epoch == 0
-    assert plain.best_epoch is None and plain.test_last is None
+    assert plain.best_epoch is None and plain.test_last is None and plain.dev == []
     assert selected_texts["test_predictions_last.jsonl"] == plain_texts["test_predictions.jsonl"]
     assert selected_texts["test_predictions.jsonl"] != plain_texts["test_predictions.jsonl"]
     assert selected.test_last["qids"] == selected.test["qids"]
+
+
+def test_progressive_epochs_train_stages_1_to_T_and_only_whole_rationale_epochs_are_selected(
+    tiny_causal, tmp_path, monkeypatch
+):
+    """kpod with T = 2 over 4 epochs: epoch 0 trains stage 1 (not the schedule's stage 0), epoch 1
+    stage T = 2 (whole rationales), epochs 2-3 whole rationales; dev is scored, and a model kept,
+    only from epoch 1 on, even when an earlier epoch would have scored higher."""
+    import kpod.distill.trainer as trainer
+
+    student = load_model(str(tiny_causal))
+    examples = arithmetic_examples(6, seed=2)
+    inputs = schedule_inputs(examples, stages=2)
+    builder = StageBuilder(
+        get_method("kpod"),
+        examples,
+        student.tokenizer,
+        inputs=inputs,
+        weights=keypoint_weights(examples, student.tokenizer),
+    )
+    stages_built = []
+    real_stage = builder.stage
+    builder.stage = lambda t: stages_built.append(t) or real_stage(t)
+    scored = []
+    real = trainer._evaluate
+
+    def scripted_dev(model, student_, data, config, fmt, prefix, out):
+        result = real(model, student_, data, config, fmt, prefix, out)
+        if out is None:
+            scored.append(len(scored))
+            return {**result, "accuracy": [10.0, 10.0, 5.0][len(scored) - 1]}
+        return result
+
+    monkeypatch.setattr(trainer, "_evaluate", scripted_dev)
+    config = TrainConfig(
+        method="kpod", epochs=4, batch_size=6, micro_batch_size=6, precision="fp32", eval_max_new_tokens=8
+    )
+    result = train(config, student, builder, tmp_path / "run", dev=examples[:2], progress=False)
+    assert stages_built[1:] == [1, 2, 3, 4]  # after the set-up's count: stage t in epoch t
+    assert any(i[0] > 0 for i in inputs.values()) and any(i[1] > 0 for i in inputs.values())
+    assert real_stage(1) != real_stage(0) and real_stage(2) == real_stage(4)  # stage T is whole
+    assert [d["epoch"] for d in result.dev] == [1, 2, 3]  # epoch 0 (stage 1 < T) is not eligible
+    assert result.best_epoch == 2  # 10 % at epochs 1 and 2: the later one
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in log] == [1, 2, 3, 4]
 
 
 def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_path):

@@ -162,6 +162,13 @@ class PipelineConfig:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"methods: '{m}' is not allowed; choose from: {', '.join(METHODS)}")
+        progressive = [m for m in self.methods if METHODS[m].progressive]
+        if progressive and self.schedule.stages is not None and self.schedule.stages > self.train.epochs:
+            raise ConfigError(
+                f"schedule.stages (T = {self.schedule.stages}) is larger than train.epochs "
+                f"({self.train.epochs}): {progressive[0]} would never train on a whole rationale; "
+                "set schedule.stages <= train.epochs (the paper: epochs / 2) or leave it out"
+            )
         if self.weighting.student != self.student.name:
             raise ConfigError(
                 "weighting.student must be the student (the weights are aligned to its tokens): "
@@ -181,6 +188,12 @@ def pipeline_config(data: dict[str, Any]) -> PipelineConfig:
     weighting = data.get("weighting", {})
     if isinstance(weighting, dict) and "student" not in weighting:
         data["weighting"] = {**weighting, "student": student.get("name", StudentConfig().name)}
+    schedule = data.get("schedule", {})
+    train = data.get("train", {}) if isinstance(data.get("train"), dict) else {}
+    if isinstance(schedule, dict) and schedule.get("stages") is None:
+        epochs = train.get("epochs", TrainConfig.epochs)
+        if isinstance(epochs, int) and epochs >= 1:
+            data["schedule"] = {**schedule, "stages": max(1, epochs // 2)}  # the paper's T = epochs / 2
     return from_dict(PipelineConfig, data)
 
 
@@ -404,7 +417,7 @@ def teacher_step(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[str
 
 
 def weights_step(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmaps: int) -> dict[str, Any]:
-    from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
+    from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics, weight_range
     from kpod.weighting.train import train_weighting
     from kpod.weighting.visualise import html_heatmap
     from kpod.weighting.weights import load_weights
@@ -420,6 +433,7 @@ def weights_step(cfg: WeightingConfig, train_path: Path, folder: Path, n_heatmap
         metrics.update(keypoint_metrics(examples, rows))
     else:
         metrics.update(token_class_metrics(examples, rows))
+    metrics["w_min"], metrics["w_max"] = (round(v, 4) for v in weight_range(rows))
     shown = examples[:n_heatmaps]
     (folder / "heatmaps.html").write_text(html_heatmap(shown, rows), encoding="utf-8")
     return metrics
@@ -509,6 +523,14 @@ def distill_student(
     from kpod.prompt import PromptFormat
 
     method = get_method(tcfg.method)
+    if method.progressive and inputs is not None:
+        stages = (inputs if isinstance(inputs, StageInputs) else StageInputs(dict(inputs))).stages
+        if stages > tcfg.epochs:
+            raise ConfigError(
+                f"the schedule's T = {stages} (schedule.stages) is larger than train.epochs = "
+                f"{tcfg.epochs}: the student would never train on a whole rationale; plan the "
+                "schedule with T <= epochs (the paper: epochs / 2)"
+            )
     student = student_cfg.load(seed=tcfg.seed)
     fmt = PromptFormat(style=student_cfg.prompt_style)
     builder = StageBuilder(

@@ -32,8 +32,9 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints to keep.
         group_by_length: batch examples of similar length together (less padding).
         step_by_step_alpha: weight of the rationale task of ``step-by-step``.
-        select_on_dev: evaluate on the dev split after every stage and keep the best stage (the
-            first of equal ones).
+        select: which epoch's model is kept: ``dev`` (the best dev accuracy among the epochs that
+            trained whole rationales, i.e. from stage T on for a progressive method; the later of
+            equal ones) or ``last``. Dev is scored only where an epoch is eligible.
         test_last_epoch: also score the last epoch's model on the test split when dev selection
             kept an earlier stage (``TrainResult.test_last``; predictions in
             ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
@@ -58,7 +59,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     group_by_length: bool = True
     step_by_step_alpha: float = 1.0
-    select_on_dev: bool = True
+    select: Literal["dev", "last"] = "dev"
     test_last_epoch: bool = False
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256

@@ -1,9 +1,13 @@
 """The one distillation loop, for every method (see :mod:`kpod.distill.methods`).
 
 Read it top to bottom in :func:`train` and the parts of :class:`DistillRecipe` it calls, in that
-order (set-up, an epoch of loss steps, the stage's end with dev selection, finishing). One stage is
-one epoch (paper section 3.4): at the start
-of each epoch the method's :class:`~kpod.distill.methods.StageBuilder` gives that stage's examples
+order (set-up, an epoch of loss steps, the stage's end with dev selection, finishing).
+
+Stages as in the paper (section 3.4): epoch t trains the schedule's stage t, t = 1..T, so the
+epoch numbered e from 0 trains stage e + 1; stage T gives every rationale whole (D(T) = B) and the
+epochs after T train whole rationales too. (The schedule's stage 0, D(0) = C0, is the starting
+point the first selection moves from; it is never trained.) At the start of each epoch the
+method's :class:`~kpod.distill.methods.StageBuilder` gives that stage's examples
 (inputs c_i(t), labels, token weights), which are cut into length-grouped optimiser-step batches.
 Each step's loss is the weighted token NLL normalised by the number of target tokens in the whole
 step (every micro-batch of every process), so accumulation and data parallelism do not change it.
@@ -17,8 +21,11 @@ Checkpoints (model or adapter, optimiser, scheduler, RNG states, data position, 
 go to ``OUTPUT/checkpoints`` every ``save_every`` steps and at each stage end; a run started again
 on the same directory continues where the newest complete checkpoint left it, mid-stage included.
 
-Model selection: after each stage, accuracy on the dev split (greedy generation of the whole
-rationale); the best stage's trainable weights are kept and restored at the end. The test split,
+Model selection (``select: dev``): after each epoch that trained whole rationales (from stage T on
+for a progressive method, every epoch otherwise), accuracy on the dev split (greedy generation of
+the whole rationale); the best such epoch's trainable weights, the later of equal ones, are kept
+and restored at the end. Earlier epochs are not eligible: their model was trained to finish
+rationales whose first steps it is given, yet is evaluated on writing one. The test split,
 when given, is scored at the end (resumable: its generations are recorded batch by batch, see
 :func:`kpod.evaluate.evaluate`). The student is saved with ``save_pretrained`` in
 ``OUTPUT/student`` (LoRA adapters, or merged into the base weights with ``merge_lora``).
@@ -279,7 +286,7 @@ class DistillRecipe:
         self.pad = pad
         self.shape = StudentShape(student.kind, pad, decoder_start)
 
-        n_examples = len(self.builder.stage(0))
+        n_examples = len(self.builder.stage(schedule_stage(0)))
         self.steps_per_epoch = math.ceil(n_examples / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         params = [p for p in model.parameters() if p.requires_grad]
@@ -361,7 +368,7 @@ class DistillRecipe:
     def _stage_batches(self, epoch: int) -> tuple[list[StageExample], list[list[int]]]:
         """The stage's examples and its optimiser-step batches (indices; too-long ones left out)."""
         config = self.config
-        examples = self.builder.stage(epoch)
+        examples = self.builder.stage(schedule_stage(epoch))
         too_long = [
             len(e.input_ids) > config.max_length or len(e.labels) > config.max_length for e in examples
         ]
@@ -436,7 +443,7 @@ class DistillRecipe:
             row = {
                 "step": state["step"],
                 "epoch": epoch,
-                "stage": epoch,
+                "stage": schedule_stage(epoch),
                 "loss": loss_value,
                 "lr": self.scheduler.get_last_lr()[0],
                 "tokens": n_tokens,
@@ -446,7 +453,9 @@ class DistillRecipe:
             }
             self.log.write(row)
             self.bar.update(1)
-            self.bar.set_postfix(stage=epoch, loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            self.bar.set_postfix(
+                stage=schedule_stage(epoch), loss=f"{loss_value:.3f}", tok_s=f"{row['tokens_per_s']:.0f}"
+            )
             at_epoch_end = position == steps_per_epoch - 1
             if config.save_every and state["step"] % config.save_every == 0 and not at_epoch_end:
                 self.save_checkpoint()
@@ -463,13 +472,20 @@ class DistillRecipe:
         loss_sum, loss_steps = state["epoch_loss"]
         if loss_steps:
             state["stage_loss"] = state["stage_loss"][:epoch] + [loss_sum / loss_steps]
-        if self.dev and self.config.select_on_dev:
+        if self.dev and self.config.select == "dev" and self.eligible(epoch):
             self.select_on_dev(epoch)
         self.save_checkpoint()
 
+    def eligible(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` trained whole rationales (stage T or later for a progressive
+        method), so that its model may be kept."""
+        if not self.builder.method.progressive:
+            return True
+        return schedule_stage(epoch) >= self.builder.inputs.stages
+
     def select_on_dev(self, epoch: int) -> None:
-        """Dev accuracy after stage ``epoch``; the best stage's trainable weights are kept (the
-        first of equal ones)."""
+        """Dev accuracy after epoch ``epoch``; the best epoch's trainable weights are kept (the
+        later of equal ones: it trained longer on whole rationales)."""
         accelerator, state = self.accelerator, self.state
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
@@ -483,9 +499,11 @@ class DistillRecipe:
                 None,
             )
             entry = {"epoch": epoch, "accuracy": summary["accuracy"], "ci95": summary["ci95"]}
-            state["dev"] = state["dev"][:epoch] + [entry]
-            self.bar.write(f"stage {epoch}: dev accuracy {summary['accuracy']:.1f} %")
-            if state["best_accuracy"] is None or summary["accuracy"] > state["best_accuracy"]:
+            state["dev"] = [d for d in state["dev"] if d["epoch"] < epoch] + [entry]
+            self.bar.write(
+                f"epoch {epoch} (stage {schedule_stage(epoch)}): dev accuracy {summary['accuracy']:.1f} %"
+            )
+            if state["best_accuracy"] is None or summary["accuracy"] >= state["best_accuracy"]:
                 from safetensors.torch import save_file
 
                 state["best_accuracy"], state["best_epoch"] = summary["accuracy"], epoch
@@ -567,3 +585,9 @@ def _save_student(model: Any, tokenizer: Any, directory: Path, merge: bool) -> P
         shutil.rmtree(directory)
     tmp.replace(directory)
     return directory
+
+
+def schedule_stage(epoch: int) -> int:
+    """The schedule's stage that epoch ``epoch`` (counted from 0) trains: t = epoch + 1 (the paper
+    trains stage t in epoch t, t = 1..T)."""
+    return epoch + 1

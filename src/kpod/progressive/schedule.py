@@ -31,7 +31,10 @@ class ScheduleConfig:
     """Schedule hyper-parameters (paper App. A defaults).
 
     Attributes:
-        stages: T, the stage by which every question is on its full rationale (paper: epochs / 2).
+        stages: T, the stage by which every question is on its full rationale; ``null`` (the
+            default): half of ``train.epochs``, the paper's ratio. Epoch t trains stage t
+            (t = 1..T); T larger than the epochs is refused, since the student would never train
+            on a whole rationale.
         p: pacing exponent (0.5).
         initial_fraction: C0 / B (0.3).
         beta: diversity weight (12); 0 is the "w/o div" ablation.
@@ -39,7 +42,7 @@ class ScheduleConfig:
         step_size: Delta_s, steps moved per selection (1; not given in the paper).
     """
 
-    stages: int = 10
+    stages: int | None = None
     p: float = 0.5
     initial_fraction: float = 0.3
     beta: float = 12.0
@@ -47,7 +50,12 @@ class ScheduleConfig:
     step_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.stages < 1 or self.step_size < 1 or self.n_clusters < 1 or self.beta < 0:
+        if (
+            (self.stages is not None and self.stages < 1)
+            or self.step_size < 1
+            or self.n_clusters < 1
+            or self.beta < 0
+        ):
             raise ConfigError(f"bad schedule settings: {self}")
         if not 0 <= self.initial_fraction <= 1:
             raise ConfigError(f"initial_fraction (C0 / B) must be in [0, 1], got {self.initial_fraction}")
@@ -138,6 +146,8 @@ def plan_schedule(
     total = float(sum(d.sum() for d in diffs))
     initial = config.initial_fraction * total
     clusters_arr = np.asarray(clusters, dtype=np.int64)
+    if config.stages is None:
+        raise ConfigError("schedule.stages (T) is not set; it defaults to half of train.epochs in `kpod run`")
     T = config.stages
     c = np.zeros((len(diffs), T + 1), dtype=np.int64)
     state = n_steps.copy()
@@ -214,6 +224,11 @@ class StageInputs:
     schedule does not hold is given no steps as input."""
 
     rows: Mapping[str, Sequence[int]]
+
+    @property
+    def stages(self) -> int:
+        """T: the last stage, from which every rationale is whole (0 for an empty schedule)."""
+        return max((len(row) for row in self.rows.values()), default=1) - 1
 
     def __contains__(self, key: object) -> bool:
         return key in self.rows
