@@ -4,10 +4,12 @@
     .venv/bin/python benchmarks/weighting.py --data gsm8k --n 1000
 
 synthetic: our arithmetic problems with ground-truth keypoints -> ROC-AUC of w (keypoint vs other
-tokens) and class means; results/weighting-synthetic.json.
-gsm8k: the first N rationales of ../shared/data/gsm8k/train.jsonl -> mean w of digit/operator
-tokens vs the 50 most frequent words, and the training time; results/weighting-gsm8k.json.
-Extra options are passed to WeightingConfig (e.g. --alpha 0.7 --epochs 2).
+tokens), class means and their difference (contrast); results/weighting-synthetic.json.
+gsm8k / asdiv: the first N rationales of ../shared/data/gsm8k/train.jsonl or
+../shared/data/asdiv-gpt35/train.json -> mean w of digit/operator tokens vs the 50 most frequent
+words, their difference (contrast), and the training time; results/weighting-<data>.json.
+Every option of `kpod weights train` (WeightingConfig's fields) is accepted, e.g. --alpha 0.7
+--target-keep 0.5.
 """
 
 from __future__ import annotations
@@ -28,27 +30,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", choices=("synthetic", "gsm8k"), required=True)
+    parser.add_argument("--data", choices=("synthetic", "gsm8k", "asdiv"), required=True)
     parser.add_argument("--n", type=int, default=400)
-    # Options left out take WeightingConfig's defaults.
-    parser.add_argument("--alpha", type=float)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--normalize-mask-loss", action=argparse.BooleanOptionalAction)
-    parser.add_argument(
-        "--kept-budget", type=float, help="hinge L_m: penalise only the kept share above this"
-    )
-    parser.add_argument("--estimator", choices=("straight-through", "score-function"))
-    parser.add_argument("--samples", type=int, help="masks per rationale (score-function)")
-    parser.add_argument("--prefix-sum", action=argparse.BooleanOptionalAction)
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"))
-    parser.add_argument("--lr", type=float)
+    # Every WeightingConfig field is an option (kpod weights train's own); left out: its default.
+    from kpod.config import add_config_options, config_from_args
+    from kpod.weighting.config import READ_SETTINGS, WeightingConfig
+
+    add_config_options(parser, WeightingConfig, "weighting", skip=READ_SETTINGS + ("student",))
     parser.add_argument(
         "--ablate-answer-loss",
         action="store_true",
         help="control run: multiply L_p by 0, so only the sparsity term trains the module",
     )
-    parser.add_argument("--predictor-mode", choices=("frozen", "lora", "full"))
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps")
     parser.add_argument(
         "--eval-every", type=int, default=0, help="synthetic data: also measure the AUC every N steps"
     )
@@ -60,17 +53,20 @@ def main() -> None:
     from kpod.data.loaders import load_examples
     from kpod.data.synthetic import arithmetic_examples
     from kpod.weighting.evaluate import keypoint_metrics, token_class_metrics
-    from kpod.weighting.train import WeightingConfig, train_weighting
+    from kpod.weighting.train import train_weighting
     from kpod.weighting.weights import load_weights
 
     if args.data == "synthetic":
         examples = arithmetic_examples(args.n, seed=0)
     else:
-        examples, _ = load_examples(ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl")
+        shared = ROOT.parent / "shared" / "data"
+        if args.data == "gsm8k":
+            examples, _ = load_examples(shared / "gsm8k" / "train.jsonl")
+        else:  # rationales without steps have no tokens to weigh
+            examples, _ = load_examples(shared / "asdiv-gpt35" / "train.json")
+            examples = [e for e in examples if e.steps]
         examples = examples[: args.n]
-    names = ["alpha", "epochs", "normalize_mask_loss", "kept_budget", "estimator", "samples", "prefix_sum"]
-    names += ["optimizer", "lr", "predictor_mode", "max_steps"]
-    config = WeightingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    config = config_from_args(WeightingConfig, args, "weighting")
     if args.ablate_answer_loss:
         from kpod.weighting import train as weighting_train
 

@@ -103,9 +103,13 @@ def test_weights_train_show_eval(tiny_causal: Path, tmp_path: Path, capsys) -> N
     capsys.readouterr()
     assert main(["weights", "eval", str(data), str(out_dir), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert {"auc", "mean_w_keypoint", "mean_w_other", "kept_ratio"} <= set(metrics)
+    assert {"auc", "mean_w_keypoint", "mean_w_other", "kept_ratio", "contrast"} <= set(metrics)
+    assert metrics["contrast"] == pytest.approx(
+        metrics["mean_w_keypoint"] - metrics["mean_w_other"], abs=2e-4
+    )
     assert main(["weights", "show", str(data), str(out_dir), "-n", "2"]) == 0
     assert capsys.readouterr().out.count("\x1b[48;5;") > 10
     page = tmp_path / "heat.html"
     assert main(["weights", "show", str(data), str(out_dir), "--html", str(page)]) == 0
     assert page.read_text().count('class="ex"') == 5
+    assert "range from w = " in page.read_text()  # the legend gives the weights' true range

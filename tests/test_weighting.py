@@ -294,3 +294,44 @@ def test_length_sorted_chunks_give_the_same_answer_losses_and_gradients(tiny_cau
                     for k, _ in prefixes[i]
                 )
                 assert float(alone) == pytest.approx(float(whole[v, i]), abs=1e-4)
+
+
+def test_weights_stay_fp32_under_bf16_autocast() -> None:
+    """Near 1, bf16 can only say 0.996, 1.0: the module's w must keep its fp32 resolution."""
+    weighter = _tiny_weighter()
+    with torch.no_grad():
+        weighter.mlp[-1].bias.fill_(6.0)  # w around 0.9975, where bf16 steps are 0.004 apart
+    ids = torch.randint(0, 50, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = weighter(ids, mask)
+    assert w.dtype == torch.float32
+    assert len(set(w.flatten().tolist())) > 20  # bf16 would give two or three distinct values
+    assert float(w.min()) > 0.99
+
+
+def test_dual_ascent_holds_the_mean_keep_at_its_target() -> None:
+    from kpod.weighting.maths import dual_ascent
+
+    assert dual_ascent(0.5, kept=0.9, target=0.5) > 0.5  # too much kept: a stronger push
+    assert dual_ascent(0.5, kept=0.2, target=0.5) < 0.5
+    assert dual_ascent(0.5, kept=0.5, target=0.5) == pytest.approx(0.5)
+    assert dual_ascent(0.5, kept=0.9, target=0.5, step=2.0) == pytest.approx(0.5 * math.exp(0.8))
+    assert dual_ascent(1e4, kept=1.0, target=0.0, step=50) == 1e4  # clamped
+
+
+def test_a_target_keep_ratio_pulls_the_weights_to_it(tiny_causal) -> None:
+    """Six steps on the tiny model at a high learning rate: without a target the sparsity term
+    drives the weights towards 0; with target_keep 0.9 the multiplier falls as soon as less than
+    that is kept, and the mean weight ends well above the run without a target."""
+    examples = arithmetic_examples(24, seed=5)
+    plain = train_weighting(examples, _tiny_config(tiny_causal, epochs=2, lr=1e-2), progress=False)[1]
+    held = train_weighting(
+        examples, _tiny_config(tiny_causal, epochs=2, lr=1e-2, target_keep=0.9), progress=False
+    )[1]
+    assert [h["sparsity"] for h in plain] == [0.5] * len(plain)
+    multipliers = [h["sparsity"] for h in held]
+    assert multipliers[0] == 0.5 and multipliers[1] < multipliers[0]  # the first batch kept ~0.73 < 0.9
+    assert held[-1]["kept_ratio"] > plain[-1]["kept_ratio"] + 0.05
+    with pytest.raises(ConfigError):
+        WeightingConfig(target_keep=1.0)

@@ -4,6 +4,10 @@
   (quantities, operators, results) from the rest, and the mean weight of each class.
 * Any data (e.g. GSM8K): the mean weight of digit and operator tokens against that of the 50 most
   frequent word tokens, which are overwhelmingly function words.
+
+Both report ``contrast``: the mean weight of the keypoint (digit/operator) tokens minus that of the
+other (frequent-word) tokens, i.e. how much more a keypoint counts in the student's loss. AUC says
+whether the ranking is right, contrast whether it matters.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ def keypoint_labels(example: Example, offsets: Sequence[Sequence[int]]) -> list[
     return labels
 
 
+def weight_range(rows: dict[str, Any]) -> tuple[float, float]:
+    """The lowest and highest weight over every row (for legends)."""
+    values = [w for row in rows.values() for w in row.weights]
+    return (min(values), max(values)) if values else (0.0, 1.0)
+
+
 def keypoint_metrics(examples: Sequence[Example], rows: dict[str, dict[str, Any]]) -> dict[str, float]:
     """ROC-AUC of the weights against ground-truth keypoints, and the class means."""
     from sklearn.metrics import roc_auc_score
@@ -61,6 +71,7 @@ def keypoint_metrics(examples: Sequence[Example], rows: dict[str, dict[str, Any]
     other = [w for y, w in zip(ys, ws, strict=True) if y == 0]
     return {
         "auc": round(float(roc_auc_score(ys, ws)), 4),
+        "contrast": round(statistics.fmean(key) - statistics.fmean(other), 4),
         "mean_w_keypoint": round(statistics.fmean(key), 4),
         "mean_w_other": round(statistics.fmean(other), 4),
         "kept_ratio": round(statistics.fmean(all_w), 4),
@@ -87,7 +98,11 @@ def token_class_metrics(examples: Sequence[Example], rows: dict[str, dict[str, A
                 by_word.setdefault(text.lower(), []).append(w)
     frequent = [word for word, _ in Counter({k: len(v) for k, v in by_word.items()}).most_common(50)]
     frequent_w = [w for word in frequent for w in by_word[word]]
+    contrast = None
+    if numeric and frequent_w:
+        contrast = round(statistics.fmean(numeric) - statistics.fmean(frequent_w), 4)
     return {
+        "contrast": contrast,
         "mean_w_digit_operator": round(statistics.fmean(numeric), 4) if numeric else None,
         "mean_w_frequent_words": round(statistics.fmean(frequent_w), 4) if frequent_w else None,
         "kept_ratio": round(statistics.fmean(all_w), 4) if all_w else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -148,3 +150,14 @@ def rescale_weights(weights: list[float], mode: str = "none", floor: float = 0.1
     if high - low < 1e-12:
         return [1.0] * len(weights)
     return [floor + (1 - floor) * (w - low) / (high - low) for w in weights]
+
+
+def dual_ascent(multiplier: float, kept: float, target: float, step: float = 1.0) -> float:
+    """One update of the sparsity multiplier that holds the mean keep probability at ``target``:
+    ``lambda * exp(step * (kept - target))``, kept within [1e-4, 1e4].
+
+    The constrained form of Eq. (7): minimise L_p subject to mean w = target, whose Lagrangian is
+    L_p + lambda * (mean w - target). Ascent on log lambda (multiplicative) is scale-free: lambda
+    grows while too much is kept and shrinks while too little is, whatever the size of L_p's
+    gradient. Not in the paper, which fixes alpha."""
+    return float(min(1e4, max(1e-4, multiplier * math.exp(step * (kept - target)))))

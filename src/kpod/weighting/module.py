@@ -63,7 +63,10 @@ class KeypointWeighter(nn.Module):
         e = self.embeddings(input_ids)
         attended, _ = self.attention(e, e, e, key_padding_mask=attention_mask == 0, need_weights=False)
         h = self.norm(e + attended)
-        w = torch.sigmoid(self.mlp(h).squeeze(-1))
+        # w in fp32 whatever the autocast: bf16 quantises w near 1 in steps of about 0.004, the size
+        # of the contrast the weights are meant to carry.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            w = torch.sigmoid(self.mlp(h.float()).squeeze(-1))
         return w * attention_mask.to(w.dtype)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -59,6 +59,7 @@ from kpod.weighting.maths import (
     apply_mask,
     bernoulli_log_prob,
     binary_gumbel_mask,
+    dual_ascent,
     keypoint_objective,
     mask_ratio_loss,
     score_function_surrogate,
@@ -324,6 +325,7 @@ def train_weighting(
         n_steps = min(n_steps, config.max_steps)
     history: list[dict[str, float]] = []
     step = 0
+    sparsity = config.alpha  # the multiplier of L_m: alpha, or lambda under target_keep
     bar = tqdm(total=n_steps, desc="token weighting", unit="step", disable=not progress)
     start_time = time.perf_counter()
     model.weighter.train()
@@ -373,11 +375,14 @@ def train_weighting(
                     mask_loss = mask_ratio_loss(
                         w.float(), valid, config.normalize_mask_loss, config.kept_budget
                     )
-            loss = keypoint_objective(answer_term, mask_loss, config.alpha).mean()
+            loss = keypoint_objective(answer_term, mask_loss, sparsity).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
+            used = sparsity
+            if config.target_keep is not None:
+                sparsity = dual_ascent(sparsity, kept_ratio, config.target_keep, config.dual_lr)
             history.append(
                 {
                     "step": step,
@@ -386,6 +391,7 @@ def train_weighting(
                     "answer_loss": float(answer_loss.detach().mean()),
                     "mask_loss": float(mask_loss.detach().mean()),
                     "kept_ratio": kept_ratio,
+                    "sparsity": used,
                     "tau": tau,
                 }
             )

@@ -97,7 +97,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 <h1>{html.escape(title)}</h1>
 <p>Each rationale token is shaded by its learned weight w (the probability that the mask generator
 keeps it): darker red means more important to predicting the answer.
-Shades span the weights shown: {legend}</p>
+The weights shown range from w = {lo:.3f} to w = {hi:.3f}; shades span that range: {legend}</p>
 {"".join(blocks)}
 </body></html>
 """
