@@ -30,12 +30,12 @@ class WeightingConfig:
         samples: masks per rationale for the score-function estimator.
         kept_budget: penalise only the kept tokens beyond this share of the rationale (a hinge, not
             in the paper; ``None``: Eq. 6). See :func:`kpod.weighting.maths.mask_ratio_loss`.
-        target_keep: a target mean keep probability (e.g. 0.5; ``None``: off). The sparsity term's
-            multiplier (``alpha`` at the start) is then updated after every step by dual ascent,
-            ``lambda <- lambda * exp(dual_lr * (mean w of the batch - target_keep))``, so the
-            weights are held at that mean while the answer loss decides which tokens stay: a
-            spread by construction. Not in the paper (see the README's departures).
-        dual_lr: the step size of that update (on log lambda).
+        target_keep: a kept-ratio budget (e.g. 0.5; ``None``: off, Eq. 6's sparsity term as
+            usual). Each rationale's weights are shifted to that mean
+            (:func:`kpod.weighting.maths.budget_weights`), in training and in the weights written,
+            so the answer loss decides which tokens stay and the weights spread by construction;
+            the sparsity term (``alpha``) is then constant and not used. Not in the paper (see the
+            README's departures; BENCHMARKS.md for the dual-ascent multiplier tried first).
         rescale, rescale_floor: how the trained weights enter step difficulty and the student's
             loss: ``none`` (default, the paper's raw w) or ``minmax`` per rationale onto
             [rescale_floor, 1] (not in the paper). ``weights.jsonl`` always holds the raw w; the
@@ -68,7 +68,6 @@ class WeightingConfig:
     normalize_mask_loss: bool = True
     kept_budget: float | None = None
     target_keep: float | None = None
-    dual_lr: float = 1.0
     rescale: Literal["none", "minmax"] = "none"
     rescale_floor: float = 0.1
     estimator: Literal["straight-through", "score-function"] = "score-function"
@@ -103,8 +102,6 @@ class WeightingConfig:
             raise ConfigError(f"the score-function estimator needs samples >= 2, got {self.samples}")
         if self.target_keep is not None and not 0 < self.target_keep < 1:
             raise ConfigError(f"target_keep must be in (0, 1), got {self.target_keep}")
-        if self.dual_lr <= 0:
-            raise ConfigError(f"dual_lr must be > 0, got {self.dual_lr}")
         if self.kept_budget is not None and not 0 <= self.kept_budget < 1:
             raise ConfigError(f"kept_budget must be in [0, 1), got {self.kept_budget}")
         if self.rescale not in ("none", "minmax"):

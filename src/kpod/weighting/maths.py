@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -152,12 +150,25 @@ def rescale_weights(weights: list[float], mode: str = "none", floor: float = 0.1
     return [floor + (1 - floor) * (w - low) / (high - low) for w in weights]
 
 
-def dual_ascent(multiplier: float, kept: float, target: float, step: float = 1.0) -> float:
-    """One update of the sparsity multiplier that holds the mean keep probability at ``target``:
-    ``lambda * exp(step * (kept - target))``, kept within [1e-4, 1e4].
+def budget_weights(
+    logits: torch.Tensor, valid: torch.Tensor, target: float, iterations: int = 30
+) -> torch.Tensor:
+    """Keep probabilities whose mean over each rationale is ``target``: ``w = sigmoid(s - t)`` with
+    the shift t of each rationale found by bisection (no gradient flows through t).
 
-    The constrained form of Eq. (7): minimise L_p subject to mean w = target, whose Lagrangian is
-    L_p + lambda * (mean w - target). Ascent on log lambda (multiplicative) is scale-free: lambda
-    grows while too much is kept and shrinks while too little is, whatever the size of L_p's
-    gradient. Not in the paper, which fixes alpha."""
-    return float(min(1e4, max(1e-4, multiplier * math.exp(step * (kept - target)))))
+    A budget by construction (not in the paper): the mask generator no longer chooses how much to
+    keep, only which tokens, so the answer loss must trade tokens against each other instead of
+    keeping all of them, and the weights spread (keypoints up, filler down). Eq. (6)'s sparsity
+    term is then constant and left out. ``valid`` marks real tokens (1) and padding (0); padding
+    gets weight 0."""
+    with torch.no_grad():
+        low = (logits - 30.0).where(valid > 0, torch.full_like(logits, float("inf"))).amin(dim=-1)
+        high = (logits + 30.0).where(valid > 0, torch.full_like(logits, float("-inf"))).amax(dim=-1)
+        n = valid.sum(dim=-1).clamp(min=1)
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            mean = (torch.sigmoid(logits - mid[:, None]) * valid).sum(dim=-1) / n
+            low = torch.where(mean > target, mid, low)
+            high = torch.where(mean > target, high, mid)
+        shift = torch.where(valid.sum(dim=-1) > 0, (low + high) / 2, torch.zeros_like(low))
+    return torch.sigmoid(logits - shift[:, None]) * valid

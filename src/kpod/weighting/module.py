@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kpod.weighting.maths import budget_weights
+
 
 @dataclass(frozen=True)
 class WeighterShape:
@@ -58,15 +60,25 @@ class KeypointWeighter(nn.Module):
         """``Emb(r)``: the student's frozen input embeddings."""
         return self.embed(input_ids)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``w`` of shape ``[batch, length]``; padding positions are 0."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The keep logits s (``w = sigmoid(s)``), ``[batch, length]``, in fp32 whatever the
+        autocast: bf16 quantises w near 1 in steps of about 0.004, the size of the contrast the
+        weights are meant to carry."""
         e = self.embeddings(input_ids)
         attended, _ = self.attention(e, e, e, key_padding_mask=attention_mask == 0, need_weights=False)
         h = self.norm(e + attended)
-        # w in fp32 whatever the autocast: bf16 quantises w near 1 in steps of about 0.004, the size
-        # of the contrast the weights are meant to carry.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            w = torch.sigmoid(self.mlp(h.float()).squeeze(-1))
+            return self.mlp(h.float()).squeeze(-1)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_keep: float | None = None
+    ) -> torch.Tensor:
+        """``w`` of shape ``[batch, length]`` in fp32; padding positions are 0. With ``target_keep``
+        each rationale's weights are shifted to that mean (:func:`kpod.weighting.maths.budget_weights`)."""
+        s = self.logits(input_ids, attention_mask)
+        if target_keep is not None:
+            return budget_weights(s, attention_mask.float(), target_keep)
+        w = torch.sigmoid(s)
         return w * attention_mask.to(w.dtype)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -59,7 +59,6 @@ from kpod.weighting.maths import (
     apply_mask,
     bernoulli_log_prob,
     binary_gumbel_mask,
-    dual_ascent,
     keypoint_objective,
     mask_ratio_loss,
     score_function_surrogate,
@@ -193,7 +192,10 @@ class WeightingModel:
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start : start + batch_size]
             ids, mask = _pad(batch)
-            w = self.weighter(ids.to(self.config.device), mask.to(self.config.device)).float().cpu()
+            w = self.weighter(
+                ids.to(self.config.device), mask.to(self.config.device), self.config.target_keep
+            )
+            w = w.float().cpu()
             for i, b in enumerate(batch):
                 n = len(b.rationale_ids)
                 rows.append(
@@ -325,7 +327,7 @@ def train_weighting(
         n_steps = min(n_steps, config.max_steps)
     history: list[dict[str, float]] = []
     step = 0
-    sparsity = config.alpha  # the multiplier of L_m: alpha, or lambda under target_keep
+    sparsity = 0.0 if config.target_keep is not None else config.alpha  # L_m is constant under a budget
     bar = tqdm(total=n_steps, desc="token weighting", unit="step", disable=not progress)
     start_time = time.perf_counter()
     model.weighter.train()
@@ -345,7 +347,7 @@ def train_weighting(
             # The prefix lengths of each rationale (the full one first), shared by all its samples.
             prefixes = [_prefix_lengths(len(b.rationale_ids), rng, config) for b in batch]
             with autocast(config.device.split(":")[0], config.precision):
-                w = model.weighter(ids, mask)
+                w = model.weighter(ids, mask, config.target_keep)
                 embedded = model.weighter.embeddings(ids)
                 if config.estimator == "straight-through":
                     keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
@@ -380,9 +382,6 @@ def train_weighting(
             loss.backward()
             optimizer.step()
             kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
-            used = sparsity
-            if config.target_keep is not None:
-                sparsity = dual_ascent(sparsity, kept_ratio, config.target_keep, config.dual_lr)
             history.append(
                 {
                     "step": step,
@@ -391,7 +390,7 @@ def train_weighting(
                     "answer_loss": float(answer_loss.detach().mean()),
                     "mask_loss": float(mask_loss.detach().mean()),
                     "kept_ratio": kept_ratio,
-                    "sparsity": used,
+                    "sparsity": sparsity,
                     "tau": tau,
                 }
             )
