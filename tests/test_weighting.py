@@ -118,19 +118,23 @@ def test_minmax_rescale_keeps_the_ranking_and_spans_floor_to_one() -> None:
 
 
 def test_collapse_warning_advises_only_what_the_config_has_not_tried() -> None:
-    assert collapse_warning(0.5, WeightingConfig()) is None
-    assert collapse_warning(0.95, WeightingConfig()) is None
+    assert collapse_warning(0.5, WeightingConfig(target_keep=None)) is None
+    assert collapse_warning(0.95, WeightingConfig(target_keep=None)) is None
     # the defaults already normalise L_m: near all-kept, advise alpha and the minmax rescale
-    kept = collapse_warning(0.971, WeightingConfig())
+    kept = collapse_warning(0.971, WeightingConfig(target_keep=None))
     assert kept is not None and "all-kept (mean w = 0.971)" in kept
     assert "larger alpha" in kept and "rescale: minmax" in kept and "normalize_mask_loss" not in kept
-    kept_minmax = collapse_warning(0.99, WeightingConfig(rescale="minmax", normalize_mask_loss=False))
+    kept_minmax = collapse_warning(
+        0.99, WeightingConfig(rescale="minmax", normalize_mask_loss=False, target_keep=None)
+    )
     assert kept_minmax is not None and "rescale" not in kept_minmax
     assert "normalize_mask_loss: true" in kept_minmax
-    masked = collapse_warning(0.01, WeightingConfig())
+    masked = collapse_warning(0.01, WeightingConfig(target_keep=None))
     assert masked is not None and "all-masked" in masked
     assert "smaller alpha" in masked and "kept_budget" in masked
-    assert "kept_budget" not in (collapse_warning(0.01, WeightingConfig(kept_budget=0.5)) or "")
+    assert "kept_budget" not in (
+        collapse_warning(0.01, WeightingConfig(kept_budget=0.5, target_keep=None)) or ""
+    )
 
 
 def test_align_weights_by_offsets() -> None:
@@ -189,7 +193,9 @@ def test_keypoint_labels_follow_offsets() -> None:
 
 
 def _tiny_config(student, **settings) -> WeightingConfig:
-    """A small module on the tiny test student, in fp32."""
+    """A small module on the tiny test student, in fp32; the paper's objective (no kept-ratio
+    budget) unless ``target_keep`` is given."""
+    settings.setdefault("target_keep", None)
     return WeightingConfig(student=str(student), num_heads=2, mlp_hidden=16, precision="fp32", **settings)
 
 
@@ -346,3 +352,5 @@ def test_a_target_keep_ratio_holds_the_weights_at_it(tiny_causal, tmp_path) -> N
     assert plain[-1]["kept_ratio"] != pytest.approx(0.3, abs=0.02) and plain[0]["sparsity"] == 0.5
     with pytest.raises(ConfigError):
         WeightingConfig(target_keep=1.0)
+    assert WeightingConfig().target_keep == 0.5  # the default (README: where we depart)
+    assert collapse_warning(0.5, WeightingConfig()) is None

@@ -30,8 +30,8 @@ class WeightingConfig:
         samples: masks per rationale for the score-function estimator.
         kept_budget: penalise only the kept tokens beyond this share of the rationale (a hinge, not
             in the paper; ``None``: Eq. 6). See :func:`kpod.weighting.maths.mask_ratio_loss`.
-        target_keep: a kept-ratio budget (e.g. 0.5; ``None``: off, Eq. 6's sparsity term as
-            usual). Each rationale's weights are shifted to that mean
+        target_keep: the kept-ratio budget (default 0.5; ``null``: off, the paper's objective with
+            Eq. 6's sparsity term). Each rationale's weights are shifted to that mean
             (:func:`kpod.weighting.maths.budget_weights`), in training and in the weights written,
             so the answer loss decides which tokens stay and the weights spread by construction;
             the sparsity term (``alpha``) is then constant and not used. Not in the paper (see the
@@ -67,7 +67,7 @@ class WeightingConfig:
     alpha: float = 0.5
     normalize_mask_loss: bool = True
     kept_budget: float | None = None
-    target_keep: float | None = None
+    target_keep: float | None = 0.5
     rescale: Literal["none", "minmax"] = "none"
     rescale_floor: float = 0.1
     estimator: Literal["straight-through", "score-function"] = "score-function"

@@ -413,8 +413,8 @@ def collapse_warning(final_kept: float, config: WeightingConfig) -> str | None:
     """What to say when the trained weights ended near all-masked (mean w < 0.05) or all-kept
     (> 0.95), with advice that fits ``config`` (``None`` when they did not). Near all-kept the
     weighted loss is almost std-cot's; near all-masked it hardly trains the student."""
-    if 0.05 <= final_kept <= 0.95:
-        return None
+    if config.target_keep is not None or 0.05 <= final_kept <= 0.95:
+        return None  # under a budget the mean weight is the budget by construction
     kept = final_kept > 0.95
     advice = ["a larger alpha" if kept else "a smaller alpha"]
     if not config.normalize_mask_loss:
