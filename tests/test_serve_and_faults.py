@@ -27,11 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def start_server(
+    model: Path, port: int, *extra: str, env: dict | None = None, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen:
     proc = subprocess.Popen(
         [*KPOD, "serve", str(model), "--port", str(port), "--model-id", "tiny", *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
         env=env,
     )
@@ -140,7 +142,12 @@ def test_server_killed_and_restarted_mid_run(tiny_causal: Path, data_file: Path,
     server = start_server(tiny_causal, port)
     store = tmp_path / "store.jsonl"
     gen = subprocess.Popen(
-        generate_cmd(data_file, store, port, 3), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        # More retries than the default 6 (about 16 s of backoff): a loaded machine can take longer
+        # to restart the server, and a sample that runs out of retries is skipped.
+        generate_cmd(data_file, store, port, 3, "--max-retries", "12"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 120
@@ -223,23 +230,11 @@ def test_a_second_generator_on_the_same_store_is_refused(tiny_causal: Path, tmp_
     data = tmp_path / "questions.jsonl"
     write_jsonl(data, [e.to_dict() for e in arithmetic_examples(6, seed=3)])
     port = free_port()
-    server = subprocess.Popen(
-        [*KPOD, "serve", str(tiny_causal), "--port", str(port), "--model-id", "tiny"]
-        + ["--inject-delay", "0.7", "--access-log"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = start_server(tiny_causal, port, "--inject-delay", "0.7", "--access-log", stderr=subprocess.PIPE)
     store = tmp_path / "store.jsonl"
     first = second = None
     try:
         deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
         cmd = generate_cmd(data, store, port, 1)
         cmd[cmd.index("--concurrency") + 1] = "1"
         first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
