@@ -126,6 +126,8 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     assert config == WeightingConfig(
         n_prefixes=3, normalize_mask_loss=False, estimator="straight-through", alpha=0.7
     )
+    args = parser.parse_args(["weights", "train", "d.jsonl", "--out", "w", "--target-keep", "null"])
+    assert config_from_args(WeightingConfig, args, "weighting").target_keep is None  # null overrides 0.5
     args = parser.parse_args(["distill", "d.jsonl", "--out", "o", "--lr", "1e-3", "--student", "m"])
     assert config_from_args(TrainConfig, args, "train", {"epochs": 2}) == TrainConfig(lr=1e-3, epochs=2)
     assert config_from_args(StudentConfig, args, "student").name == "m"

@@ -331,7 +331,7 @@ def cmd_schedule_plan(args: argparse.Namespace) -> int:
     if not examples:
         raise KpodError(f"{args.path} has no rationales to schedule")
     sections = _config_sections(args, "schedule", "difficulty")
-    if getattr(args, "schedule.stages") is None and "stages" not in sections["schedule"]:
+    if getattr(args, "schedule.stages", None) is None and "stages" not in sections["schedule"]:
         sections["schedule"]["stages"] = max(1, args.epochs // 2)
     config = config_from_args(ScheduleConfig, args, "schedule", sections["schedule"])
     difficulty = config_from_args(DifficultyConfig, args, "difficulty", sections["difficulty"])

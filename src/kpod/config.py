@@ -213,7 +213,7 @@ def add_config_options(
         text = docs.get(f.name, "").replace("%", "%%")
         kwargs: dict[str, Any] = {
             "dest": f"{section}.{f.name}",
-            "default": None,
+            "default": argparse.SUPPRESS,  # not given: absent, so an explicit null can still be told apart
             "help": f"{text} (default {shown}; {section}.{f.name} in a config)".strip(),
         }
         if hints[f.name] is bool:
@@ -232,9 +232,9 @@ def config_from_args(cls: type[T], args: Any, section: str, data: dict[str, Any]
     :func:`add_config_options` that were given on top; validated like a YAML config."""
     values = dict(data or {})
     for f in dataclasses.fields(cls):
-        value = getattr(args, f"{section}.{f.name}", None)
-        if value is not None:
-            values[f.name] = value
+        key = f"{section}.{f.name}"
+        if hasattr(args, key):  # given on the command line (``null`` included)
+            values[f.name] = getattr(args, key)
     return from_dict(cls, values, section)
 
 
