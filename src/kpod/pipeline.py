@@ -524,7 +524,7 @@ def distill_student(
 
     method = get_method(tcfg.method)
     if method.progressive and inputs is not None:
-        stages = (inputs if isinstance(inputs, StageInputs) else StageInputs(dict(inputs))).stages
+        stages = StageInputs.of(inputs).stages
         if stages > tcfg.epochs:
             raise ConfigError(
                 f"the schedule's T = {stages} (schedule.stages) is larger than train.epochs = "

@@ -124,10 +124,11 @@ class StageBuilder:
         self.kind = kind
         self.fmt = fmt or PromptFormat()
         self.weights = weights or {}
-        self.inputs = inputs if isinstance(inputs, StageInputs) else StageInputs(dict(inputs or {}))
+        self.inputs = StageInputs.of(inputs)
         self.step_by_step_alpha = step_by_step_alpha
         self._cache: dict[Hashable, StageExample] = {}
-        keys = [rationale_key(e) for e in self.examples if e.steps]
+        self.keys = [rationale_key(e) for e in self.examples]
+        keys = [k for k, e in zip(self.keys, self.examples, strict=True) if e.steps]
         if method.token_weights:
             missing = [k for k in keys if k not in self.weights]
             if missing:
@@ -142,7 +143,6 @@ class StageBuilder:
                     f"method '{method.name}' needs a schedule covering every rationale; "
                     f"{len(missing)} of {len(keys)} are not in it (run `kpod schedule plan` on this data)"
                 )
-        self.keys = [rationale_key(e) for e in self.examples]
 
     def n_input_steps(self, index: int, stage: int) -> int:
         """c_i(t): leading steps of rationale ``index`` given as input at ``stage``."""

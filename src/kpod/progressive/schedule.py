@@ -225,6 +225,11 @@ class StageInputs:
 
     rows: Mapping[str, Sequence[int]]
 
+    @classmethod
+    def of(cls, inputs: StageInputs | Mapping[str, Sequence[int]] | None) -> StageInputs:
+        """``inputs`` as a :class:`StageInputs` (a plain mapping of rows is wrapped; None is empty)."""
+        return inputs if isinstance(inputs, StageInputs) else cls(dict(inputs or {}))
+
     @property
     def stages(self) -> int:
         """T: the last stage, from which every rationale is whole (0 for an empty schedule)."""
