@@ -42,7 +42,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 _COMMON_CPU = {
     "student": {"name": "smollm2-135m-instruct", "finetune": "lora", "lora_r": 16, "lora_alpha": 32},
-    "weighting": {"max_steps": 40, "normalize_mask_loss": True, "batch_size": 8},
+    "weighting": {"max_steps": 40, "batch_size": 8},
     "schedule": {"stages": 2, "n_clusters": 5},  # T = epochs / 2, the paper's ratio
     "train": {
         "epochs": 4,

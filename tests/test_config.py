@@ -97,9 +97,17 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     from kpod.models import StudentConfig
     from kpod.pipeline import DifficultyConfig
     from kpod.progressive.schedule import ScheduleConfig
+    from kpod.weighting.config import WeightingExperiments
     from kpod.weighting.train import WeightingConfig
 
-    for cls in (WeightingConfig, ScheduleConfig, DifficultyConfig, TrainConfig, StudentConfig):
+    for cls in (
+        WeightingConfig,
+        WeightingExperiments,
+        ScheduleConfig,
+        DifficultyConfig,
+        TrainConfig,
+        StudentConfig,
+    ):
         docs = field_docs(cls)
         assert {f.name for f in dataclasses.fields(cls)} <= set(docs), cls  # every field documented
     parser = build_parser()
@@ -108,12 +116,16 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     wtrain = wtrain.choices["train"]
     by_dest = {a.dest: a for a in wtrain._actions}
     for f in dataclasses.fields(WeightingConfig):
-        if f.name in ("rescale", "rescale_floor"):
+        if f.name in ("rescale", "rescale_floor", "experimental"):
             assert f"weighting.{f.name}" not in by_dest  # read settings belong to the readers
             continue
         action = by_dest[f"weighting.{f.name}"]
         assert field_docs(WeightingConfig)[f.name].replace("%", "%%") in action.help
-    assert "--prefixes" in by_dest["weighting.n_prefixes"].option_strings  # the old name still works
+    for f in dataclasses.fields(WeightingExperiments):  # the sub-section's options, names unprefixed
+        action = by_dest[f"weighting.experimental.{f.name}"]
+        assert field_docs(WeightingExperiments)[f.name].replace("%", "%%") in action.help
+        assert "weighting.experimental." + f.name + " in a config" in action.help
+    assert "--prefixes" in by_dest["weighting.experimental.n_prefixes"].option_strings  # the old name works
     args = parser.parse_args(
         ["weights", "train", "d.jsonl", "--out", "w", "--prefixes", "3", "--no-normalize-mask-loss"]
         + ["--estimator", "straight-through", "--tau-final", "null", "--set", "weighting.alpha=0.7"]
@@ -123,9 +135,10 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     config = config_from_args(
         WeightingConfig, args, "weighting", _config_sections(args, "weighting")["weighting"]
     )
-    assert config == WeightingConfig(
-        n_prefixes=3, normalize_mask_loss=False, estimator="straight-through", alpha=0.7
+    assert config == WeightingConfig.from_settings(
+        dict(n_prefixes=3, normalize_mask_loss=False, estimator="straight-through", alpha=0.7)
     )
+    assert config.experimental.n_prefixes == 3 and config.experimental.tau_final is None
     args = parser.parse_args(["weights", "train", "d.jsonl", "--out", "w", "--target-keep", "null"])
     assert config_from_args(WeightingConfig, args, "weighting").target_keep is None  # null overrides 0.5
     args = parser.parse_args(["distill", "d.jsonl", "--out", "o", "--lr", "1e-3", "--student", "m"])
@@ -137,3 +150,32 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     with pytest.raises(SystemExit):  # a Literal's choices are enforced by argparse
         parser.parse_args(["weights", "train", "d.jsonl", "--out", "w", "--optimizer", "lion"])
     capsys.readouterr()
+
+
+def test_weighting_experiment_knobs_live_in_their_own_section():
+    from kpod.pipeline import pipeline_config
+    from kpod.weighting.config import WeightingConfig, WeightingExperiments
+
+    config = pipeline_config({"weighting": {"alpha": 0.7, "experimental": {"tau": 0.5, "prefix_sum": True}}})
+    assert config.weighting.alpha == 0.7
+    assert config.weighting.experimental == WeightingExperiments(tau=0.5, prefix_sum=True)
+    with pytest.raises(ConfigError, match="'weighting.tau' is now 'weighting.experimental.tau'"):
+        pipeline_config({"weighting": {"tau": 0.5}})
+    with pytest.raises(ConfigError, match="weighting.experimental.samples.*expected an integer"):
+        pipeline_config({"weighting": {"experimental": {"samples": "many"}}})
+    with pytest.raises(ConfigError, match="samples >= 2"):
+        pipeline_config({"weighting": {"experimental": {"samples": 1}}})
+    # The weights step's cache key stays flat, so run directories made before the section existed
+    # still match: the experimental knobs sit beside the others and the read settings are left out.
+    settings = config.weighting.training_settings()
+    assert settings["tau"] == 0.5 and settings["prefix_sum"] is True and settings["alpha"] == 0.7
+    assert "experimental" not in settings and "rescale" not in settings
+    before = """student predictor predictor_mode alpha normalize_mask_loss kept_budget target_keep estimator
+        samples tau tau_final n_prefixes prefix_sum epochs max_steps batch_size lr predictor_lr optimizer
+        max_rationale_tokens precision num_heads mlp_hidden seed device"""  # the flat config's fields
+    assert set(settings) == set(before.split())
+    # A weights directory's config.json, flat (older) or nested (newer), reads back the same.
+    assert WeightingConfig.from_settings(config.weighting.settings()) == config.weighting
+    nested = to_dict(config.weighting)
+    assert nested["experimental"]["tau"] == 0.5
+    assert WeightingConfig.from_settings(nested) == config.weighting

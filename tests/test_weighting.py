@@ -125,7 +125,8 @@ def test_collapse_warning_advises_only_what_the_config_has_not_tried() -> None:
     assert kept is not None and "all-kept (mean w = 0.971)" in kept
     assert "larger alpha" in kept and "rescale: minmax" in kept and "normalize_mask_loss" not in kept
     kept_minmax = collapse_warning(
-        0.99, WeightingConfig(rescale="minmax", normalize_mask_loss=False, target_keep=None)
+        0.99,
+        WeightingConfig.from_settings(dict(rescale="minmax", normalize_mask_loss=False, target_keep=None)),
     )
     assert kept_minmax is not None and "rescale" not in kept_minmax
     assert "normalize_mask_loss: true" in kept_minmax
@@ -133,7 +134,7 @@ def test_collapse_warning_advises_only_what_the_config_has_not_tried() -> None:
     assert masked is not None and "all-masked" in masked
     assert "smaller alpha" in masked and "kept_budget" in masked
     assert "kept_budget" not in (
-        collapse_warning(0.01, WeightingConfig(kept_budget=0.5, target_keep=None)) or ""
+        collapse_warning(0.01, WeightingConfig.from_settings(dict(kept_budget=0.5, target_keep=None))) or ""
     )
 
 
@@ -196,7 +197,9 @@ def _tiny_config(student, **settings) -> WeightingConfig:
     """A small module on the tiny test student, in fp32; the paper's objective (no kept-ratio
     budget) unless ``target_keep`` is given."""
     settings.setdefault("target_keep", None)
-    return WeightingConfig(student=str(student), num_heads=2, mlp_hidden=16, precision="fp32", **settings)
+    return WeightingConfig.from_settings(
+        dict(student=str(student), num_heads=2, mlp_hidden=16, precision="fp32", **settings)
+    )
 
 
 def test_training_on_the_tiny_model_learns_and_saves(tiny_causal, tmp_path) -> None:
@@ -259,7 +262,7 @@ def test_score_function_training_moves_the_module_but_not_the_mask_embedding(tin
     assert moved.abs().max().item() > 0
     assert torch.equal(model.weighter.mask_embedding, before.weighter.mask_embedding)
     with pytest.raises(ConfigError, match="samples"):
-        WeightingConfig(estimator="score-function", samples=1)
+        WeightingConfig.from_settings(dict(estimator="score-function", samples=1))
 
 
 def test_length_sorted_chunks_give_the_same_answer_losses_and_gradients(tiny_causal) -> None:

@@ -106,6 +106,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "moved_keys", {})
+    if unknown and unknown[0] in moved:
+        raise ConfigError(f"'{prefix}{unknown[0]}' is now '{prefix}{moved[unknown[0]]}'")
     if unknown:
         raise ConfigError(
             f"unknown key '{prefix}{unknown[0]}'; known keys{' in ' + where if where else ''}: "
@@ -207,6 +210,10 @@ def add_config_options(
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
+        if dataclasses.is_dataclass(hints[f.name]):  # a sub-section: its fields, flags unprefixed
+            sub = hints[f.name]
+            add_config_options(parser, sub, f"{section}.{f.name}", skip=skip, flags=flags, types=types)
+            continue
         names = flags.get(f.name) or ["--" + f.name.replace("_", "-")]
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
@@ -230,12 +237,23 @@ def add_config_options(
 def config_from_args(cls: type[T], args: Any, section: str, data: dict[str, Any] | None = None) -> T:
     """``cls`` from ``data`` (a config section, e.g. after ``--set``) with the options of
     :func:`add_config_options` that were given on top; validated like a YAML config."""
+    return from_dict(cls, _given_values(cls, args, section, data), section)
+
+
+def _given_values(cls: type, args: Any, section: str, data: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with the options given on the command line on top (sub-sections recursively)."""
     values = dict(data or {})
+    hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{section}.{f.name}"
-        if hasattr(args, key):  # given on the command line (``null`` included)
+        if dataclasses.is_dataclass(hints[f.name]):
+            sub = values.get(f.name)
+            nested = _given_values(hints[f.name], args, key, sub if isinstance(sub, dict) else None)
+            if nested or sub is not None:
+                values[f.name] = nested if isinstance(sub, dict) or sub is None else sub
+        elif hasattr(args, key):  # given on the command line (``null`` included)
             values[f.name] = getattr(args, key)
-    return from_dict(cls, values, section)
+    return values
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

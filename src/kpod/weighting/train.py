@@ -38,7 +38,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,8 +228,8 @@ def _prefix_lengths(n: int, rng: random.Random, config: WeightingConfig) -> list
     """(length, scale) of the rationale prefixes one example is scored on (Eq. 5): the full
     rationale, then ``n_prefixes - 1`` random shorter ones. With ``prefix_sum`` the shorter ones
     stand for all n prefixes (an unbiased estimate of Eq. 5's sum over every prefix)."""
-    shorter = [rng.randrange(0, n) for _ in range(config.n_prefixes - 1)]
-    factor = n / len(shorter) if config.prefix_sum and shorter else 1.0
+    shorter = [rng.randrange(0, n) for _ in range(config.experimental.n_prefixes - 1)]
+    factor = n / len(shorter) if config.experimental.prefix_sum and shorter else 1.0
     return [(n, 1.0)] + [(k, factor) for k in shorter]
 
 
@@ -289,6 +289,7 @@ def train_weighting(
     ``on_step(step, model)`` is called after every optimiser step (``step`` counts from 1), e.g. to
     measure the weights along the way; the module is put back in train mode after it."""
     rng = random.Random(config.seed)
+    x = config.experimental  # the objective's experiment knobs
     model, student = build_weighting_model(config)
     if config.predictor is None:
         predictor_loaded = student
@@ -318,7 +319,7 @@ def train_weighting(
         groups.append({"params": predictor_params, "lr": config.predictor_lr})
     groups = [g for g in groups if g["params"]]
     predictor_trains = any(p.requires_grad for p in predictor.parameters())
-    if config.optimizer == "sgd":
+    if x.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, momentum=0.9)
     else:
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -338,9 +339,9 @@ def train_weighting(
             if step >= n_steps:
                 break
             batch = [encoded[i] for i in order[start : start + config.batch_size]]
-            tau = config.tau
-            if config.tau_final is not None and n_steps > 1:
-                tau = config.tau + (config.tau_final - config.tau) * step / (n_steps - 1)
+            tau = x.tau
+            if x.tau_final is not None and n_steps > 1:
+                tau = x.tau + (x.tau_final - x.tau) * step / (n_steps - 1)
             ids, mask = _pad(batch)
             ids, mask = ids.to(config.device), mask.to(config.device)
             valid = mask.float()
@@ -349,19 +350,19 @@ def train_weighting(
             with autocast(config.device.split(":")[0], config.precision):
                 w = model.weighter(ids, mask, config.target_keep)
                 embedded = model.weighter.embeddings(ids)
-                if config.estimator == "straight-through":
+                if x.estimator == "straight-through":
                     keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
                     masked = apply_mask(embedded, keep, model.weighter.mask_embedding)
                     answer_loss = _answer_losses(predictor, batch, [masked], prefixes)[0]
                     answer_term = answer_loss
-                    mask_loss = mask_ratio_loss(keep, valid, config.normalize_mask_loss, config.kept_budget)
+                    mask_loss = mask_ratio_loss(keep, valid, x.normalize_mask_loss, x.kept_budget)
                 else:
                     # K exact Bernoulli(w) masks (Eq. 4's hard samples), scored without a gradient path
                     # through the embeddings; the mask embedding stays fixed (a trained one turns
                     # into a soft prompt that makes masking look free).
                     keeps = [
                         (binary_gumbel_mask(w.detach().float(), tau=tau, hard=False) > 0.5).float() * valid
-                        for _ in range(config.samples)
+                        for _ in range(x.samples)
                     ]
                     mask_emb = model.weighter.mask_embedding.detach()
                     with torch.set_grad_enabled(predictor_trains):
@@ -374,9 +375,7 @@ def train_weighting(
                         answer_term = answer_term + losses.mean(dim=0)
                     answer_loss = losses.detach().mean(dim=0)
                     # E_m[L_m] = L_m(w): exact for Eq. 6 (linear in m), the usual relaxation for the hinge.
-                    mask_loss = mask_ratio_loss(
-                        w.float(), valid, config.normalize_mask_loss, config.kept_budget
-                    )
+                    mask_loss = mask_ratio_loss(w.float(), valid, x.normalize_mask_loss, x.kept_budget)
             loss = keypoint_objective(answer_term, mask_loss, sparsity).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -417,12 +416,12 @@ def collapse_warning(final_kept: float, config: WeightingConfig) -> str | None:
         return None  # under a budget the mean weight is the budget by construction
     kept = final_kept > 0.95
     advice = ["a larger alpha" if kept else "a smaller alpha"]
-    if not config.normalize_mask_loss:
-        advice.append("normalize_mask_loss: true")
+    if not config.experimental.normalize_mask_loss:
+        advice.append("experimental.normalize_mask_loss: true")
     if kept and config.rescale == "none":
         advice.append(f"rescale: minmax (each rationale's weights spread onto [{config.rescale_floor:g}, 1])")
-    if not kept and config.kept_budget is None:
-        advice.append("kept_budget (penalise only the kept tokens beyond a share)")
+    if not kept and config.experimental.kept_budget is None:
+        advice.append("experimental.kept_budget (penalise only the kept tokens beyond a share)")
     side = "kept" if kept else "masked"
     tries = " or ".join(advice)
     return f"token weights collapsed towards all-{side} (mean w = {final_kept:.3f}): try {tries}"
@@ -438,7 +437,7 @@ def save_weighting(
     """Write the module checkpoint, its config, the training history and ``weights.jsonl``."""
     out_dir = Path(out_dir)
     model.weighter.save(out_dir)
-    write_json(out_dir / "config.json", asdict(model.config))
+    write_json(out_dir / "config.json", model.config.settings())  # flat, as before the sub-section
     write_jsonl(out_dir / "history.jsonl", history)
     rows = model.weigh(examples)
     save_weights(out_dir / WEIGHTS_FILE, rows)
@@ -455,7 +454,7 @@ def save_weighting(
 def load_weighting_model(directory: Path) -> WeightingModel:
     """A trained module from its directory (the student is loaded for its embeddings)."""
     directory = Path(directory)
-    config = WeightingConfig(**json.loads((directory / "config.json").read_text()))
+    config = WeightingConfig.from_settings(json.loads((directory / "config.json").read_text()))
     student = load_model(config.student, trainable=False)
     weighter = KeypointWeighter.load(directory, student.model.get_input_embeddings().weight).to(config.device)
     return WeightingModel(weighter, student.tokenizer, config)
