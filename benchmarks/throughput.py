@@ -1,5 +1,7 @@
-"""How fast is the kpod loop? Training tokens/s of kpod and std-cot in our loop and of TRL's
-SFTTrainer, side by side in one run; batched evaluation against one question at a time.
+"""How fast is the kpod loop? Training tokens/s of kpod and std-cot in our loop, today's settings
+against the former ones ("old": the loss from every position's logits, LoRA dropout 0.05), and of
+TRL's SFTTrainer, side by side in one run; batched evaluation against one question at a time; the
+machine's own bf16 matrix-product rate, for the share of it the loop achieves.
 
     .venv/bin/python benchmarks/throughput.py                      # the offline student, CPU
     .venv/bin/python benchmarks/throughput.py --student meta-llama/Llama-2-7b-hf --steps 30   # GPU
@@ -8,8 +10,13 @@ Same model (LoRA on all linear layers, r 16), same GSM8K rationales, same batch,
 and precision for the three trainers. Throughput counts real (non-padding) tokens of every step
 after the first (warm-up) and divides by the time of those steps; for TRL the step times come
 from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU) is sampled per phase.
-Results: results/throughput.json (keys kpod_over_stdcot, ours_over_trl, eval_batched_over_single
-plus the raw figures).
+Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
+ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_batched_over_single plus the raw figures).
+
+Achieved FLOP/s counts, per real token, 2 x (the student's non-embedding parameters) for the
+forward and as much again for the activations' gradients (LoRA: the frozen weights get none), plus
+4 x hidden x vocabulary per labelled token for the output projection and its gradient; attention
+scores and the adapters' own products are left out (a few per cent at these lengths).
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, ROOT, provenance  # noqa: E402
+
+# The former settings, kept so the ratios are measured side by side on the same machine.
+VARIANTS = {
+    "old": {"loss_from_hidden": False, "lora_dropout": 0.05},
+    "new": {},  # the library's defaults
+}
 
 
 class PeakMemory:
@@ -74,7 +87,36 @@ def load_data(n: int, tokenizer, max_length: int):
     return fitting[:n], source
 
 
-def ours(method: str, args, examples, out: Path) -> dict:
+def matmul_rate(seconds: float = 3.0, n: int = 2048) -> float:
+    """GFLOP/s of bf16 ``n x n`` matrix products on this machine, as many as fit in ``seconds``."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_step(student: str, out: Path) -> tuple[float, float]:
+    """(FLOPs per real token, FLOPs per labelled token) of a training step (module docstring)."""
+    from transformers import AutoConfig
+
+    from kpod.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(student))
+    d, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    inter = config.intermediate_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o, k, v, gate/up/down
+    return 4.0 * layers * per_layer, 4.0 * d * vocab
+
+
+def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     from kpod.distill.trainer import TrainConfig
     from kpod.models import StudentConfig, load_tokenizer
     from kpod.pipeline import distill_student
@@ -100,7 +142,11 @@ def ours(method: str, args, examples, out: Path) -> dict:
             ScheduleConfig(stages=2, n_clusters=1),
         )
         inputs = {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
+    settings = VARIANTS[variant]
+    train_settings = {k: v for k, v in settings.items() if k != "lora_dropout"}
+    student_settings = {k: v for k, v in settings.items() if k == "lora_dropout"}
     config = TrainConfig(
+        **train_settings,
         method=method,
         epochs=1,
         batch_size=args.batch_size,
@@ -114,7 +160,7 @@ def ours(method: str, args, examples, out: Path) -> dict:
     with PeakMemory() as mem:  # student loading included (its peak is below training's)
         distill_student(
             config,
-            StudentConfig(name=args.student),
+            StudentConfig(name=args.student, **student_settings),
             examples,
             out,
             weights=weights,
@@ -123,8 +169,13 @@ def ours(method: str, args, examples, out: Path) -> dict:
         )
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][1:]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
+    per_token, per_label = flops_per_step(args.student, out)
+    labelled = sum(r["targets"] for r in rows)
     return {
+        "variant": variant,
         "tokens_per_s": round(tokens / seconds, 1),
+        "gflop_per_s": round((per_token * tokens + per_label * labelled) / seconds / 1e9, 1),
+        "labelled_tokens": labelled,
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "steps": len(rows),
@@ -251,6 +302,10 @@ def main() -> None:
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of std-cot and kpod")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument(
+        "--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="settings compared"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-throughput")
     args = parser.parse_args()
     started = provenance()
@@ -272,39 +327,68 @@ def main() -> None:
         "precision": args.precision,
         "lora_r": 16,
     }
-    # A short unrecorded run first (page faults, thread pools), then the two methods alternate for
-    # --rounds rounds so that neither always runs first; each figure is the mean over rounds.
+    # A short unrecorded run first (page faults, thread pools), then the runs alternate for --rounds
+    # rounds, the order reversed every other round so that none always runs first; each figure is
+    # the mean over rounds.
+    result["matmul_bf16_gflop_per_s"] = round(matmul_rate(), 1)
+    print("bf16 matmul GFLOP/s", result["matmul_bf16_gflop_per_s"], flush=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
     ours("std-cot", warm, examples[: 2 * args.batch_size], args.out / "warm-up")
-    for method in ("std-cot", "kpod"):
-        result[method] = {"rounds": []}
+    runs = [(m, v) for v in args.variants for m in ("std-cot", "kpod")]
+    for method, variant in runs:
+        result.setdefault(variant, {})[method] = {"rounds": []}
     for r in range(args.rounds):
-        order = ("std-cot", "kpod") if r % 2 == 0 else ("kpod", "std-cot")
-        for method in order:
-            measured = ours(method, args, examples, args.out / f"{method}-{r}")
-            result[method]["rounds"].append(measured)
-            print(method, r, measured, flush=True)
-    for method in ("std-cot", "kpod"):
-        rounds = result[method]["rounds"]
-        result[method]["tokens_per_s"] = round(sum(x["tokens_per_s"] for x in rounds) / len(rounds), 1)
-        result[method]["peak_mib"] = max(x["peak_mib"] for x in rounds)
-    result["kpod_over_stdcot"] = round(result["kpod"]["tokens_per_s"] / result["std-cot"]["tokens_per_s"], 3)
+        for method, variant in runs if r % 2 == 0 else runs[::-1]:
+            measured = ours(method, args, examples, args.out / f"{variant}-{method}-{r}", variant)
+            result[variant][method]["rounds"].append(measured)
+            print(variant, method, r, measured, flush=True)
+    for method, variant in runs:
+        cell = result[variant][method]
+        rounds = cell["rounds"]
+        for key in ("tokens_per_s", "gflop_per_s"):
+            cell[key] = round(sum(x[key] for x in rounds) / len(rounds), 1)
+        cell["peak_mib"] = max(x["peak_mib"] for x in rounds)
+    new = result["new"]
+    result["std-cot"], result["kpod"] = new["std-cot"], new["kpod"]
+    result["kpod_over_stdcot"] = round(new["kpod"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3)
+    result["mfu_bf16"] = round(new["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3)
+    if "old" in result:
+        old = result["old"]
+        for method, key in (("std-cot", "stdcot"), ("kpod", "kpod")):
+            result[f"new_over_old_{key}"] = round(
+                new[method]["tokens_per_s"] / old[method]["tokens_per_s"], 3
+            )
+        result["peak_rss_new_over_old"] = round(
+            max(new[m]["peak_mib"] for m in new) / max(old[m]["peak_mib"] for m in old), 3
+        )
     if not args.skip_trl:
         result["trl"] = trl_sft(args, examples, args.out / "trl")
         print("trl", result["trl"], flush=True)
         # TRL's SFT is std-cot; kpod's own ratio is reported beside it.
         result["ours_over_trl"] = round(result["std-cot"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
         result["kpod_over_trl"] = round(result["kpod"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
-    result["eval"] = evaluation(args, examples)
-    print("eval", result["eval"], flush=True)
-    result["eval_batched_over_single"] = round(
-        result["eval"]["batched"]["tokens_per_s"] / result["eval"]["single"]["tokens_per_s"], 2
-    )
+    if not args.skip_eval:
+        result["eval"] = evaluation(args, examples)
+        print("eval", result["eval"], flush=True)
+        result["eval_batched_over_single"] = round(
+            result["eval"]["batched"]["tokens_per_s"] / result["eval"]["single"]["tokens_per_s"], 2
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(
         json.dumps(
-            {k: result.get(k) for k in ("kpod_over_stdcot", "ours_over_trl", "eval_batched_over_single")}
+            {
+                k: result.get(k)
+                for k in (
+                    "new_over_old_stdcot",
+                    "new_over_old_kpod",
+                    "kpod_over_stdcot",
+                    "ours_over_trl",
+                    "mfu_bf16",
+                    "peak_rss_new_over_old",
+                    "eval_batched_over_single",
+                )
+            }
         )
     )
 

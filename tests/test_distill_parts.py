@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,81 @@ def test_each_target_token_carries_its_own_weight(tiny_causal) -> None:
         got = [w for t, w in zip(ex.labels, ex.weights, strict=True) if t != IGNORE and w != 1.0]
         assert got == pytest.approx(expected), c  # in order, one per rationale token, none missing
     assert ramp != sorted(ramp, reverse=True)  # the inputs would expose a reversal
+
+
+def _loss_and_grads(model, batch, kind, from_hidden, chunk=3, precision="fp32"):
+    from kpod.distill.loss import sequence_nll
+    from kpod.models import autocast
+
+    model.zero_grad(set_to_none=True)
+    with autocast("cpu", precision):
+        loss = sequence_nll(model, batch, kind, 0, 0, from_hidden=from_hidden, chunk=chunk)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_the_loss_from_hidden_states_equals_the_loss_from_logits(kind, finetune, tiny_causal, tiny_seq2seq):
+    """Today's loss and gradients, to 1e-5 in fp32, with weights that differ at every token and
+    chunks that cut through the labelled positions; the full logits are never asked for."""
+    from kpod.chunked_loss import head_bypass_supported
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig
+
+    path = tiny_causal if kind == "causal" else tiny_seq2seq
+    torch.manual_seed(0)
+    student = StudentConfig(
+        name=str(path), finetune=finetune, lora_r=4, lora_alpha=8, lora_dropout=0.0
+    ).load()
+    model = student.model
+    assert head_bypass_supported(model)
+    tokenizer = student.tokenizer
+    examples = []
+    for k, steps in enumerate([0, 1, 2]):
+        ex = build_stage_example(EXAMPLE, steps, tokenizer, kind=kind)
+        weights = [0.1 + 0.9 * ((j * 7 + k) % 11) / 10 for j in range(len(ex.labels))]
+        examples.append(dataclasses.replace(ex, weights=weights))
+    batch = collate(examples, tokenizer.pad_token_id, kind)
+    model.eval()  # the T5's dropout would draw different masks on the two passes
+    old_loss, old_grads = _loss_and_grads(model, batch, kind, from_hidden=False)
+    new_loss, new_grads = _loss_and_grads(model, batch, kind, from_hidden=True)
+    assert new_loss.item() == pytest.approx(old_loss.item(), rel=1e-5)
+    assert old_grads.keys() == new_grads.keys() and old_grads
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # Reversing the weights within each example changes the loss: the weights reach it per token.
+    flipped = dict(batch, weights=batch["weights"].flip(-1))
+    flipped_loss, _ = _loss_and_grads(model, flipped, kind, from_hidden=True)
+    assert abs(flipped_loss.item() - new_loss.item()) > 1e-3 * abs(new_loss.item())
+    # Under bf16 autocast both paths project in bf16: the same loss up to bf16 rounding.
+    old_bf16, _ = _loss_and_grads(model, batch, kind, from_hidden=False, precision="bf16")
+    new_bf16, _ = _loss_and_grads(model, batch, kind, from_hidden=True, precision="bf16")
+    assert new_bf16.item() == pytest.approx(old_bf16.item(), rel=2e-3)
+    # The model's own output projection is back in place afterwards.
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"][:1, :4],
+            attention_mask=batch["attention_mask"][:1, :4],
+            **({} if kind == "causal" else {"decoder_input_ids": batch["labels"][:1, :1].clamp(min=0)}),
+        ).logits
+    assert logits.shape[-1] == model.get_output_embeddings().weight.shape[0]
+
+
+def test_weighted_linear_nll_matches_cross_entropy_by_hand() -> None:
+    from kpod.chunked_loss import weighted_linear_nll
+
+    torch.manual_seed(3)
+    hidden = torch.randn(10, 6, requires_grad=True)
+    weight = torch.randn(13, 6, requires_grad=True)
+    labels = torch.randint(0, 13, (10,))
+    tw = torch.rand(10)
+    expected = (F.cross_entropy(hidden @ weight.T, labels, reduction="none") * tw).sum()
+    gh, gw = torch.autograd.grad(expected * 2.5, [hidden, weight])
+    for chunk in (1, 4, 10, 64):
+        got = weighted_linear_nll(hidden, weight, labels, tw, chunk)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+        nh, nw = torch.autograd.grad(got * 2.5, [hidden, weight])  # the upstream factor reaches both
+        torch.testing.assert_close(nh, gh)
+        torch.testing.assert_close(nw, gw)

@@ -41,6 +41,12 @@ class TrainConfig:
             split makes noisy. Costs one more test evaluation in those runs.
         eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
+        loss_from_hidden: compute the loss from the hidden states of the labelled positions, the
+            output projection applied ``loss_chunk`` positions at a time, instead of from the
+            model's logits of every position (same loss and gradients; less time and memory,
+            BENCHMARKS.md "Issue #21"). Students whose head the bypass cannot stand in for use the
+            logits whatever this says (:func:`kpod.distill.loss.head_bypass_supported`).
+        loss_chunk: positions per chunk of the output projection when ``loss_from_hidden``.
     """
 
     method: str = "kpod"
@@ -64,13 +70,22 @@ class TrainConfig:
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
     merge_lora: bool = False
+    loss_from_hidden: bool = True
+    loss_chunk: int = 512
 
     def __post_init__(self) -> None:
         from kpod.distill.methods import METHODS  # the registry, as it stands when the config is read
 
         if self.method not in METHODS:
             raise ConfigError(f"method: '{self.method}' is not allowed; choose one of: {', '.join(METHODS)}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "keep_checkpoints"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "micro_batch_size",
+            "max_length",
+            "keep_checkpoints",
+            "loss_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_every < 0 or self.max_grad_norm < 0:

@@ -9,6 +9,13 @@ cross-entropy.
 
 Rationale tokens carry their learned weights w_j in (0, 1); answer tokens weight 1 (the paper's
 "second term of Eq. 1, which remains constant").
+
+Two ways to the same number: :func:`sequence_nll` with ``from_hidden`` (the default) runs the model
+with its output projection bypassed, keeps the hidden states of the labelled positions only and
+computes the weighted NLL in chunks of positions (:func:`weighted_linear_nll`), so the logits of
+the unlabelled positions are never computed and the labelled ones are never held all at once, for
+the forward or the backward; without it the model returns every position's logits (the path kept
+for comparison, and for heads the bypass cannot stand in for: :func:`head_bypass_supported`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from kpod.chunked_loss import bypassed_head, weighted_linear_nll
 
 IGNORE = -100
 
@@ -55,26 +64,35 @@ def count_targets(labels: torch.Tensor, causal: bool) -> int:
 
 
 def sequence_nll(
-    model: Any, batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    kind: str,
+    decoder_start: int,
+    pad: int,
+    from_hidden: bool = False,
+    chunk: int = 512,
 ) -> torch.Tensor:
     """Summed weighted NLL of a micro-batch of a causal or seq2seq student (the caller normalises):
-    the labels shifted for a causal model, the decoder fed the labels shifted right for seq2seq."""
-    if kind == "causal":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, labels, weights = shift_for_causal_lm(logits, batch["labels"], batch["weights"])
-    else:
-        labels = batch["labels"]
-        decoder_input = torch.cat(
+    the labels shifted for a causal model, the decoder fed the labels shifted right for seq2seq.
+    ``from_hidden``: through :func:`weighted_linear_nll` (same value and gradients)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels, weights = batch["labels"], batch["weights"]
+    if kind != "causal":
+        inputs["decoder_input_ids"] = torch.cat(
             [
                 torch.full_like(labels[:, :1], decoder_start),
                 labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
             ],
             dim=1,
         )
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=decoder_input,
-        ).logits
-        weights = batch["weights"]
-    return weighted_token_nll(logits, labels, weights, 1.0)
+    if not from_hidden:
+        logits = model(**inputs).logits
+        if kind == "causal":
+            logits, labels, weights = shift_for_causal_lm(logits, labels, weights)
+        return weighted_token_nll(logits, labels, weights, 1.0)
+    with bypassed_head(model) as projection:
+        hidden = model(**inputs).logits
+    if kind == "causal":
+        hidden, labels, weights = hidden[:, :-1], labels[:, 1:], weights[:, 1:]
+    keep = labels != IGNORE
+    return weighted_linear_nll(hidden[keep], projection, labels[keep], weights[keep], chunk)

@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kpod.allocator import cpu_allocator_hint, release_freed_memory
+from kpod.chunked_loss import head_bypass_supported
 from kpod.data.schema import Example
 from kpod.distill.batches import collate, global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
@@ -284,7 +285,8 @@ class DistillRecipe:
         decoder_start = getattr(model.config, "decoder_start_token_id", None)
         decoder_start = pad if decoder_start is None else decoder_start
         self.pad = pad
-        self.shape = StudentShape(student.kind, pad, decoder_start)
+        from_hidden = config.loss_from_hidden and head_bypass_supported(model)
+        self.shape = StudentShape(student.kind, pad, decoder_start, from_hidden, config.loss_chunk)
 
         n_examples = len(self.builder.stage(schedule_stage(0)))
         self.steps_per_epoch = math.ceil(n_examples / config.batch_size)
@@ -434,7 +436,7 @@ class DistillRecipe:
                 state["epoch_loss"][0] += loss_value
                 state["epoch_loss"][1] += 1
             else:
-                loss_value, n_tokens = float("nan"), 0
+                loss_value, n_tokens, n_targets = float("nan"), 0, 0
             self.scheduler.step()
             if self.accelerator.device.type == "cpu":
                 release_freed_memory()
@@ -447,6 +449,7 @@ class DistillRecipe:
                 "loss": loss_value,
                 "lr": self.scheduler.get_last_lr()[0],
                 "tokens": n_tokens,
+                "targets": n_targets,
                 "step_s": seconds,
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - self.start_time,

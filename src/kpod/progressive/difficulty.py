@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kpod.batching import pad_ids
+from kpod.chunked_loss import bypassed_head, head_bypass_supported, linear_token_logprobs
 from kpod.data.schema import Example
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
@@ -119,7 +120,16 @@ def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -
     pad = tok.pad_token_id or 0
     targets, mask = pad_ids([t.input_ids for _, t, _ in batch], pad)
     targets, mask = targets.to(device), mask.to(device)
-    if kind == "causal":
+    if kind == "causal" and head_bypass_supported(model):
+        # Only the real tokens' log-probabilities, the projection applied in chunks (no full logits).
+        with bypassed_head(model) as projection:
+            hidden = model(input_ids=targets, attention_mask=mask).logits
+        scored = mask[:, 1:].bool()
+        logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        logp[:, 1:][scored] = linear_token_logprobs(
+            hidden[:, :-1][scored], projection, targets[:, 1:][scored]
+        )
+    elif kind == "causal":
         logits = model(input_ids=targets, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets[:, 1:, None]).squeeze(-1)
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # position 0 is not predicted

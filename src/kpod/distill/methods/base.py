@@ -24,11 +24,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class StudentShape:
     """What a loss needs to know of the student besides the model: ``causal`` or ``seq2seq``, the
-    pad id and the decoder's start id (seq2seq)."""
+    pad id, the decoder's start id (seq2seq), and whether the loss is computed from the hidden
+    states in chunks of ``chunk`` positions (:func:`kpod.distill.loss.sequence_nll`)."""
 
     kind: str
     pad: int
     decoder_start: int
+    from_hidden: bool = False
+    chunk: int = 512
 
 
 @dataclass(frozen=True)
@@ -68,4 +71,6 @@ class Method:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], student: StudentShape) -> torch.Tensor:
         """The micro-batch's summed weighted token NLL (the trainer divides by the step's targets)."""
-        return sequence_nll(model, batch, student.kind, student.decoder_start, student.pad)
+        return sequence_nll(
+            model, batch, student.kind, student.decoder_start, student.pad, student.from_hidden, student.chunk
+        )

@@ -1,0 +1,134 @@
+"""Token NLL from hidden states: the output projection applied by us, a chunk of positions at a
+time, to the labelled positions only.
+
+A causal LM's forward projects every position onto the whole vocabulary and the usual loss casts
+those logits to fp32, although only the labelled positions matter: for a 135M student with a
+49,152-word vocabulary the logits outweigh the rest of the activations. Here the model runs with
+its output projection bypassed (:func:`bypassed_head`: its "logits" are then the states the
+projection would read, after the final norm and any scaling), the labelled positions are
+gathered, and :func:`weighted_linear_nll` projects them ``chunk`` at a time, computing the
+gradients in the same pass, so no more than one chunk's logits exist at once. Used by the
+distillation loss and by step difficulty's scoring; any model whose logits are a bias-free linear
+map of those states qualifies (:func:`head_bypass_supported`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class _WeightedLinearNLL(torch.autograd.Function):
+    """``sum_j w_j * -log softmax(h_j W^T)[y_j]`` computed chunk by chunk; the gradients with
+    respect to ``h`` (and ``W`` when it trains) are computed in the forward, chunk by chunk, so
+    neither pass holds more than one chunk's logits. The matrix products run in ``dtype`` (the
+    autocast dtype, as the model's own projection would), the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, token_weights, chunk, dtype):  # noqa: D102
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                y = labels[start : start + chunk]
+                tw = token_weights[start : start + chunk].float()
+                logits = (h @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+                total += (nll * tw).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_().mul_(tw[:, None])  # d/dlogits, in place
+                    g[torch.arange(len(y), device=g.device), y] -= tw
+                    g = g.to(dtype)
+                    if need_h:
+                        grad_h[start : start + chunk] = (g @ w).to(hidden.dtype)
+                    if need_w:
+                        grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        out_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return out_h, out_w, None, None, None, None
+
+
+def weighted_linear_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """``sum_j w_j * NLL_j`` (Eq. 15's numerator) from the hidden states ``[n, d]`` of the labelled
+    positions, the output projection ``weight`` ``[vocab, d]``, their labels ``[n]`` and token
+    weights ``[n]``, ``chunk`` positions at a time: equal to :func:`weighted_token_nll` of
+    ``hidden @ weight.T`` times its normaliser, without holding ``[n, vocab]`` logits."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return _WeightedLinearNLL.apply(hidden, weight, labels, token_weights, max(1, chunk), dtype)
+
+
+@torch.no_grad()
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 512
+) -> torch.Tensor:
+    """``log softmax(h_j W^T)[y_j]`` for each of the ``[n, d]`` hidden states, ``chunk`` positions
+    at a time (no gradient: step difficulty's scoring), in the autocast dtype as the model's own
+    projection would run."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], max(1, chunk)):
+            logits = (hidden[start : start + chunk].to(dtype) @ w.T).float()
+            picked = logits.gather(1, labels[start : start + chunk, None]).squeeze(1)
+            out[start : start + chunk] = picked - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers model inside DDP / accelerate and peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def head_bypass_supported(model: Any) -> bool:
+    """Whether the model's logits are exactly its output projection of the states fed to it (a
+    bias-free ``nn.Linear``, no logit soft-capping or scaling after it), so that bypassing the
+    projection and applying it ourselves gives the same numbers."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    after = [getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")]
+    return type(head) is torch.nn.Linear and head.bias is None and all(v in (None, 1, 1.0) for v in after)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def bypassed_head(model: Any) -> Iterator[torch.Tensor]:
+    """Within the block the model's "logits" are the hidden states its output projection would
+    read (final norm and any scaling applied); yields the projection's weight."""
+    head = _unwrap(model).get_output_embeddings()
+    head.forward = _identity
+    try:
+        yield head.weight
+    finally:
+        del head.forward
