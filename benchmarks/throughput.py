@@ -36,6 +36,7 @@ from common import RESULTS, ROOT, provenance  # noqa: E402
 VARIANTS = {
     "old": {"loss_from_hidden": False, "lora_dropout": 0.05},
     "new": {},  # the library's defaults
+    "new-dropout0": {"lora_dropout": 0.0},  # LoRA dropout's own cost (#21: choose its default)
 }
 
 
