@@ -108,6 +108,8 @@ SUITES: dict[str, dict] = {
             ("asdiv", "kpod", [2]),
             ("asdiv", "kpod-no-weights", [0]),
             ("asdiv", "kpod-no-progressive", [0]),
+            ("asdiv", "scotd", [0]),
+            ("asdiv", "mcc-kd", [0]),
             ("gsm8k", "untrained", [0]),
             ("gsm8k", "std-cot", [0]),
             ("gsm8k", "kpod", [0]),
@@ -154,7 +156,8 @@ SUITES: dict[str, dict] = {
                 ("kpod-no-weights", [0]),
                 ("kpod-no-progressive", [0]),
             )
-        ],
+        ]
+        + [("asdiv", m, [0, 1, 2]) for m in ("scotd", "mcc-kd")],
     },
 }
 
@@ -170,10 +173,21 @@ def _suffix(tag: str | None) -> str:
     return f"+{tag}" if tag else ""
 
 
+# The baselines that learn from several rationales per question (the paper's SCoTD and MCC-KD) get
+# up to three per question where the data set has them (ASDiv's gpt-3.5 release), on the same
+# questions as the other methods (data.n_train counts questions); their data differ, so they get
+# a run folder of their own.
+SEVERAL_RATIONALES = {"scotd", "mcc-kd"}
+RATIONALES_PER_QUESTION = {"asdiv": 3}
+
+
 def run_config(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> dict:
     spec = SUITES[suite]
     data = _merge(spec["base"], spec["datasets"][dataset])
-    data["name"] = f"{suite}-{dataset}-s{seed}{_suffix(tag)}"
+    several = method in SEVERAL_RATIONALES and dataset in RATIONALES_PER_QUESTION
+    if several:
+        data["data"] = {**data["data"], "rationales_per_question": RATIONALES_PER_QUESTION[dataset]}
+    data["name"] = f"{suite}-{dataset}{'-multi' if several else ''}-s{seed}{_suffix(tag)}"
     data["run_dir"] = str(ROOT / "runs" / "bench" / data["name"])
     data["methods"] = ["std-cot"] if method == "untrained" else [method]
     data["eval_untrained"] = method == "untrained"

@@ -31,7 +31,16 @@ def test_every_run_of_every_suite_is_a_valid_config(accuracy):
             assert path not in seen_results
             seen_results.add(path)
         runs = accuracy.all_runs(suite)
-        assert len({(d, s) for d, _, s in runs}) == len({d for d in seen_dirs if f"/{suite}-" in d})
+        folders = {
+            (d, s, m in accuracy.SEVERAL_RATIONALES and d in accuracy.RATIONALES_PER_QUESTION)
+            for d, m, s in runs
+        }
+        assert len(folders) == len({d for d in seen_dirs if f"/{suite}-" in d})
+    # SCoTD and MCC-KD learn from several rationales of the same questions.
+    several = pipeline_config(accuracy.run_config("cpu-small", "asdiv", "mcc-kd", 0))
+    single = pipeline_config(accuracy.run_config("cpu-small", "asdiv", "std-cot", 0))
+    assert several.data.rationales_per_question == 3 and single.data.rationales_per_question == 1
+    assert several.data.n_train == single.data.n_train and several.run_dir != single.run_dir
 
 
 def test_the_suites_keep_one_budget_for_every_method(accuracy):

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from kpod.data.loaders import make_example
 from kpod.data.synthetic import arithmetic_examples
 from kpod.distill.batches import global_batches, process_share
 from kpod.distill.checkpoint import STATE_FILE, latest_checkpoint
@@ -120,11 +121,19 @@ def test_bad_train_config_names_the_key():
         TrainConfig(batch_size=0)
 
 
-@pytest.mark.parametrize("method", ["std-cot", "kpod"])
+@pytest.mark.parametrize("method", ["std-cot", "kpod", "scotd", "mcc-kd"])
 def test_tiny_model_overfits_to_100_percent(method, tiny64, tmp_path):
-    """A tiny model memorises four rationales and answers all four questions from scratch."""
+    """A tiny model memorises four rationales and answers all four questions from scratch (the
+    baselines that sample rationales get two per question: the original and a reworded one)."""
     student = load_model(str(tiny64))
     examples = arithmetic_examples(4, seed=1)
+    questions = examples
+    if method in ("scotd", "mcc-kd"):
+        reworded = [
+            make_example(qid=e.qid, question=e.question, rationale="First. " + e.rationale, answer=e.answer)
+            for e in examples
+        ]
+        examples = examples + reworded
     weights = keypoint_weights(examples, student.tokenizer) if method == "kpod" else None
     inputs = schedule_inputs(examples, stages=20) if method == "kpod" else None
     builder = StageBuilder(get_method(method), examples, student.tokenizer, weights=weights, inputs=inputs)
@@ -142,7 +151,7 @@ def test_tiny_model_overfits_to_100_percent(method, tiny64, tmp_path):
         eval_max_new_tokens=400,
         keep_checkpoints=1,
     )
-    result = train(config, student, builder, tmp_path / "run", test=examples, progress=False)
+    result = train(config, student, builder, tmp_path / "run", test=questions, progress=False)
     assert result.test["accuracy"] == 100.0, result.test
     assert result.stage_loss[-1] < 0.05
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

@@ -63,11 +63,14 @@ class DataConfig:
             training data (gsm-symbolic: generated with another seed).
         paper_split: with a GSM8K test file: ``paper_split.json`` beside it cuts the test set into
             the paper's dev (660) and test (659) questions; the test part is used.
-        n_train: training rationales kept (``null``: all), after dev questions are held out.
+        n_train: training questions kept (``null``: all), the first ones in file order after the
+            dev questions are held out, each with all its kept rationales (one rationale per
+            question: the same as counting rationales).
         n_dev: questions held out of training for model selection (0: none).
         n_test: test questions scored (``null``: all).
         rationales_per_question: keep at most this many rationales of each training question
-            (``null``: all), the first ones in file order.
+            (``null``: all), drawn by ``seed`` among its correct ones
+            (:func:`kpod.data.splits.choose_rationales`).
         templates: gsm-symbolic only: generator ids to draw problems from (empty: all).
         seed: seeds generation and the splits.
         skip_invalid: skip unreadable records (counted) instead of stopping at the first.
@@ -89,6 +92,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source == "file" and not self.path:
             raise ConfigError("path: data.source 'file' needs data.path (a training file)")
+        if self.rationales_per_question is not None and self.rationales_per_question < 1:
+            raise ConfigError(
+                f"rationales_per_question must be at least 1, got {self.rationales_per_question}"
+            )
         if self.n_dev < 0 or (self.n_train is not None and self.n_train < 1):
             raise ConfigError(f"n_train must be >= 1 and n_dev >= 0, got {self.n_train} and {self.n_dev}")
 
@@ -326,7 +333,7 @@ def _write_examples(path: Path, examples) -> None:
 def data_step(cfg: DataConfig, folder: Path) -> dict[str, Any]:
     """train/dev/test splits by question, written as kpod JSONL."""
     from kpod.data.loaders import load_examples, load_gsm8k_hub
-    from kpod.data.splits import carve_dev, gsm8k_paper_split, split_by_question
+    from kpod.data.splits import carve_dev, choose_rationales, gsm8k_paper_split, split_by_question
     from kpod.data.stats import compute_stats
     from kpod.data.synthetic import gsm_symbolic_examples
 
@@ -357,19 +364,14 @@ def data_step(cfg: DataConfig, folder: Path) -> dict[str, Any]:
         parts = split_by_question(examples, {"test": cfg.n_test or 0.2, "rest": -1}, seed=cfg.seed + 1)
         test, examples = parts["test"], parts["rest"]
     examples = [e for e in examples if e.steps]
-    if cfg.rationales_per_question is not None:
-        per_question: dict[str, int] = {}
-        kept = []
-        for e in examples:
-            per_question[e.qid] = per_question.get(e.qid, 0) + 1
-            if per_question[e.qid] <= cfg.rationales_per_question:
-                kept.append(e)
-        examples = kept
+    examples = choose_rationales(examples, cfg.rationales_per_question, seed=cfg.seed)
     if not examples:
         raise DataError("the training data has no rationales")
     train, dev = carve_dev(examples, cfg.n_dev, seed=cfg.seed) if cfg.n_dev else (examples, [])
-    if cfg.n_train is not None:
-        train = train[: cfg.n_train]
+    if cfg.n_train is not None:  # the first n_train questions, each with all its kept rationales
+        first = dict.fromkeys(e.qid for e in train)
+        kept_questions = set(list(first)[: cfg.n_train])
+        train = [e for e in train if e.qid in kept_questions]
     test = list({e.qid: e for e in test}.values())
     if cfg.n_test is not None:
         test = test[: cfg.n_test]
@@ -542,6 +544,8 @@ def distill_student(
         weights=weights if method.token_weights else None,
         inputs=inputs,
         step_by_step_alpha=tcfg.step_by_step_alpha,
+        seed=tcfg.seed,
+        mcc_alpha=tcfg.mcc_kd_alpha,
     )
     return train(
         tcfg, student, builder, folder, dev=dev, test=test, fmt=fmt, progress=progress, resume=resume

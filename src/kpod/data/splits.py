@@ -119,3 +119,38 @@ def gsm8k_paper_split(
             source=str(split_file),
         )
     return chosen
+
+
+def rationale_is_correct(example: Example) -> bool:
+    """Whether a rationale may be trained on as correct: its own final answer, where one can be
+    read off it, matches the gold answer. Our choice: a rationale whose answer cannot be read off
+    (no final number, say) counts as correct; the teacher step has already filtered generated
+    ones by their answers, and released data sets were filtered the same way by their authors."""
+    from kpod.data.answers import answers_match, extract_answer
+
+    if not example.rationale or example.answer_kind != "number":
+        return True
+    found = extract_answer(example.rationale, "number")
+    return found is None or answers_match(found, example.answer)
+
+
+def choose_rationales(examples: Sequence[Example], per_question: int | None, seed: int = 0) -> list[Example]:
+    """At most ``per_question`` rationales of each question (``None``: all, unchanged), drawn by
+    ``seed`` among its correct ones (:func:`rationale_is_correct`); the draw for a question depends
+    only on the seed and its qid, and the kept rationales stay in file order."""
+    if per_question is None:
+        return list(examples)
+    if per_question < 1:
+        raise DataError(f"rationales_per_question must be at least 1, got {per_question}")
+    import random
+
+    by_question: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        if rationale_is_correct(e):
+            by_question.setdefault(e.qid, []).append(i)
+    keep: set[int] = set()
+    for qid, indices in by_question.items():
+        if len(indices) > per_question:
+            indices = random.Random(f"kpod-rationales-{seed}-{qid}").sample(indices, per_question)
+        keep.update(indices)
+    return [e for i, e in enumerate(examples) if i in keep]

@@ -75,6 +75,7 @@ def compute_stats(examples: Sequence[Example], report: LoadReport, tokenizer: An
         "n_records": n_records,
         "n_examples": len(examples),
         "n_questions": len({e.qid for e in examples}),
+        "rationales_per_question": _summary(list(Counter(e.qid for e in with_rationale).values())),
         "n_with_rationale": len(with_rationale),
         "answer_parse_rate": round(parsed / n_records, 6) if n_records else 0.0,
         "answer_kinds": dict(Counter(e.answer_kind for e in examples)),
@@ -92,12 +93,20 @@ def compute_stats(examples: Sequence[Example], report: LoadReport, tokenizer: An
     return stats
 
 
+def _per_question_line(stats: dict[str, Any]) -> list[str]:
+    per = stats.get("rationales_per_question")
+    if not per:
+        return []
+    return [f"rationales/question mean {per['mean']}, max {per['max']}"]
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """A human-readable rendering of :func:`compute_stats`."""
     lines = [
         f"source             {stats['source']}",
         f"examples           {stats['n_examples']} ({stats['n_with_rationale']} with a rationale)",
         f"questions          {stats['n_questions']}",
+        *_per_question_line(stats),
         f"answer parse rate  {100 * stats['answer_parse_rate']:.2f} %",
         f"answer kinds       {stats['answer_kinds']}",
     ]

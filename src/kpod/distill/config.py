@@ -32,6 +32,8 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints to keep.
         group_by_length: batch examples of similar length together (less padding).
         step_by_step_alpha: weight of the rationale task of ``step-by-step``.
+        mcc_kd_alpha: weight of ``mcc-kd``'s consistency term (Chen et al. 2023 use 0.01 for
+            LLaMA).
         select: which epoch's model is kept: ``dev`` (the best dev accuracy among the epochs that
             trained whole rationales, i.e. from stage T on for a progressive method; the later of
             equal ones) or ``last``. Dev is scored only where an epoch is eligible.
@@ -65,6 +67,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     group_by_length: bool = True
     step_by_step_alpha: float = 1.0
+    mcc_kd_alpha: float = 0.01
     select: Literal["dev", "last"] = "dev"
     test_last_epoch: bool = False
     eval_batch_size: int = 16
@@ -88,6 +91,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mcc_kd_alpha < 0:
+            raise ConfigError(f"mcc_kd_alpha must be >= 0, got {self.mcc_kd_alpha}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_every < 0 or self.max_grad_norm < 0:
             raise ConfigError(
                 "lr must be > 0, warmup_ratio in [0, 1), save_every >= 0 and max_grad_norm >= 0; "

@@ -35,10 +35,20 @@ class StageExample:
     labels: list[int]  # causal: aligned with input_ids; seq2seq: the decoder target
     weights: list[float]  # aligned with labels
     n_input_steps: int
+    answer_positions: tuple[int, ...] = ()  # where the answer sentence's tokens sit in ``labels``
 
     @property
-    def n_targets(self) -> int:
+    def n_targets(self) -> float:
         return sum(1 for label in self.labels if label != IGNORE)
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence the example feeds the model (``train.max_length`` applies to it)."""
+        return max(len(self.input_ids), len(self.labels))
+
+    def size(self, causal: bool) -> int:
+        """Tokens the example puts through the model (for batching by length)."""
+        return len(self.input_ids) + (0 if causal else len(self.labels))
 
 
 def _token_weights(
@@ -71,12 +81,17 @@ def build_stage_example(
         labels = [
             tok if seg >= c else IGNORE for tok, seg in zip(tokens.input_ids, tokens.segments, strict=True)
         ]
-        return StageExample(tokens.input_ids, labels, weights, c)
+        return StageExample(tokens.input_ids, labels, weights, c, _answer_positions(example, tokens))
     # Seq2seq: cut after the last input piece; the gap before the first target belongs to it.
     cut = rendered.steps[c - 1].end if c > 0 else rendered.prompt.end
     encoder_ids, tokens = tokenize_split(rendered, tokenizer, cut)
     weights = _token_weights(example, tokens, weights_row, c)
-    return StageExample(encoder_ids, list(tokens.input_ids), weights, c)
+    return StageExample(encoder_ids, list(tokens.input_ids), weights, c, _answer_positions(example, tokens))
+
+
+def _answer_positions(example: Example, tokens: TokenizedExample) -> tuple[int, ...]:
+    """Positions of the answer sentence's tokens (the piece after the last step)."""
+    return tuple(p for p, seg in enumerate(tokens.segments) if seg == len(example.steps))
 
 
 def _without_rationale(example: Example, prefix: str = "") -> Example:
@@ -102,6 +117,8 @@ class StageBuilder:
         inputs: the schedule's c_i(t) by rationale key, one entry per stage 0..T (needed when
             ``method.progressive``); stages past the last entry use the last (zeros).
         step_by_step_alpha: the rationale task's weight for ``step-by-step``.
+        seed: seeds the draws of methods that sample rationales (``scotd``, ``mcc-kd``).
+        mcc_alpha: the consistency term's weight for ``mcc-kd``.
     """
 
     def __init__(
@@ -115,6 +132,8 @@ class StageBuilder:
         weights: Mapping[str, TokenWeights] | None = None,
         inputs: StageInputs | Mapping[str, Sequence[int]] | None = None,
         step_by_step_alpha: float = 1.0,
+        seed: int = 0,
+        mcc_alpha: float = 0.01,
     ) -> None:
         from kpod.errors import ConfigError
 
@@ -126,6 +145,8 @@ class StageBuilder:
         self.weights = weights or {}
         self.inputs = StageInputs.of(inputs)
         self.step_by_step_alpha = step_by_step_alpha
+        self.seed = seed
+        self.mcc_alpha = mcc_alpha
         self._cache: dict[Hashable, StageExample] = {}
         self.keys = [rationale_key(e) for e in self.examples]
         keys = [k for k, e in zip(self.keys, self.examples, strict=True) if e.steps]
@@ -143,6 +164,13 @@ class StageBuilder:
                     f"method '{method.name}' needs a schedule covering every rationale; "
                     f"{len(missing)} of {len(keys)} are not in it (run `kpod schedule plan` on this data)"
                 )
+
+    def questions(self) -> dict[str, list[int]]:
+        """The indices of each question's rationales (with steps), by qid in data order."""
+        groups: dict[str, list[int]] = {}
+        for i, e in enumerate(self.examples):
+            groups.setdefault(e.qid, []).append(i)
+        return groups
 
     def n_input_steps(self, index: int, stage: int) -> int:
         """c_i(t): leading steps of rationale ``index`` given as input at ``stage``."""

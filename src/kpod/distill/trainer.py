@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from kpod.allocator import cpu_allocator_hint, release_freed_memory
 from kpod.chunked_loss import head_bypass_supported
 from kpod.data.schema import Example
-from kpod.distill.batches import collate, global_batches, process_share
+from kpod.distill.batches import global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from kpod.distill.config import TrainConfig
 from kpod.distill.loss import IGNORE
@@ -371,9 +371,7 @@ class DistillRecipe:
         """The stage's examples and its optimiser-step batches (indices; too-long ones left out)."""
         config = self.config
         examples = self.builder.stage(schedule_stage(epoch))
-        too_long = [
-            len(e.input_ids) > config.max_length or len(e.labels) > config.max_length for e in examples
-        ]
+        too_long = [e.longest > config.max_length for e in examples]
         if sum(too_long) and sum(too_long) != self.skipped and self.accelerator.is_main_process:
             print(
                 f"stage {epoch}: {sum(too_long)} of {len(examples)} examples are longer than max_length "
@@ -382,7 +380,7 @@ class DistillRecipe:
             )
         self.skipped = sum(too_long)
         causal = self.student.kind == "causal"
-        lengths = [len(e.input_ids) + (0 if causal else len(e.labels)) for e in examples]
+        lengths = [e.size(causal) for e in examples]
         keep = [i for i, bad in enumerate(too_long) if not bad]
         batches = [
             [keep[i] for i in b]
@@ -401,7 +399,9 @@ class DistillRecipe:
         step_loss = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
         for k, mb in enumerate(micro):
-            tensors = collate([examples[i] for i in mb.indices], self.pad, self.student.kind)
+            tensors = self.builder.method.collate(
+                [examples[i] for i in mb.indices], self.pad, self.student.kind
+            )
             tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
             sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():

@@ -12,6 +12,12 @@ Stage t = 1 .. T-1: Delta D(t) = D(t) - H(t-1) (Eq. 11), S(t) = select_stage(...
 with c_i > 0, each moves Delta_s steps; so Delta H <= Delta D always holds.
 
 Stage t >= T: every question is trained on its full rationale (c_i = 0), as Algorithm 1 forces.
+
+Several rationales per question (our choice; the paper has one): the schedule is planned per
+*rationale*. Each rationale is a row with its own steps, difficulties and c_i(t), keyed by
+:func:`kpod.weighting.weights.rationale_key`; the rationales of one question share its question
+embedding, hence its cluster, so the diversity term treats them as one kind of question. Per
+question would force one c on rationales of different lengths and difficulties.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ method                      weights     progressive    notes
 ``kpod-no-progressive``     learned     no             paper's "w.o.-prog"
 ``kpod-no-diversity``       learned     schedule       schedule planned with beta = 0 ("w.o.-div")
 ``kpod-uniform-difficulty`` learned     schedule       Eq. 8 with uniform weights ("w.o.-sig-dif")
+``scotd``                   1           no             Li et al. 2023: one rationale per question,
+                                                       a new draw each epoch (its file)
+``mcc-kd``                  1 / 2       no             Chen et al. 2023: two rationales per
+                                                       question + answer consistency (its file)
 ==========================  ==========  =============  ============================================
 
 The last two differ from ``kpod`` only in how the schedule is planned (:attr:`Method.diversity`,
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 from kpod.distill.methods.answer_only import AnswerOnly
 from kpod.distill.methods.base import Method, StudentShape
+from kpod.distill.methods.mcc_kd import MCCKD
+from kpod.distill.methods.scotd import SCoTD
 from kpod.distill.methods.step_by_step import LABEL_PREFIX, StepByStep
 from kpod.distill.stages import StageBuilder
 
@@ -45,6 +51,8 @@ METHODS: dict[str, Method] = {
         Method("kpod-no-progressive", token_weights=True, progressive=False),
         Method("kpod-no-diversity", token_weights=True, progressive=True, diversity=False),
         Method("kpod-uniform-difficulty", token_weights=True, progressive=True, weighted_difficulty=False),
+        SCoTD("scotd"),
+        MCCKD("mcc-kd"),
     )
 }
 METHOD_NAMES = tuple(METHODS)  # the built-in methods

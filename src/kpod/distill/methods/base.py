@@ -4,17 +4,20 @@
 each rationale gives its first c_i(t) steps as input at stage t (c = 0 when not ``progressive``)
 and is trained with the token-weighted NLL of Eq. 15 (weights 1 when not ``token_weights``).
 A method that trains on other examples overrides :meth:`Method.stage_examples`; one with another
-loss overrides :meth:`Method.loss`. It then lives in its own file and is registered in
+loss overrides :meth:`Method.loss` (and :meth:`Method.collate` when an example holds several
+sequences). It then lives in its own file and is registered in
 :mod:`kpod.distill.methods`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kpod.distill.batches import collate
 from kpod.distill.loss import sequence_nll
 
 if TYPE_CHECKING:
@@ -68,6 +71,11 @@ class Method:
             builder.target(i, builder.n_input_steps(i, stage), weighted=self.token_weights)
             for i in range(len(builder.examples))
         ]
+
+    def collate(self, examples: Sequence[StageExample], pad: int, kind: str) -> dict[str, torch.Tensor]:
+        """A micro-batch's tensors (:func:`kpod.distill.batches.collate`); a method whose examples
+        hold more than one sequence lays them out here for its :meth:`loss`."""
+        return collate(examples, pad, kind)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], student: StudentShape) -> torch.Tensor:
         """The micro-batch's summed weighted token NLL (the trainer divides by the step's targets)."""
