@@ -241,3 +241,33 @@ def test_filter_keeps_only_correct_answers() -> None:
     assert kept[0].rationale == "1 + 1 = 2." and kept[0].provenance["teacher"] == "t"
     kept_all, _ = filter_rationales(records, keep_incorrect=True)
     assert {e.qid for e in kept_all} == {"a", "b", "c", "e"}
+
+
+def test_samples_that_fail_after_retries_count_as_incomplete_and_a_rerun_retries_them(tmp_path: Path) -> None:
+    """One question's requests fail every time: its samples are not stored, the summary (and so
+    `kpod teacher generate`'s exit status) says the run is incomplete, and a re-run after the
+    server recovers generates exactly those."""
+    broken = {"on": True}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        q = json.loads(request.content)["messages"][-1]["content"]
+        if broken["on"] and "What is 2 " in q:
+            return httpx.Response(500, json={"error": "down"})
+        return httpx.Response(200, json=OK_BODY)
+
+    async def go():
+        client = ChatClient("http://test/v1", "t", transport=httpx.MockTransport(handler), policy=FAST)
+        with RationaleStore(tmp_path / "s.jsonl") as store:
+            summary = await generate_rationales(
+                questions(4), client, store, GenerationSettings(n_samples=2, concurrency=2), progress=False
+            )
+        await client.aclose()
+        return summary
+
+    summary = run(go())
+    assert summary.generated == 6 and summary.failed == 2 and summary.left_undone == 0
+    assert summary.incomplete == 2
+    assert any("2 samples failed after retries: re-run" in line for line in summary.lines())
+    broken["on"] = False
+    summary = run(go())
+    assert summary.already_stored == 6 and summary.generated == 2 and summary.incomplete == 0

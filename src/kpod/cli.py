@@ -230,7 +230,7 @@ def cmd_teacher_generate(args: argparse.Namespace) -> int:
     if args.out:
         write_jsonl(args.out, [e.to_dict() for e in kept])
         print(f"wrote {len(kept)} examples to {args.out} (format: kpod)")
-    return 1 if summary.left_undone else 0
+    return 1 if summary.incomplete else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
 from kpod.data.schema import Example
 from kpod.distill.methods import METHODS, get_method
 from kpod.distill.trainer import TrainConfig, TrainResult, test_summary
-from kpod.errors import ConfigError, DataError
+from kpod.errors import ConfigError, DataError, KpodError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
@@ -413,6 +413,12 @@ def teacher_step(cfg: TeacherConfig, train_path: Path, folder: Path) -> dict[str
             await client.aclose()
 
     summary, records = asyncio.run(run())
+    if summary.incomplete:  # the step is not cached as done; the store keeps what was generated
+        raise KpodError(
+            f"teacher: {summary.incomplete} of {summary.wanted} samples are not generated "
+            f"({summary.failed} failed after retries, {summary.left_undone} left undone); "
+            "run again to resume (what was generated is kept)"
+        )
     kept, report = filter_rationales(records, teacher=cfg.model, prompt_hash=prompt.hash)
     _write_examples(folder / "train.jsonl", kept)
     return {"generated": summary.generated, "kept": len(kept), "filter": report.line()}

@@ -81,6 +81,9 @@ class GenerationSettings:
             raise TeacherError(f"bad generation settings: {self}")
 
 
+FAILED = "failed after retries"
+
+
 @dataclass
 class GenerationSummary:
     questions: int = 0
@@ -94,6 +97,16 @@ class GenerationSummary:
     retries: int = 0
     seconds: float = 0.0
 
+    @property
+    def failed(self) -> int:
+        """Samples whose requests failed after every retry (not stored: a re-run retries them)."""
+        return sum(n for why, n in self.skipped.items() if why.startswith(FAILED))
+
+    @property
+    def incomplete(self) -> int:
+        """Samples a re-run would still generate: left in the queue or failed after retries."""
+        return self.left_undone + self.failed
+
     def lines(self) -> list[str]:
         out = [
             f"questions {self.questions}, samples wanted {self.wanted}: "
@@ -104,6 +117,8 @@ class GenerationSummary:
         out += [f"  skipped {n} x {why}" for why, n in self.skipped.most_common()]
         if self.budget_exhausted:
             out.append("the request budget ran out: re-run to generate the rest")
+        if self.failed:
+            out.append(f"{self.failed} samples failed after retries: re-run to retry them (the rest is kept)")
         return out
 
 
@@ -168,7 +183,7 @@ async def generate_rationales(
                 queue.put_nowait((q, sample))
                 return
             except RetriesExhausted as err:
-                summary.skipped[f"failed after retries ({err})"] += 1
+                summary.skipped[f"{FAILED} ({err})"] += 1
                 log.warning("%s sample %d: failed after retries (%s)", q.qid, sample, err)
                 bar.update(1)
                 continue
