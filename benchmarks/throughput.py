@@ -1,7 +1,8 @@
 """How fast is the kpod loop? Training tokens/s of kpod and std-cot in our loop, today's settings
 against the former ones ("old": the loss from every position's logits, LoRA dropout 0.05), and of
-TRL's SFTTrainer, side by side in one run; batched evaluation against one question at a time; the
-machine's own bf16 matrix-product rate, for the share of it the loop achieves.
+TRL's SFTTrainer, side by side in one run; evaluation in fp32 (today's) against bf16 weights and a
+larger batch, with the answers that change; the machine's own bf16 matrix-product rate, for the
+share of it the loop achieves.
 
     .venv/bin/python benchmarks/throughput.py                      # the offline student, CPU
     .venv/bin/python benchmarks/throughput.py --student meta-llama/Llama-2-7b-hf --steps 30   # GPU
@@ -11,7 +12,7 @@ and precision for the three trainers. Throughput counts real (non-padding) token
 after the first (warm-up) and divides by the time of those steps; for TRL the step times come
 from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU) is sampled per phase.
 Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
-ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_batched_over_single plus the raw figures).
+ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures).
 
 Achieved FLOP/s counts, per real token, 2 x (the student's non-embedding parameters) for the
 forward and as much again for the activations' gradients (LoRA: the frozen weights get none), plus
@@ -295,13 +296,22 @@ def trl_sft(args, examples, out: Path) -> dict:
 
 
 def evaluation(args, examples) -> dict:
+    """Greedy evaluation of the untrained student on --eval-n questions: today's setting (fp32,
+    --eval-batch-size) against bf16 weights and a doubled batch, each with its tokens/s and the
+    number of answers that differ from today's; ``auto`` is what :mod:`kpod.precision` picks here
+    for the larger batch (measured, not cached)."""
+    from kpod import precision
     from kpod.evaluate import evaluate
     from kpod.models import load_model
 
     loaded = load_model(args.student, trainable=False)
     questions = examples[: args.eval_n]
-    out = {}
-    for name, batch in (("batched", args.eval_batch_size), ("single", 1)):
+    out: dict = {}
+    settings = [("fp32", args.eval_batch_size), ("fp32", 2 * args.eval_batch_size)]
+    settings += [("bf16", args.eval_batch_size), ("bf16", 2 * args.eval_batch_size)]
+    answers = {}
+    for prec, batch in settings:
+        name = f"{prec}-b{batch}"
         with PeakMemory() as mem:
             result = evaluate(
                 loaded.model,
@@ -311,15 +321,24 @@ def evaluation(args, examples) -> dict:
                 batch_size=batch,
                 max_new_tokens=args.eval_max_new_tokens,
                 progress=False,
+                precision=prec,
             )
+        answers[name] = [p["predicted"] for p in result.predictions]
         out[name] = {
             "tokens_per_s": round(result.generated_tokens / result.seconds, 1),
             "seconds": round(result.seconds, 1),
             "generated_tokens": result.generated_tokens,
-            "questions_per_s": round(len(questions) / result.seconds, 3),
-            "batch_size": batch,
+            "accuracy": round(100 * result.accuracy, 2),
             "peak_mib": mem.mib,
         }
+        print("eval", name, out[name], flush=True)
+    today = f"fp32-b{args.eval_batch_size}"
+    for name in out:
+        out[name]["answers_changed"] = sum(a != b for a, b in zip(answers[name], answers[today], strict=True))
+    out["questions"] = len(questions)
+    out["today"] = today
+    chosen = precision.choose(loaded.model, 2 * args.eval_batch_size, cache=False)
+    out["new"] = f"{chosen}-b{2 * args.eval_batch_size}"
     return out
 
 
@@ -340,6 +359,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of std-cot and kpod")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--eval-only", action="store_true", help="only the evaluation rows")
     parser.add_argument(
         "--baselines", action="store_true", help="only the rows of scotd and mcc-kd against std-cot (ASDiv)"
     )
@@ -359,11 +379,26 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result["baselines"].items() if "_over_" in k}))
         return
+    if args.eval_only:  # only the evaluation rows, added to the existing results file
+        from kpod.models import load_tokenizer
+
+        questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
+        path = RESULTS / "throughput.json"
+        result = json.loads(path.read_text()) if path.exists() else {}
+        ev = result["eval"] = {**started, **evaluation(args, questions)}
+        result["eval_new_over_old"] = round(
+            ev[ev["new"]]["tokens_per_s"] / ev[ev["today"]]["tokens_per_s"], 3
+        )
+        result["eval_answers_changed"] = ev[ev["new"]]["answers_changed"]
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: result[k] for k in ("eval_new_over_old", "eval_answers_changed")}))
+        return
 
     from kpod.models import load_tokenizer
 
     tok = load_tokenizer(args.student)
-    examples, source = load_data(args.steps * args.batch_size, tok, args.max_length)
+    examples, source = load_data(max(args.steps * args.batch_size, args.eval_n), tok, args.max_length)
+    eval_questions, examples = examples, examples[: args.steps * args.batch_size]
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -422,11 +457,11 @@ def main() -> None:
         result["ours_over_trl"] = round(result["std-cot"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
         result["kpod_over_trl"] = round(result["kpod"]["tokens_per_s"] / result["trl"]["tokens_per_s"], 3)
     if not args.skip_eval:
-        result["eval"] = evaluation(args, examples)
-        print("eval", result["eval"], flush=True)
-        result["eval_batched_over_single"] = round(
-            result["eval"]["batched"]["tokens_per_s"] / result["eval"]["single"]["tokens_per_s"], 2
+        ev = result["eval"] = evaluation(args, eval_questions)
+        result["eval_new_over_old"] = round(
+            ev[ev["new"]]["tokens_per_s"] / ev[ev["today"]]["tokens_per_s"], 3
         )
+        result["eval_answers_changed"] = ev[ev["new"]]["answers_changed"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     print(
@@ -440,7 +475,8 @@ def main() -> None:
                     "ours_over_trl",
                     "mfu_bf16",
                     "peak_rss_new_over_old",
-                    "eval_batched_over_single",
+                    "eval_new_over_old",
+                    "eval_answers_changed",
                 )
             }
         )

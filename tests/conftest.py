@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Greedy outputs in the tests must not depend on which precision generates faster on the machine
+# (kpod.precision); tests of that choice unset it.
+os.environ.setdefault("KPOD_GENERATION_PRECISION", "fp32")
 
 
 @pytest.fixture

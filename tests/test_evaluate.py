@@ -175,3 +175,51 @@ def test_weights_fingerprint_follows_the_trainable_weights(tiny_causal) -> None:
     with torch.no_grad():
         next(loaded.model.parameters())[0, 0] += 0.5
     assert weights_fingerprint(loaded.model) != before
+
+
+def test_auto_precision_is_measured_once_per_machine_and_cached(tiny_causal, tmp_path, monkeypatch) -> None:
+    import torch
+
+    from kpod import precision
+
+    monkeypatch.delenv("KPOD_GENERATION_PRECISION", raising=False)
+    monkeypatch.setenv("KPOD_CACHE", str(tmp_path / "cache"))
+    model = load_model(str(tiny_causal), trainable=False).model
+    rates = {torch.float32: 50.0, torch.bfloat16: 80.0}
+    calls = []
+
+    def fake_rate(m, batch_size, **kw):
+        calls.append((next(m.parameters()).dtype, batch_size))
+        return rates[next(m.parameters()).dtype]
+
+    monkeypatch.setattr(precision, "time_generation", fake_rate)
+    assert precision.choose(model, 16) == "bf16"  # the faster one
+    assert calls == [(torch.float32, 16), (torch.bfloat16, 16)]
+    assert next(model.parameters()).dtype == torch.float32  # measured on a copy
+    cached = json.loads((tmp_path / "cache" / precision.CACHE_FILE).read_text())
+    (entry,) = cached.values()
+    assert entry["choice"] == "bf16" and entry["fp32_tokens_per_s"] == 50.0
+    rates[torch.bfloat16] = 10.0
+    assert precision.choose(model, 16) == "bf16" and len(calls) == 2  # from the cache: not measured again
+    assert precision.choose(model, 4) == "fp32" and len(calls) == 4  # another batch size: measured
+    monkeypatch.setenv("KPOD_GENERATION_PRECISION", "fp32")
+    assert precision.choose(model, 32) == "fp32" and len(calls) == 4  # the environment decides
+    monkeypatch.setenv("KPOD_GENERATION_PRECISION", "fp8")
+    with pytest.raises(Exception, match="fp32 or bf16"):
+        precision.choose(model, 32)
+
+
+def test_evaluate_in_bf16_uses_a_copy_and_says_so(tiny_causal, tmp_path) -> None:
+    import torch
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    examples = arithmetic_examples(4, seed=2)
+    low = evaluate(
+        loaded.model, loaded.tokenizer, examples, precision="bf16", max_new_tokens=12, progress=False
+    )
+    assert low.precision == "bf16" and low.summary()["precision"] == "bf16"
+    assert next(loaded.model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    full = evaluate(
+        loaded.model, loaded.tokenizer, examples, precision="auto", max_new_tokens=12, progress=False
+    )
+    assert full.precision == "fp32"  # KPOD_GENERATION_PRECISION=fp32 in the test suite

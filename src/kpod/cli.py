@@ -372,7 +372,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         examples = gsm8k_paper_split(examples, args.split, args.split_file)
     if args.limit:
         examples = list({e.qid: e for e in examples}.values())[: args.limit]
-    loaded = load_model(args.model, trainable=False, dtype=args.precision)
+    # auto: loaded in fp32, then the faster precision here (measured once per machine, cached)
+    loaded = load_model(args.model, trainable=False, dtype="bf16" if args.precision == "bf16" else "fp32")
     result = evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -383,7 +384,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         out=args.out,
         # with --out, an interrupted evaluation of the same model resumes from OUT.partial
-        resume_key=f"{weights_fingerprint(loaded.model)}:{args.precision}" if args.out else None,
+        resume_key=weights_fingerprint(loaded.model) if args.out else None,
+        precision=args.precision,
     )
     summary = {"model": args.model, "data": str(args.path), **result.summary()}
     if args.json:
@@ -679,7 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--prompt-style", choices=("paper", "chat"), default="paper")
-    ev.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ev.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="generation precision; auto: the faster one here, measured once and cached (default auto)",
+    )
     ev.add_argument(
         "--out",
         type=Path,
@@ -764,7 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--api-key-env", metavar="VAR", help="require the API key held in this environment variable"
     )
-    srv.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    srv.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: the faster of fp32 and bf16 here for one request at a time (measured once, cached)",
+    )
     srv.add_argument(
         "--inject-faults",
         type=float,

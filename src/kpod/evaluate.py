@@ -127,6 +127,7 @@ class EvalResult:
     seconds: float
     generated_tokens: int
     predictions: list[dict[str, Any]]
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -137,6 +138,7 @@ class EvalResult:
             "seconds": round(self.seconds, 1),
             "generated_tokens": self.generated_tokens,
             "tokens_per_s": round(self.generated_tokens / self.seconds, 1) if self.seconds else None,
+            "precision": self.precision,
         }
 
 
@@ -154,6 +156,7 @@ def evaluate(
     question_prefix: str = "",
     progress: bool = True,
     resume_key: str | None = None,
+    precision: str = "fp32",
 ) -> EvalResult:
     """Accuracy of a model on ``examples`` (one per question), with every prediction recorded.
 
@@ -167,7 +170,45 @@ def evaluate(
     rest, so a killed evaluation loses at most one batch. The partial file is removed once ``out``
     is written. Records of another key or settings are ignored. ``out`` has one writer at a time
     (its lock, ``OUT.lock``, is held throughout).
+
+    ``precision``: ``fp32``, ``bf16`` (a bf16 copy of the model generates) or ``auto`` (the faster
+    of the two on this machine, measured once and cached: :mod:`kpod.precision`); the one used is
+    in the result and in the resume key.
     """
+    from kpod.precision import generation_model
+
+    with generation_model(model, precision, batch_size) as (gen_model, used):
+        return _evaluate_with(
+            gen_model,
+            tokenizer,
+            examples,
+            kind=kind,
+            fmt=fmt,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            out=out,
+            question_prefix=question_prefix,
+            progress=progress,
+            resume_key=None if resume_key is None else f"{resume_key}:{used}",
+            precision=used,
+        )
+
+
+def _evaluate_with(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    kind: str,
+    fmt: PromptFormat | None,
+    batch_size: int,
+    max_new_tokens: int,
+    out: Path | None,
+    question_prefix: str,
+    progress: bool,
+    resume_key: str | None,
+    precision: str,
+) -> EvalResult:
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
@@ -239,6 +280,7 @@ def evaluate(
         seconds=seconds,
         generated_tokens=n_tokens,
         predictions=predictions,
+        precision=precision,
     )
     if out is not None:
         write_jsonl(out, predictions)

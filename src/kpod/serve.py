@@ -216,7 +216,7 @@ def serve(
     model_id: str | None = None,
     api_key: str | None = None,
     fault_rate: float = 0.0,
-    precision: str = "fp32",
+    precision: str = "auto",
     delay_s: float = 0.0,
     access_log: bool = False,
 ) -> None:

@@ -42,6 +42,8 @@ class TrainConfig:
             ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
             split makes noisy. Costs one more test evaluation in those runs.
         eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
+        eval_precision: ``auto`` (the faster of fp32 and bf16 for generating on this machine,
+            measured once and cached: :mod:`kpod.precision`), ``fp32`` or ``bf16``.
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
         loss_from_hidden: compute the loss from the hidden states of the labelled positions, the
             output projection applied ``loss_chunk`` positions at a time, instead of from the
@@ -72,6 +74,7 @@ class TrainConfig:
     test_last_epoch: bool = False
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
+    eval_precision: Literal["auto", "fp32", "bf16"] = "auto"
     merge_lora: bool = False
     loss_from_hidden: bool = True
     loss_chunk: int = 512

@@ -184,6 +184,7 @@ def _evaluate(
         question_prefix=prefix,
         progress=False,
         resume_key=resume_key,
+        precision=config.eval_precision,
     )
     model.train(was_training)
     return {

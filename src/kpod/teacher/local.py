@@ -37,10 +37,24 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 class LocalChatModel:
     """Greedy or sampled chat completions from a local model; thread-safe (one generation at a time)."""
 
-    def __init__(self, name_or_path: str, *, precision: str = "fp32", device: str | None = None) -> None:
+    def __init__(self, name_or_path: str, *, precision: str = "auto", device: str | None = None) -> None:
+        """``precision``: ``fp32``, ``bf16``, ``fp16`` (GPU) or ``auto``: the faster of fp32 and bf16
+        for one request at a time on this machine (:mod:`kpod.precision`, measured once, cached)."""
         from kpod.models import load_model
 
-        loaded = load_model(name_or_path, dtype=precision, device=device, trainable=False)
+        loaded = load_model(
+            name_or_path, dtype="fp32" if precision == "auto" else precision, device=device, trainable=False
+        )
+        if precision == "auto":
+            import torch
+
+            from kpod.precision import choose
+
+            self.precision = choose(loaded.model, batch_size=1)
+            if self.precision == "bf16":
+                loaded.model.to(torch.bfloat16)
+        else:
+            self.precision = precision
         self.name = name_or_path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

@@ -1,0 +1,153 @@
+"""Which precision generates fastest on this machine: a short measurement, cached.
+
+Greedy generation on a CPU is bound by different things on different processors: on one week's
+AMD machine a student generated faster in bf16 than in fp32, on another week's Intel machine
+2.4x slower (BENCHMARKS.md, "Issue #21"). So ``auto`` (the default of `kpod eval`, `kpod serve`
+and the trainer's dev and test scoring) times a few greedy tokens of the model itself in both
+precisions, at the batch size it will use, and keeps the faster one; the answer is cached per
+processor, torch version, model shape and batch size in ``$KPOD_CACHE/generation-precision.json``,
+so the measurement runs once per machine. On a GPU ``auto`` is bf16 where the GPU supports it.
+
+``KPOD_GENERATION_PRECISION=fp32`` (or ``bf16``) in the environment stands in for the measurement
+(the test suite sets it, so its greedy outputs do not depend on the machine).
+
+bf16 here means bf16 *weights* (a bf16 copy of the model for generation), not autocast, which
+would cast every weight again at every generated token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+GenerationPrecision = Literal["auto", "fp32", "bf16"]
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+CACHE_FILE = "generation-precision.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(model: Any, batch_size: int) -> str:
+    """Processor, threads, torch, model shape and batch size: what the answer depends on."""
+    import torch
+
+    config = getattr(model, "config", None)
+    shape = [
+        getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    ]
+    return f"{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
+
+
+def time_generation(model: Any, batch_size: int, new_tokens: int = 12, prompt_tokens: int = 48) -> float:
+    """Generated tokens per second of greedy decoding of a random prompt batch (after a warm-up)."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_start_token_id"] = model.config.decoder_start_token_id or 0
+    with torch.no_grad():
+        model.generate(input_ids=ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        start = time.perf_counter()
+        model.generate(input_ids=ids, pad_token_id=0, **kwargs)
+        seconds = time.perf_counter() - start
+    return batch_size * new_tokens / seconds
+
+
+def bf16_copy(model: Any) -> Any:
+    """A bf16 copy of ``model`` for generation (the original, e.g. being trained, is untouched)."""
+    import torch
+
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
+    """``fp32`` or ``bf16``: the faster greedy generation of ``model`` here (module docstring)."""
+    import torch
+
+    from kpod.io import write_json
+    from kpod.models import cache_dir
+
+    import os
+
+    fixed = os.environ.get("KPOD_GENERATION_PRECISION")
+    if fixed:
+        if fixed not in ("fp32", "bf16"):
+            from kpod.errors import ConfigError
+
+            raise ConfigError(f"KPOD_GENERATION_PRECISION must be fp32 or bf16, got '{fixed}'")
+        return fixed
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    path = cache_dir() / CACHE_FILE
+    key = cache_key(model, batch_size)
+    known: dict[str, Any] = {}
+    if cache and path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            known = json.loads(path.read_text())
+        if isinstance(known.get(key), dict) and known[key].get("choice") in ("fp32", "bf16"):
+            return known[key]["choice"]
+    was_training = model.training
+    model.eval()
+    fp32 = time_generation(model, batch_size) if next(model.parameters()).dtype == torch.float32 else None
+    low = bf16_copy(model)
+    bf16 = time_generation(low, batch_size)
+    del low
+    model.train(was_training)
+    choice = "bf16" if fp32 is None or bf16 > fp32 else "fp32"
+    if cache:
+        known[key] = {"choice": choice, "fp32_tokens_per_s": fp32, "bf16_tokens_per_s": round(bf16, 1)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, known)
+    return choice
+
+
+def resolve(precision: str, model: Any, batch_size: int) -> str:
+    """``precision`` with ``auto`` replaced by the measured choice."""
+    if precision not in PRECISION_CHOICES:
+        from kpod.errors import ConfigError
+
+        raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got '{precision}'")
+    return choose(model, batch_size) if precision == "auto" else precision
+
+
+@contextlib.contextmanager
+def generation_model(model: Any, precision: str, batch_size: int) -> Iterator[tuple[Any, str]]:
+    """The model to generate with in ``precision`` (``auto`` resolved) and the precision used:
+    the model itself in fp32 (or when it already is bf16), a bf16 copy on CPU, the model under
+    bf16 autocast on a GPU."""
+    import torch
+
+    chosen = resolve(precision, model, batch_size)
+    dtype = next(model.parameters()).dtype
+    if chosen == "fp32" or dtype == torch.bfloat16:
+        yield model, chosen if dtype == torch.float32 else "bf16"
+        return
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield model, chosen
+        return
+    low = bf16_copy(model)
+    try:
+        yield low, chosen
+    finally:
+        del low
