@@ -147,10 +147,12 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     settings = VARIANTS[variant]
     train_settings = {k: v for k, v in settings.items() if k != "lora_dropout"}
     student_settings = {k: v for k, v in settings.items() if k == "lora_dropout"}
+    # Two epochs (T = 2): kpod's first epoch trains schedule stage 1 (part of each rationale as
+    # input), its second whole rationales, as in a real run; every method gets the same steps.
     config = TrainConfig(
         **train_settings,
         method=method,
-        epochs=1,
+        epochs=2,
         batch_size=args.batch_size,
         micro_batch_size=args.batch_size,
         max_length=args.max_length,
@@ -348,7 +350,10 @@ def main() -> None:
     )
     parser.add_argument("--student", default="smollm2-135m-instruct")
     parser.add_argument(
-        "--steps", type=int, default=12, help="optimiser steps per trainer (the first is warm-up)"
+        "--steps",
+        type=int,
+        default=6,
+        help="optimiser steps per epoch (two epochs; the first step is warm-up)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -419,7 +424,7 @@ def main() -> None:
     rates = [round(matmul_rate(), 1)]
     print("bf16 matmul GFLOP/s", rates[0], flush=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
-    ours("std-cot", warm, examples[: 2 * args.batch_size], args.out / "warm-up")
+    ours("std-cot", warm, examples[: args.batch_size], args.out / "warm-up")
     runs = [(m, v) for v in args.variants for m in ("std-cot", "kpod")]
     for method, variant in runs:
         result.setdefault(variant, {})[method] = {"rounds": []}
