@@ -170,6 +170,7 @@ def cmd_teacher_generate(args: argparse.Namespace) -> int:
 
     from kpod.io import write_jsonl
     from kpod.teacher.client import ChatClient, RetryPolicy, api_key_from_env
+    from kpod.teacher.config import TeacherConfig
     from kpod.teacher.generate import (
         GenerationSettings,
         TeacherPrompt,
@@ -182,26 +183,22 @@ def cmd_teacher_generate(args: argparse.Namespace) -> int:
     _hold(args.store, directory=False)
     examples, report = _load(args)
     questions = questions_of(examples)[: args.limit] if args.limit else questions_of(examples)
-    settings = GenerationSettings(
-        n_samples=args.n,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        concurrency=args.concurrency,
-    )
+    cfg = config_from_args(TeacherConfig, args, "teacher")
+    settings = GenerationSettings(cfg.n_samples, cfg.temperature, cfg.max_tokens, cfg.concurrency)
     prompt = TeacherPrompt(system=args.system or None)
-    if (args.base_url is None) == (args.local_model is None):
+    if (cfg.base_url is None) == (args.local_model is None):
         raise KpodError("name exactly one teacher: --base-url URL --model NAME, or --local-model PATH")
-    if args.base_url is not None:
-        if not args.model:
+    if cfg.base_url is not None:
+        if not cfg.model:
             raise KpodError("--base-url needs --model, the teacher model's name on that server")
         teacher = ChatClient(
-            args.base_url,
-            args.model,
-            api_key=api_key_from_env(args.api_key_env),
+            cfg.base_url,
+            cfg.model,
+            api_key=api_key_from_env(cfg.api_key_env),
             policy=RetryPolicy(max_retries=args.max_retries, timeout_s=args.timeout),
             max_requests=args.max_requests,
         )
-        server = args.base_url
+        server = cfg.base_url
     else:
         from kpod.teacher.local import LocalTeacher
 
@@ -550,24 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
         "are written to --out as kpod JSONL. Exit code 1 when samples were left undone.",
     )
     _add_load_options(gen)
-    gen.add_argument(
-        "--base-url", help="API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
-    )
-    gen.add_argument("--model", help="the teacher model's name on that server")
-    gen.add_argument(
-        "--api-key-env",
-        metavar="VAR",
-        help="environment variable holding the API key (the key is never logged or stored)",
+    # The server and generation settings: TeacherConfig's fields (teacher.* in a `kpod run` config).
+    from kpod.teacher.config import TeacherConfig
+
+    add_config_options(
+        gen, TeacherConfig, "teacher", skip=("source",), flags={"n_samples": ["-n", "--n-samples"]}
     )
     gen.add_argument(
         "--local-model", help="use a local Hugging Face model as the teacher instead of a server"
     )
     gen.add_argument("--store", type=Path, required=True, help="append-only JSONL store of completions")
     gen.add_argument("--out", type=Path, help="write the answer-filtered rationales here (kpod JSONL)")
-    gen.add_argument("-n", type=int, default=1, help="samples per question (default 1)")
-    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    gen.add_argument("--max-tokens", type=int, default=512, help="completion length limit (default 512)")
-    gen.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     gen.add_argument("--max-requests", type=int, help="request budget of this run, retries included")
     gen.add_argument("--max-retries", type=int, default=6, help="retries per request (default 6)")
     gen.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")

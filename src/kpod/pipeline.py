@@ -45,6 +45,7 @@ from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
 from kpod.progressive.schedule import DifficultyConfig, ScheduleConfig, StageInputs, load_schedule_inputs
+from kpod.teacher.config import TeacherConfig
 from kpod.weighting.train import WeightingConfig
 from kpod.weighting.weights import TokenWeights
 
@@ -98,32 +99,6 @@ class DataConfig:
             )
         if self.n_dev < 0 or (self.n_train is not None and self.n_train < 1):
             raise ConfigError(f"n_train must be >= 1 and n_dev >= 0, got {self.n_train} and {self.n_dev}")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """Where the rationales come from.
-
-    Attributes:
-        source: ``dataset`` (the data's own rationales) or ``server`` (generate them with a
-            teacher behind an OpenAI-compatible API; kept only when their answer is right).
-        base_url, model, api_key_env: the server, the model's name there, and the environment
-            variable holding the API key (never written anywhere).
-        n_samples, temperature, max_tokens, concurrency: generation settings.
-    """
-
-    source: Literal["dataset", "server"] = "dataset"
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None
-    n_samples: int = 1
-    temperature: float = 0.7
-    max_tokens: int = 512
-    concurrency: int = 8
-
-    def __post_init__(self) -> None:
-        if self.source == "server" and not (self.base_url and self.model):
-            raise ConfigError("base_url: teacher.source 'server' needs teacher.base_url and teacher.model")
 
 
 @dataclass(frozen=True)

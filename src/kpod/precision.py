@@ -80,12 +80,12 @@ def bf16_copy(model: Any) -> Any:
 
 def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
     """``fp32`` or ``bf16``: the faster greedy generation of ``model`` here (module docstring)."""
+    import os
+
     import torch
 
     from kpod.io import write_json
     from kpod.models import cache_dir
-
-    import os
 
     fixed = os.environ.get("KPOD_GENERATION_PRECISION")
     if fixed:
