@@ -186,3 +186,31 @@ def test_weighted_linear_nll_matches_cross_entropy_by_hand() -> None:
         nh, nw = torch.autograd.grad(got * 2.5, [hidden, weight])  # the upstream factor reaches both
         torch.testing.assert_close(nh, gh)
         torch.testing.assert_close(nw, gw)
+
+
+def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_causal) -> None:
+    """Under bf16 autocast, a LoRA student's frozen base weights stored in bf16 for the steps give
+    exactly today's loss and adapter gradients (autocast rounds them the same way), the tied
+    output projection stays float32, and afterwards every weight is its float32 self again."""
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig, frozen_linears_in
+
+    torch.manual_seed(0)
+    student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8).load()
+    model = student.model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ex = build_stage_example(EXAMPLE, 1, student.tokenizer)
+    batch = collate(
+        [dataclasses.replace(ex, weights=[0.2 + (j % 5) / 5 for j in range(len(ex.labels))])], 0, "causal"
+    )
+    plain_loss, plain = _loss_and_grads(model, batch, "causal", from_hidden=True, precision="bf16")
+    with frozen_linears_in(model, torch.bfloat16) as n:
+        assert n == 2 * 7  # q, k, v, o, gate, up, down of both layers
+        assert model.get_output_embeddings().weight.dtype == torch.float32  # tied to the embeddings
+        stored_loss, stored = _loss_and_grads(model, batch, "causal", from_hidden=True, precision="bf16")
+    assert stored_loss.item() == plain_loss.item()
+    assert plain.keys() == stored.keys() and all("lora" in k for k in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(stored[name], grad, rtol=0, atol=0, msg=name)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, before[name]), name

@@ -166,6 +166,42 @@ def torch_dtype(precision: str):
 
 
 @contextlib.contextmanager
+def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
+    """Within the block, the weights of frozen ``nn.Linear`` layers (a LoRA student's base
+    layers) are stored in ``dtype``; afterwards their float32 values are put back bit for bit.
+    Yields how many were converted.
+
+    Why: under bf16 autocast every matrix product casts its float32 weight to bf16 again, and
+    autocast caches only the casts of weights that train, so a LoRA student's frozen base weights
+    were cast at every forward pass (13 % of a CPU training step, BENCHMARKS.md "Issue #21"). The
+    cast is the same rounding either way, so the losses and gradients are unchanged. Weights that
+    are shared (a tied output projection, which is also the input embedding) are left alone.
+    """
+    import torch
+
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    saved = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is torch.nn.Linear
+            and weight is not None
+            and not weight.requires_grad
+            and weight.dtype == torch.float32
+            and counts.get(id(weight), 0) == 1
+        ):
+            saved.append((weight, weight.data))
+            weight.data = weight.data.to(dtype)
+    try:
+        yield len(saved)
+    finally:
+        for weight, original in saved:
+            weight.data = original
+
+
+@contextlib.contextmanager
 def autocast(device_type: str, precision: str) -> Iterator[None]:
     """Mixed precision: bf16 autocast on CPU or GPU, fp16 on GPU; ``fp32`` does nothing.
 

@@ -59,6 +59,7 @@ from kpod.distill.stages import StageExample
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
+from kpod.models import frozen_linears_in
 from kpod.prompt import PromptFormat
 
 
@@ -423,10 +424,23 @@ class DistillRecipe:
     def train_epoch(self, epoch: int) -> None:
         """Stage ``epoch``'s steps (from where a resumed run stopped), logged, checkpointed every
         ``save_every`` steps."""
-        config, state, steps_per_epoch = self.config, self.state, self.steps_per_epoch
+        state, steps_per_epoch = self.state, self.steps_per_epoch
         examples, batches = self._stage_batches(epoch)
         if state["step"] == epoch * steps_per_epoch:
             state["epoch_loss"] = [0.0, 0]  # sum and count of step losses in this stage so far
+        with self.step_weights():
+            self._train_steps(epoch, examples, batches)
+
+    def step_weights(self) -> contextlib.AbstractContextManager:
+        """How the frozen weights are stored while steps run: in bf16 under bf16 autocast on a CPU
+        (the same numbers, without a cast per forward pass: :func:`kpod.models.frozen_linears_in`),
+        as loaded otherwise; dev scoring and saving always see them as loaded."""
+        if self.config.precision == "bf16" and self.accelerator.device.type == "cpu":
+            return frozen_linears_in(self.model, torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_steps(self, epoch: int, examples: Sequence[StageExample], batches: list[list[int]]) -> None:
+        config, state, steps_per_epoch = self.config, self.state, self.steps_per_epoch
         for position in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
             batch = batches[position]
             step_start = time.perf_counter()
