@@ -214,3 +214,51 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_cau
         torch.testing.assert_close(stored[name], grad, rtol=0, atol=0, msg=name)
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_packed_examples_do_not_attend_to_each_other(tiny_causal, from_hidden) -> None:
+    """Each example's loss in a packed row equals its loss alone (fp32), so no example sees
+    another; and packing wastes no position on padding between examples."""
+    from kpod.distill.batches import collate, collate_packed
+    from kpod.distill.loss import sequence_nll
+    from kpod.models import load_model
+
+    student = load_model(str(tiny_causal))
+    model = student.model.eval()
+    pad = student.tokenizer.pad_token_id
+    examples = [build_stage_example(EXAMPLE, c, student.tokenizer) for c in (0, 1, 2, 0)]
+    examples = [
+        dataclasses.replace(e, weights=[0.1 + ((j + 3 * k) % 7) / 7 for j in range(len(e.labels))])
+        for k, e in enumerate(examples)
+    ]
+    lengths = [len(e.input_ids) for e in examples]
+    packed = collate_packed(examples, pad, row_length=2 * max(lengths) + 1)
+    assert packed["input_ids"].shape[0] == 2 and "attention_mask" in packed
+    assert int(packed["attention_mask"].sum()) == sum(lengths)
+    with torch.no_grad():
+        alone = [
+            float(sequence_nll(model, collate([e], pad, "causal"), "causal", 0, 0, from_hidden))
+            for e in examples
+        ]
+        together = float(sequence_nll(model, packed, "causal", 0, 0, from_hidden))
+        assert together == pytest.approx(sum(alone), rel=1e-5)
+        # Each example alone: zero every other example's weights in the packed batch.
+        for k, e in enumerate(examples):
+            only = [
+                e if i == k else dataclasses.replace(x, weights=[0.0] * len(x.weights))
+                for i, x in enumerate(examples)
+            ]
+            got = float(
+                sequence_nll(
+                    model, collate_packed(only, pad, 2 * max(lengths) + 1), "causal", 0, 0, from_hidden
+                )
+            )
+            assert got == pytest.approx(alone[k], rel=1e-5), k
+        # Without the position ids the examples would see each other: the test can tell.
+        leaky = dict(packed)
+        del leaky["position_ids"]
+        leaky["attention_mask"] = torch.ones_like(packed["attention_mask"])
+        assert float(sequence_nll(model, leaky, "causal", 0, 0, from_hidden)) != pytest.approx(
+            sum(alone), rel=1e-5
+        )

@@ -81,3 +81,50 @@ def collate(examples: Sequence[StageExample], pad_id: int, kind: str) -> dict[st
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         weights[row, : len(e.weights)] = torch.tensor(e.weights, dtype=torch.float32)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+def collate_packed(examples: Sequence[StageExample], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+    """Causal examples packed into rows of at most ``row_length`` tokens (first fit, longest
+    first; an example longer than a row gets a row of its own), without padding between them.
+
+    ``position_ids`` restart at 0 for each example and no attention mask is passed to the model:
+    transformers then builds a block-diagonal causal mask from the position ids, so no example
+    attends to another (tested: every example's loss packed equals its loss alone). The label of
+    each example's first token is -100 (it would be predicted from the previous example's last
+    token; it is a prompt token anyway). The row's tail is padding with position ids of its own
+    and labels -100. ``attention_mask`` marks the real tokens, for counting only.
+    """
+    rows: list[list[StageExample]] = []
+    sizes: list[int] = []
+    for e in sorted(examples, key=lambda x: -len(x.input_ids)):
+        fit = next((r for r, size in enumerate(sizes) if size + len(e.input_ids) <= row_length), None)
+        if fit is None:
+            rows.append([e])
+            sizes.append(len(e.input_ids))
+        else:
+            rows[fit].append(e)
+            sizes[fit] += len(e.input_ids)
+    width = max(sizes)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    weights = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            positions[r, at : at + n] = torch.arange(n)
+            real[r, at : at + n] = 1
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            weights[r, at : at + n] = torch.tensor(e.weights, dtype=torch.float32)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "attention_mask": real,
+        "labels": labels,
+        "weights": weights,
+    }

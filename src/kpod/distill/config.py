@@ -51,6 +51,10 @@ class TrainConfig:
             BENCHMARKS.md "Issue #21"). Students whose head the bypass cannot stand in for use the
             logits whatever this says (:func:`kpod.distill.loss.head_bypass_supported`).
         loss_chunk: positions per chunk of the output projection when ``loss_from_hidden``.
+        packing: pack a micro-batch's examples into rows of up to ``max_length`` tokens, with
+            position ids and no attention mask (block-diagonal attention, no padding between
+            examples; causal students; not ``mcc-kd``). Off by default: see BENCHMARKS.md "Issue
+            #21" for what it does to the speed on a CPU.
     """
 
     method: str = "kpod"
@@ -78,6 +82,7 @@ class TrainConfig:
     merge_lora: bool = False
     loss_from_hidden: bool = True
     loss_chunk: int = 512
+    packing: bool = False
 
     def __post_init__(self) -> None:
         from kpod.distill.methods import METHODS  # the registry, as it stands when the config is read

@@ -75,7 +75,16 @@ def sequence_nll(
     """Summed weighted NLL of a micro-batch of a causal or seq2seq student (the caller normalises):
     the labels shifted for a causal model, the decoder fed the labels shifted right for seq2seq.
     ``from_hidden``: through :func:`weighted_linear_nll` (same value and gradients)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # No key/value cache: nothing is generated here (and with one transformers would not read the
+    # packed rows' position ids as sequence boundaries).
+    if "position_ids" in batch:  # packed rows: block-diagonal attention from the position ids
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
     labels, weights = batch["labels"], batch["weights"]
     if kind != "causal":
         inputs["decoder_input_ids"] = torch.cat(

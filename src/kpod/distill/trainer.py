@@ -401,8 +401,9 @@ class DistillRecipe:
         step_loss = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
         for k, mb in enumerate(micro):
+            pack = self.config.max_length if self.config.packing else 0
             tensors = self.builder.method.collate(
-                [examples[i] for i in mb.indices], self.pad, self.student.kind
+                [examples[i] for i in mb.indices], self.pad, self.student.kind, pack
             )
             tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
             sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)

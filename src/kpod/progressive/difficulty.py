@@ -123,14 +123,14 @@ def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -
     if kind == "causal" and head_bypass_supported(model):
         # Only the real tokens' log-probabilities, the projection applied in chunks (no full logits).
         with bypassed_head(model) as projection:
-            hidden = model(input_ids=targets, attention_mask=mask).logits
+            hidden = model(input_ids=targets, attention_mask=mask, use_cache=False).logits
         scored = mask[:, 1:].bool()
         logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         logp[:, 1:][scored] = linear_token_logprobs(
             hidden[:, :-1][scored], projection, targets[:, 1:][scored]
         )
     elif kind == "causal":
-        logits = model(input_ids=targets, attention_mask=mask).logits.float()
+        logits = model(input_ids=targets, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets[:, 1:, None]).squeeze(-1)
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # position 0 is not predicted
     else:

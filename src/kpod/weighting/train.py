@@ -125,6 +125,7 @@ class AnswerPredictor(nn.Module):
             attention_mask=mask,
             position_ids=positions,
             logits_to_keep=labels.shape[1] + 1,
+            use_cache=False,
         )
         return _summed_nll(out.logits[:, :-1, :], labels)  # position t predicts token t + 1
 

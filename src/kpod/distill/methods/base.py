@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kpod.distill.batches import collate
+from kpod.distill.batches import collate, collate_packed
 from kpod.distill.loss import sequence_nll
 
 if TYPE_CHECKING:
@@ -72,9 +72,14 @@ class Method:
             for i in range(len(builder.examples))
         ]
 
-    def collate(self, examples: Sequence[StageExample], pad: int, kind: str) -> dict[str, torch.Tensor]:
-        """A micro-batch's tensors (:func:`kpod.distill.batches.collate`); a method whose examples
-        hold more than one sequence lays them out here for its :meth:`loss`."""
+    def collate(
+        self, examples: Sequence[StageExample], pad: int, kind: str, pack: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """A micro-batch's tensors (:func:`kpod.distill.batches.collate`; with ``pack``, causal
+        examples packed into rows of that many tokens: :func:`kpod.distill.batches.collate_packed`);
+        a method whose examples hold more than one sequence lays them out here for its :meth:`loss`."""
+        if pack and kind == "causal":
+            return collate_packed(examples, pad, pack)
         return collate(examples, pad, kind)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], student: StudentShape) -> torch.Tensor:

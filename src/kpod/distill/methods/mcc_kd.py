@@ -108,10 +108,13 @@ class MCCKD(Method):
             out.append(pair)
         return out
 
-    def collate(self, examples: Sequence[StageExample], pad: int, kind: str) -> dict[str, torch.Tensor]:
+    def collate(
+        self, examples: Sequence[StageExample], pad: int, kind: str, pack: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Every example's row, then the partners' rows; ``kl_a``/``kl_b`` ([m, 2]: row and label
         position) are the aligned answer tokens, ``kl_scale`` [m] each one's share of its pair's
-        consistency term (module docstring) times the pair's alpha."""
+        consistency term (module docstring) times the pair's alpha. Never packed (the aligned
+        positions are per row)."""
         rows = list(examples)
         kl_a, kl_b, scale = [], [], []
         for i, e in enumerate(examples):
@@ -147,7 +150,7 @@ def mcc_loss(model: Any, batch: dict[str, torch.Tensor], student: StudentShape) 
     """MCC-KD's micro-batch loss (see the module docstring), summed for the trainer to normalise:
     the rows' weighted NLL + sum over aligned answer tokens of ``kl_scale`` (alpha included) times
     their symmetric KL."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels, weights = batch["labels"], batch["weights"]
     causal = student.kind == "causal"
     if not causal:
