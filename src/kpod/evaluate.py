@@ -175,40 +175,11 @@ def evaluate(
     of the two on this machine, measured once and cached: :mod:`kpod.precision`); the one used is
     in the result and in the resume key.
     """
-    from kpod.precision import generation_model
+    from kpod.precision import generation_model, resolve
 
-    with generation_model(model, precision, batch_size) as (gen_model, used):
-        return _evaluate_with(
-            gen_model,
-            tokenizer,
-            examples,
-            kind=kind,
-            fmt=fmt,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            out=out,
-            question_prefix=question_prefix,
-            progress=progress,
-            resume_key=None if resume_key is None else f"{resume_key}:{used}",
-            precision=used,
-        )
-
-
-def _evaluate_with(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    kind: str,
-    fmt: PromptFormat | None,
-    batch_size: int,
-    max_new_tokens: int,
-    out: Path | None,
-    question_prefix: str,
-    progress: bool,
-    resume_key: str | None,
-    precision: str,
-) -> EvalResult:
+    precision = resolve(precision, model, batch_size)
+    if resume_key is not None:
+        resume_key = f"{resume_key}:{precision}"
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
@@ -238,18 +209,19 @@ def _evaluate_with(
 
     start = time.perf_counter()
     try:
-        texts = generate(
-            model,
-            tokenizer,
-            prompts,
-            kind=kind,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            add_special_tokens=fmt.style == "paper",
-            progress=progress,
-            done=done,
-            on_batch=record if store is not None else None,
-        )
+        with generation_model(model, precision, batch_size) as (gen_model, precision):
+            texts = generate(
+                gen_model,
+                tokenizer,
+                prompts,
+                kind=kind,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                add_special_tokens=fmt.style == "paper",
+                progress=progress,
+                done=done,
+                on_batch=record if store is not None else None,
+            )
     finally:
         if store is not None:
             store.close()
