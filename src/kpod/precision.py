@@ -49,7 +49,8 @@ def cache_key(model: Any, batch_size: int) -> str:
     shape = [
         getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     ]
-    return f"{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
+    # "v2": the timing method (a change of it must not reuse answers measured the old way)
+    return f"v2|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
 
 
 def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_tokens: int = 128) -> float:
