@@ -56,7 +56,7 @@ def test_rationales_per_question_is_validated_and_reported(tmp_path):
         pipeline_config({"data": {"rationales_per_question": 0}})
     stats = compute_stats(_several(), LoadReport(source="test"))
     assert stats["rationales_per_question"]["max"] == 4 and stats["rationales_per_question"]["mean"] == 2.5
-    assert "rationales/q.       mean 2.5, max 4" in format_stats(stats)
+    assert "rationales/q.      mean 2.5, max 4" in format_stats(stats)
 
 
 def test_scotd_draws_every_correct_rationale_uniformly_and_never_a_wrong_one(tiny_causal):

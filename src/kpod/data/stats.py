@@ -97,7 +97,7 @@ def _per_question_line(stats: dict[str, Any]) -> list[str]:
     per = stats.get("rationales_per_question")
     if not per:
         return []
-    return [f"rationales/q.       mean {per['mean']}, max {per['max']}"]
+    return [f"rationales/q.      mean {per['mean']}, max {per['max']}"]
 
 
 def format_stats(stats: dict[str, Any]) -> str:
