@@ -63,6 +63,12 @@ class _WeightedLinearNLL(torch.autograd.Function):
         return out_h, out_w, None, None, None, None
 
 
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the model's own projection would run in here: autocast's, else the states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def weighted_linear_nll(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -74,9 +80,9 @@ def weighted_linear_nll(
     positions, the output projection ``weight`` ``[vocab, d]``, their labels ``[n]`` and token
     weights ``[n]``, ``chunk`` positions at a time: equal to :func:`weighted_token_nll` of
     ``hidden @ weight.T`` times its normaliser, without holding ``[n, vocab]`` logits."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return _WeightedLinearNLL.apply(hidden, weight, labels, token_weights, max(1, chunk), dtype)
+    return _WeightedLinearNLL.apply(
+        hidden, weight, labels, token_weights, max(1, chunk), compute_dtype(hidden)
+    )
 
 
 @torch.no_grad()
@@ -87,7 +93,7 @@ def linear_token_logprobs(
     at a time (no gradient: step difficulty's scoring), in the autocast dtype as the model's own
     projection would run."""
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = compute_dtype(hidden)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.autocast(device, enabled=False):
         w = weight.to(dtype)

@@ -63,6 +63,31 @@ def count_targets(labels: torch.Tensor, causal: bool) -> int:
     return int(((labels[:, 1:] if causal else labels) != IGNORE).sum())
 
 
+def model_inputs(batch: dict[str, torch.Tensor], kind: str, decoder_start: int, pad: int) -> dict[str, Any]:
+    """The forward pass's arguments for a collated micro-batch: packed rows give position ids
+    and no attention mask (block-diagonal attention); a seq2seq decoder is fed the labels shifted
+    right. No key/value cache: nothing is generated here (and with one transformers would not read
+    the packed rows' position ids as sequence boundaries)."""
+    if "position_ids" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+    if kind != "causal":
+        labels = batch["labels"]
+        inputs["decoder_input_ids"] = torch.cat(
+            [
+                torch.full_like(labels[:, :1], decoder_start),
+                labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
+            ],
+            dim=1,
+        )
+    return inputs
+
+
 def sequence_nll(
     model: Any,
     batch: dict[str, torch.Tensor],
@@ -75,25 +100,8 @@ def sequence_nll(
     """Summed weighted NLL of a micro-batch of a causal or seq2seq student (the caller normalises):
     the labels shifted for a causal model, the decoder fed the labels shifted right for seq2seq.
     ``from_hidden``: through :func:`weighted_linear_nll` (same value and gradients)."""
-    # No key/value cache: nothing is generated here (and with one transformers would not read the
-    # packed rows' position ids as sequence boundaries).
-    if "position_ids" in batch:  # packed rows: block-diagonal attention from the position ids
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    else:
-        inputs = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "use_cache": False,
-        }
+    inputs = model_inputs(batch, kind, decoder_start, pad)
     labels, weights = batch["labels"], batch["weights"]
-    if kind != "causal":
-        inputs["decoder_input_ids"] = torch.cat(
-            [
-                torch.full_like(labels[:, :1], decoder_start),
-                labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad),
-            ],
-            dim=1,
-        )
     if not from_hidden:
         logits = model(**inputs).logits
         if kind == "causal":

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kpod.chunked_loss import bypassed_head, head_bypass_supported, weighted_linear_nll
+from kpod.chunked_loss import bypassed_head, compute_dtype, head_bypass_supported, weighted_linear_nll
 from kpod.distill.batches import collate
-from kpod.distill.loss import IGNORE, shift_for_causal_lm, weighted_token_nll
+from kpod.distill.loss import IGNORE, model_inputs, shift_for_causal_lm, weighted_token_nll
 from kpod.distill.methods.base import Method, StudentShape
 from kpod.distill.methods.scotd import draw_rationale
 from kpod.distill.stages import StageExample
@@ -139,22 +139,13 @@ class MCCKD(Method):
         return mcc_loss(model, batch, student)
 
 
-def _decoder_inputs(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
-    return torch.cat(
-        [torch.full_like(labels[:, :1], start), labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE, pad)],
-        dim=1,
-    )
-
-
 def mcc_loss(model: Any, batch: dict[str, torch.Tensor], student: StudentShape) -> torch.Tensor:
     """MCC-KD's micro-batch loss (see the module docstring), summed for the trainer to normalise:
     the rows' weighted NLL + sum over aligned answer tokens of ``kl_scale`` (alpha included) times
     their symmetric KL."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inputs = model_inputs(batch, student.kind, student.decoder_start, student.pad)
     labels, weights = batch["labels"], batch["weights"]
     causal = student.kind == "causal"
-    if not causal:
-        inputs["decoder_input_ids"] = _decoder_inputs(labels, student.decoder_start, student.pad)
     shift = 1 if causal else 0  # a causal model predicts label position p from position p - 1
 
     def picked(states: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -168,12 +159,9 @@ def mcc_loss(model: Any, batch: dict[str, torch.Tensor], student: StudentShape) 
         nll = weighted_linear_nll(h[keep], projection, y[keep], w[keep], student.chunk)
         if not len(batch["kl_scale"]):
             return nll
-        dtype = hidden.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-        w_out = projection.to(dtype)
-        logits_a = picked(hidden, batch["kl_a"]).to(dtype) @ w_out.T
-        logits_b = picked(hidden, batch["kl_b"]).to(dtype) @ w_out.T
+        w_out = projection.to(compute_dtype(hidden))
+        logits_a = picked(hidden, batch["kl_a"]).to(w_out.dtype) @ w_out.T
+        logits_b = picked(hidden, batch["kl_b"]).to(w_out.dtype) @ w_out.T
     else:
         logits = model(**inputs).logits
         if causal:
