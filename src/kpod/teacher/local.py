@@ -145,6 +145,9 @@ class LocalTeacher:
     """The teacher interface of :class:`kpod.teacher.client.ChatClient`, over a local model."""
 
     def __init__(self, name_or_path: str, **kwargs: Any) -> None:
+        # fp32 unless told otherwise, as before ``auto`` existed: the store's records do not name
+        # the precision, so a rationale must not depend on which one a machine measured faster.
+        kwargs.setdefault("precision", "fp32")
         self.chat_model = LocalChatModel(name_or_path, **kwargs)
         self.model = name_or_path
 
