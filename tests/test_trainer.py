@@ -441,6 +441,32 @@ def test_progressive_epochs_train_stages_1_to_T_and_only_whole_rationale_epochs_
     assert [row["stage"] for row in log] == [1, 2, 3, 4]
 
 
+def test_select_from_epoch_leaves_earlier_epochs_out_of_dev_scoring(tiny_causal, tmp_path, monkeypatch):
+    """std-cot over 3 epochs with ``select_from_epoch: 2``: dev is scored after epochs 2 and 3 only
+    (0-based 1 and 2), and the best of those is kept even when epoch 1 would have scored higher."""
+    import kpod.distill.trainer as trainer
+
+    examples = arithmetic_examples(4, seed=3)
+    real = trainer._evaluate
+    dev_scores = iter([20.0, 10.0, 99.0])  # a third dev evaluation would be picked: there must be none
+
+    def scripted_dev(model, student, data, config, fmt, prefix, out):
+        result = real(model, student, data, config, fmt, prefix, out)
+        return result if out is not None else {**result, "accuracy": next(dev_scores)}
+
+    monkeypatch.setattr(trainer, "_evaluate", scripted_dev)
+    student = load_model(str(tiny_causal))
+    builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+    config = TrainConfig(
+        method="std-cot", epochs=3, batch_size=2, precision="fp32", eval_max_new_tokens=8, select_from_epoch=2
+    )
+    result = train(config, student, builder, tmp_path / "run", dev=examples[:2], progress=False)
+    assert [d["epoch"] for d in result.dev] == [1, 2]
+    assert [d["accuracy"] for d in result.dev] == [20.0, 10.0] and result.best_epoch == 1
+    with pytest.raises(ConfigError, match="select_from_epoch"):
+        TrainConfig(method="std-cot", epochs=3, select_from_epoch=4)
+
+
 def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_path):
     """The test evaluation of a finished run records its generations batch by batch; killed there,
     the run started again restores its last checkpoint and generates only the batches not yet

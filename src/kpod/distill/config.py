@@ -37,6 +37,10 @@ class TrainConfig:
         select: which epoch's model is kept: ``dev`` (the best dev accuracy among the epochs that
             trained whole rationales, i.e. from stage T on for a progressive method; the later of
             equal ones) or ``last``. Dev is scored only where an epoch is eligible.
+        select_from_epoch: with ``select: dev``, also leave out of the selection (and of dev
+            scoring) the epochs before this one, counted from 1 (0: no such limit). A comparison
+            of a progressive method with a plain one sets it to T so that both choose among the
+            same epochs and spend the same dev evaluations.
         test_last_epoch: also score the last epoch's model on the test split when dev selection
             kept an earlier stage (``TrainResult.test_last``; predictions in
             ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
@@ -75,6 +79,7 @@ class TrainConfig:
     step_by_step_alpha: float = 1.0
     mcc_kd_alpha: float = 0.01
     select: Literal["dev", "last"] = "dev"
+    select_from_epoch: int = 0
     test_last_epoch: bool = False
     eval_batch_size: int = 16
     eval_max_new_tokens: int = 256
@@ -99,6 +104,11 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.select_from_epoch <= self.epochs:
+            raise ConfigError(
+                f"select_from_epoch must be between 0 and epochs ({self.epochs}), "
+                f"got {self.select_from_epoch}"
+            )
         if self.mcc_kd_alpha < 0:
             raise ConfigError(f"mcc_kd_alpha must be >= 0, got {self.mcc_kd_alpha}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.save_every < 0 or self.max_grad_norm < 0:

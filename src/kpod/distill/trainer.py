@@ -22,10 +22,11 @@ go to ``OUTPUT/checkpoints`` every ``save_every`` steps and at each stage end; a
 on the same directory continues where the newest complete checkpoint left it, mid-stage included.
 
 Model selection (``select: dev``): after each epoch that trained whole rationales (from stage T on
-for a progressive method, every epoch otherwise), accuracy on the dev split (greedy generation of
-the whole rationale); the best such epoch's trainable weights, the later of equal ones, are kept
-and restored at the end. Earlier epochs are not eligible: their model was trained to finish
-rationales whose first steps it is given, yet is evaluated on writing one. The test split,
+for a progressive method, every epoch otherwise; none before ``select_from_epoch``), accuracy on
+the dev split (greedy generation of the whole rationale); the best such epoch's trainable weights,
+the later of equal ones, are kept and restored at the end. Earlier epochs are not eligible: their
+model was trained to finish rationales whose first steps it is given, yet is evaluated on writing
+one. The test split,
 when given, is scored at the end (resumable: its generations are recorded batch by batch, see
 :func:`kpod.evaluate.evaluate`). The student is saved with ``save_pretrained`` in
 ``OUTPUT/student`` (LoRA adapters, or merged into the base weights with ``merge_lora``).
@@ -497,7 +498,9 @@ class DistillRecipe:
 
     def eligible(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` trained whole rationales (stage T or later for a progressive
-        method), so that its model may be kept."""
+        method) and is not before ``select_from_epoch``, so that its model may be kept."""
+        if epoch + 1 < self.config.select_from_epoch:
+            return False
         if not self.builder.method.progressive:
             return True
         return schedule_stage(epoch) >= self.builder.inputs.stages
