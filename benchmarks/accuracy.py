@@ -61,6 +61,13 @@ _COMMON_CPU = {
 }
 
 
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def asdiv_data(**settings) -> dict:
     """ASDiv with gpt-3.5 rationales: the shared train file and the 314-question test set."""
     return {
@@ -85,7 +92,50 @@ def gsm8k_data(**settings) -> dict:
     }
 
 
+# gsm_symbolic templates (reasoning-gym generator ids) for the multi-step suite (issue #23), as
+# `benchmarks/gsm_symbolic_templates.py` chose them (results/gsm-symbolic-templates.json): the 33
+# templates whose solutions have 3 to 5 steps and whose questions and solutions average at most 100
+# tokens each, alternately assigned to training and to the out-of-distribution test set, so both
+# halves span the same lengths and step counts.
+MULTISTEP_TEMPLATES = (1, 9, 13, 28, 33, 40, 44, 48, 53, 62, 70, 75, 77, 82, 85, 91, 98)
+OOD_TEMPLATES = (3, 12, 18, 31, 34, 41, 47, 51, 57, 67, 71, 76, 78, 84, 90, 93)
+
+
+def multistep_data(**settings) -> dict:
+    """gsm_symbolic problems of the training templates: train and dev from seed 0, the test set of
+    the same templates with new numbers from seed 10000 (questions also in training dropped)."""
+    return {"source": "gsm-symbolic", "templates": list(MULTISTEP_TEMPLATES), "seed": 0, **settings}
+
+
 SUITES: dict[str, dict] = {
+    "cpu-multistep": {
+        # 320 training questions (about 19 per template), 8 epochs, T = 4: about an hour a run here.
+        "datasets": {
+            "gsm-symbolic": {
+                "data": multistep_data(n_train=320, n_dev=200, n_test=1000),
+                "train": {"eval_max_new_tokens": 160},
+            },
+        },
+        "base": _merge(
+            _COMMON_CPU,
+            {
+                "schedule": {"stages": 4},
+                # Both methods choose among the same epochs (T..8) and pay the same dev evaluations.
+                "train": {"epochs": 8, "select_from_epoch": 4},
+            },
+        ),
+        # A second test set: templates never trained on, scored with the kept model.
+        "ood": {"templates": OOD_TEMPLATES, "n": 500, "seed": 20_000},
+        # The pilot pair first (its discordance sizes the rest: benchmarks/report.py), then seed pairs.
+        "runs": [
+            ("gsm-symbolic", "std-cot", [0]),
+            ("gsm-symbolic", "kpod", [0]),
+            ("gsm-symbolic", "untrained", [0]),
+            *[("gsm-symbolic", m, [s]) for s in range(1, 5) for m in ("std-cot", "kpod")],
+            ("gsm-symbolic", "kpod-no-weights", [0, 1]),
+            ("gsm-symbolic", "kpod-no-progressive", [0, 1]),
+        ],
+    },
     "cpu-small": {
         "datasets": {
             "asdiv": {
@@ -160,13 +210,6 @@ SUITES: dict[str, dict] = {
 }
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _suffix(tag: str | None) -> str:
     return f"+{tag}" if tag else ""
 
@@ -214,6 +257,54 @@ def _last_epoch(test_last: dict | None) -> dict | None:
     }
 
 
+def question_info(test_path: Path) -> dict[str, dict]:
+    """Per test question: its number of solution steps, and its template where it has one."""
+    info = {}
+    for line in test_path.read_text().splitlines():
+        example = json.loads(line)
+        row = {"steps": len(example.get("steps") or [])}
+        template = (example.get("provenance") or {}).get("template")
+        if template is not None:
+            row["template"] = str(template)
+        info[example["qid"]] = row
+    return info
+
+
+def score_ood(spec: dict, config, model_dir: str | None, folder: Path) -> dict:
+    """The kept model (``model_dir``; the untrained student when ``None``) on the suite's
+    out-of-distribution set: gsm_symbolic problems of templates never trained on. Resumable (the
+    generations are recorded batch by batch, keyed by the model's weights)."""
+    from kpod.data.synthetic import gsm_symbolic_examples
+    from kpod.distill.methods import get_method
+    from kpod.evaluate import evaluate, weights_fingerprint
+    from kpod.models import load_model
+    from kpod.prompt import PromptFormat
+
+    examples, _ = gsm_symbolic_examples(spec["n"], seed=spec["seed"], templates=spec["templates"])
+    loaded = load_model(model_dir or config.student.name, trainable=False)
+    prefix = get_method(config.methods[0]).eval_prefix if model_dir else ""
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        kind=loaded.kind,
+        fmt=PromptFormat(style=config.student.prompt_style),
+        batch_size=config.train.eval_batch_size,
+        max_new_tokens=config.train.eval_max_new_tokens,
+        out=folder / "ood_predictions.jsonl",
+        question_prefix=prefix,
+        resume_key=weights_fingerprint(loaded.model),
+        precision=config.train.eval_precision,
+    )
+    templates = {e.qid: str(e.provenance.get("template")) for e in examples}
+    return {
+        **result.summary(),
+        "templates": [str(t) for t in spec["templates"]],
+        "per_question": {p["qid"]: bool(p["correct"]) for p in result.predictions},
+        "question_template": templates,
+    }
+
+
 def run_one(
     suite: str, dataset: str, method: str, seed: int, overrides: list[str], tag: str | None = None
 ) -> dict:
@@ -251,6 +342,11 @@ def run_one(
         summary = out["results"][method]
         folder = Path(config.run_dir) / f"train-{method}"
         training = json.loads((folder / "training.json").read_text())
+    ood = None
+    if "ood" in SUITES[suite]:
+        with clock:
+            model_dir = None if method == "untrained" else str(folder / "student")
+            ood = score_ood(SUITES[suite]["ood"], config, model_dir, folder)
     manifest = json.loads((Path(config.run_dir) / "manifest.json").read_text())
     stage_seconds = {k: v.get("seconds") for k, v in manifest["stages"].items()}
     predictions = [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
@@ -283,6 +379,10 @@ def run_one(
         # Which extraction rule found each answer: "last" (the last number) or "none" mean the
         # student never stated an answer, mostly a generation that ran to the token limit.
         "answer_rules": dict(Counter(p.get("rule") or "none" for p in predictions)),
+        # Solution steps (and template) of each test question, for accuracy by number of steps.
+        "questions": question_info(Path(config.run_dir) / "data" / "test.jsonl"),
+        # The kept model on templates never trained on (suites with an ``ood`` set).
+        "ood": ood,
     }
     path = result_path(suite, dataset, method, seed, tag)
     path.parent.mkdir(parents=True, exist_ok=True)
