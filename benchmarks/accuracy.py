@@ -126,14 +126,41 @@ SUITES: dict[str, dict] = {
         ),
         # A second test set: templates never trained on, scored with the kept model.
         "ood": {"templates": OOD_TEMPLATES, "n": 500, "seed": 20_000},
-        # The pilot pair first (its discordance sizes the rest: benchmarks/report.py), then seed pairs.
+        # The pilot pair first; its discordance sizes the number of kpod / std-cot seed pairs
+        # (planned_pairs: enough to detect 2 points with 80 % power, at least 5), which come next;
+        # then the ablations' two seeds each.
         "runs": [
             ("gsm-symbolic", "std-cot", [0]),
             ("gsm-symbolic", "kpod", [0]),
             ("gsm-symbolic", "untrained", [0]),
-            *[("gsm-symbolic", m, [s]) for s in range(1, 5) for m in ("std-cot", "kpod")],
+        ],
+        "after_pairs": [
             ("gsm-symbolic", "kpod-no-weights", [0, 1]),
             ("gsm-symbolic", "kpod-no-progressive", [0, 1]),
+        ],
+        "power": {"dataset": "gsm-symbolic", "gap": 2.0, "min_pairs": 5, "max_pairs": 12},
+    },
+    "cpu-asdiv": {
+        # ASDiv with this wave's weights and stages: 8 epochs with T = 4 (the multi-step suite's
+        # ratio), 400 training questions so that a run stays near an hour; the paper's baselines
+        # (several gpt-3.5 rationales per question) beside kpod and std-cot.
+        "datasets": {"asdiv": {"data": asdiv_data(n_train=400, n_dev=100, rationales_per_question=1)}},
+        "base": _merge(
+            _COMMON_CPU,
+            {"schedule": {"stages": 4}, "train": {"epochs": 8, "select_from_epoch": 4}},
+        ),
+        "runs": [
+            ("asdiv", "std-cot", [0]),
+            ("asdiv", "kpod", [0]),
+            ("asdiv", "untrained", [0]),
+            ("asdiv", "std-cot", [1]),
+            ("asdiv", "kpod", [1]),
+            ("asdiv", "std-cot", [2]),
+            ("asdiv", "kpod", [2]),
+            ("asdiv", "scotd", [0, 1]),
+            ("asdiv", "mcc-kd", [0, 1]),
+            ("asdiv", "kpod-no-weights", [0]),
+            ("asdiv", "kpod-no-progressive", [0]),
         ],
     },
     "cpu-small": {
@@ -214,8 +241,7 @@ def _suffix(tag: str | None) -> str:
     return f"+{tag}" if tag else ""
 
 
-# cpu-small's list stays as it was run; `--suite cpu-small --dataset asdiv --method scotd --seed 0`
-# runs a baseline outside the list (the powered benchmark, issue #23, gives them a suite).
+# cpu-small's list stays as it was run; the baselines run in cpu-asdiv (issue #23).
 # The baselines that learn from several rationales per question (the paper's SCoTD and MCC-KD) get
 # up to three per question where the data set has them (ASDiv's gpt-3.5 release), on the same
 # questions as the other methods (data.n_train counts questions); their data differ, so they get
@@ -243,8 +269,38 @@ def result_path(suite: str, dataset: str, method: str, seed: int, tag: str | Non
     return RESULTS / "accuracy" / f"{suite}-{dataset}-{method}{_suffix(tag)}-s{seed}.json"
 
 
+def planned_pairs(suite: str) -> int | None:
+    """Seed pairs of kpod and std-cot a suite with a ``power`` entry runs: enough for the pooled
+    McNemar test to detect ``gap`` points with 80 % power at the discordance of its pilot pair
+    (seed 0), at least ``min_pairs`` and at most ``max_pairs``; ``min_pairs`` while the pilot pair
+    is not done. ``None`` for suites without one."""
+    power = SUITES[suite].get("power")
+    if power is None:
+        return None
+    dataset = power["dataset"]
+    pilot = [result_path(suite, dataset, m, 0) for m in ("kpod", "std-cot")]
+    if not all(p.exists() for p in pilot):
+        return power["min_pairs"]
+    from kpod.stats import mcnemar_pairs_needed
+
+    kpod, std = (json.loads(p.read_text())["per_question"] for p in pilot)
+    common = set(kpod) & set(std)
+    discordant = sum(kpod[q] != std[q] for q in common)
+    if not discordant:
+        return power["min_pairs"]
+    needed = mcnemar_pairs_needed(power["gap"] / 100, discordant / len(common), len(common))
+    return min(power["max_pairs"], max(power["min_pairs"], needed))
+
+
 def all_runs(suite: str) -> list[tuple[str, str, int]]:
-    return [(d, m, s) for d, m, seeds in SUITES[suite]["runs"] for s in seeds]
+    runs = [(d, m, s) for d, m, seeds in SUITES[suite]["runs"] for s in seeds]
+    pairs = planned_pairs(suite)
+    if pairs is not None:  # the seed pairs the pilot's power calls for, after the suite's own list
+        dataset = SUITES[suite]["power"]["dataset"]
+        runs += [
+            (dataset, m, s) for s in range(pairs) for m in ("std-cot", "kpod") if (dataset, m, s) not in runs
+        ]
+    return runs + [(d, m, s) for d, m, seeds in SUITES[suite].get("after_pairs", []) for s in seeds]
 
 
 def _last_epoch(test_last: dict | None) -> dict | None:
@@ -303,6 +359,14 @@ def score_ood(spec: dict, config, model_dir: str | None, folder: Path) -> dict:
         "per_question": {p["qid"]: bool(p["correct"]) for p in result.predictions},
         "question_template": templates,
     }
+
+
+def _weights_metrics(method: str, manifest: dict) -> dict | None:
+    from kpod.distill.methods import get_method
+
+    if method == "untrained" or not get_method(method).needs_weights:
+        return None
+    return (manifest["stages"].get("weights") or {}).get("result")
 
 
 def run_one(
@@ -383,6 +447,9 @@ def run_one(
         "questions": question_info(Path(config.run_dir) / "data" / "test.jsonl"),
         # The kept model on templates never trained on (suites with an ``ood`` set).
         "ood": ood,
+        # The token weights this run trained with (methods that read them): the weights step's
+        # metrics, contrast included.
+        "weights": _weights_metrics(method, manifest),
     }
     path = result_path(suite, dataset, method, seed, tag)
     path.parent.mkdir(parents=True, exist_ok=True)

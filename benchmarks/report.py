@@ -6,11 +6,14 @@ Per (suite, dataset, method): mean accuracy over seeds, the spread, each seed's 
 95 % interval, the share of answers never stated, tokens seen, tokens the loss covered and wall
 time. Then kpod against std-cot on the same test questions: McNemar's exact test per seed pair
 (same seed) and pooled over the pairs (discordant counts summed, which treats seed pairs as
-independent replications), and the gap that pooled test can detect (power); whether each ablation
+independent replications), the paired gap with its 95 % interval over questions and seeds and
+what it says about the +2-point target (met, ruled out, or not yet decided), also for the last
+epoch's models, and the gap that pooled test can detect (power); whether each ablation
 lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch and the epoch
-kept (model selection); accuracy by the number of quantities written in the question (a proxy for
-the number of reasoning steps, pooled over seeds; needs the test file named in the results'
-config). ``results/accuracy.png``: every seed's accuracy with its 95 % interval beside the mean's
+kept (model selection); accuracy by the number of steps of the reference solution where the
+results record it (else by the number of quantities written in the question, a proxy that needs
+the test file named in the results' config), pooled over seeds; the out-of-distribution set where
+a suite has one; the token weights' contrast of each weighted run. ``results/accuracy.png``: every seed's accuracy with its 95 % interval beside the mean's
 bar, one panel per (suite, dataset). The section of BENCHMARKS.md between the markers
 ``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
 """
@@ -82,9 +85,41 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
         out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
     gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
+    if pairs:
+        pooled_p = mcnemar_exact(tot_b, tot_c)
+        out.append(gap_verdict([(ours[s]["per_question"], std[s]["per_question"]) for s in pairs], pooled_p))
+        last = [(ours[s].get("last_epoch"), std[s].get("last_epoch")) for s in pairs]
+        if all(a and b and set(a["per_question"]) & set(b["per_question"]) for a, b in last):
+            b_last = sum(mcnemar(a["per_question"], b["per_question"])[0] for a, b in last)
+            c_last = sum(mcnemar(a["per_question"], b["per_question"])[1] for a, b in last)
+            out.append(
+                "Last epoch's models (no selection): "
+                + gap_verdict(
+                    [(a["per_question"], b["per_question"]) for a, b in last], mcnemar_exact(b_last, c_last)
+                )
+            )
     if pairs and tot_b + tot_c:
         out.append(_power(tot_b + tot_c, [len(ours[s]["per_question"]) for s in pairs]))
     return out
+
+
+def gap_verdict(pairs: list[tuple[dict, dict]], pooled_p: float, target: float = 2.0) -> str:
+    """The paired gap with its 95 % interval over questions and seeds
+    (:func:`kpod.stats.paired_gap_interval`), and what it says about the issue's target: a gap of
+    at least ``target`` points with pooled p < 0.05 (met), an interval below ``target`` (a null
+    with power: the method does not add ``target`` points here), or neither (not enough seed pairs)."""
+    from kpod.stats import paired_gap_interval
+
+    gap, low, high = (100 * v for v in paired_gap_interval(pairs))
+    over = "questions only (one seed pair)" if len(pairs) == 1 else f"questions and {len(pairs)} seed pairs"
+    if gap >= target and pooled_p < 0.05:
+        verdict = f"target met (>= +{target:g} points, pooled p = {pooled_p:.3g})"
+    elif high < target:
+        verdict = f"the interval excludes +{target:g}: a gap of {target:g} points is ruled out at this power"
+    else:
+        verdict = f"inconclusive: the interval includes +{target:g} (pooled p = {pooled_p:.3g})"
+    interval = f"95 % interval [{low:+.2f}, {high:+.2f}] (bootstrap over {over})"
+    return f"Paired gap {gap:+.2f} points, {interval}: {verdict}."
 
 
 def _power(discordant: int, sizes: list[int]) -> str:
@@ -175,6 +210,103 @@ def _quantities(
         out.append(
             f"| {m} | "
             + " | ".join(f"{100 * r / n:.1f} ({r}/{n})" if n else "-" for r, n in cells.values())
+            + " |"
+        )
+    return out
+
+
+def by_steps(runs: list[dict]) -> dict[int, tuple[int, int]]:
+    """(right, scored) per number of solution steps of the test question (the results' own
+    ``questions``), pooled over the runs (seeds)."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for r in runs:
+        info = r.get("questions") or {}
+        for qid, right in r["per_question"].items():
+            if qid in info:
+                cell = counts[info[qid]["steps"]]
+                cell[0] += bool(right)
+                cell[1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+
+
+def _steps(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """Accuracy by the number of steps of the reference solution (suites whose results record it)."""
+    if not all(r.get("questions") for m in names for r in methods[m]):
+        return []
+    first = next(iter(methods.values()))[0]
+    sizes = by_steps([{**first, "per_question": dict.fromkeys(first["per_question"], False)}])
+    steps = list(sizes)
+    out = [
+        "\nAccuracy % by the number of steps in the reference solution, right / scored pooled over seeds:\n",
+        "| method | " + " | ".join(f"{k} steps ({sizes[k][1]} q)" for k in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for m in names:
+        cells = by_steps(methods[m])
+        out.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{100 * cells[k][0] / cells[k][1]:.1f} ({cells[k][0]}/{cells[k][1]})" if k in cells else "-"
+                for k in steps
+            )
+            + " |"
+        )
+    return out
+
+
+def _ood(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """The kept models on the out-of-distribution set (templates never trained on), and kpod against
+    std-cot there."""
+    rows = [m for m in names if all(r.get("ood") for r in methods[m])]
+    if not rows:
+        return []
+    first = methods[rows[0]][0]["ood"]
+    out = [
+        f"\nOut of distribution: {first['n']} problems of {len(first['templates'])} templates never "
+        "trained on "
+        f"({', '.join(first['templates'])}), scored with the kept model:\n",
+        "| method | seeds | mean accuracy % | per seed (95 % CI) |",
+        "|---|---|---|---|",
+    ]
+    for m in rows:
+        runs = methods[m]
+        per_seed = "; ".join(
+            f"s{r['seed']}: {r['ood']['accuracy']:.2f} [{r['ood']['ci95'][0]:.1f}, {r['ood']['ci95'][1]:.1f}]"
+            for r in runs
+        )
+        mean = statistics.fmean(r["ood"]["accuracy"] for r in runs)
+        out.append(f"| {m} | {len(runs)} | {mean:.2f} | {per_seed} |")
+    if "kpod" in rows and "std-cot" in rows:
+        from kpod.stats import mcnemar_exact
+
+        ours = {r["seed"]: r["ood"]["per_question"] for r in methods["kpod"]}
+        std = {r["seed"]: r["ood"]["per_question"] for r in methods["std-cot"]}
+        pairs = [(ours[s], std[s]) for s in sorted(set(ours) & set(std))]
+        if pairs:
+            b = sum(mcnemar(a, c)[0] for a, c in pairs)
+            c = sum(mcnemar(a, c_)[1] for a, c_ in pairs)
+            out.append(f"\nkpod - std-cot out of distribution: {gap_verdict(pairs, mcnemar_exact(b, c))}")
+    return out
+
+
+def _weights(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """The token weights each weighted run trained with: contrast (mean weight of digit/operator
+    tokens minus that of the 50 most frequent words; keypoints minus the rest on synthetic data)
+    and the mean weight (kept ratio), from the run's weights step."""
+    rows = [(m, r) for m in names for r in methods[m] if r.get("weights")]
+    if not rows:
+        return []
+    out = ["\nToken weights of each weighted run (the weights step's own metrics):\n"]
+    out += ["| method | seed | contrast | mean weight | min | max |", "|---|---|---|---|---|---|"]
+    for m, r in rows:
+        w = r["weights"]
+
+        def cell(key: str, w: dict = w) -> str:
+            return f"{w[key]:.3f}" if w.get(key) is not None else "-"
+
+        out.append(
+            f"| {m} | {r['seed']} | "
+            + " | ".join(cell(k) for k in ("contrast", "kept_ratio", "w_min", "w_max"))
             + " |"
         )
     return out
@@ -359,7 +491,12 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
             out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.extend(_ablations(methods))
         out.extend(_selection(methods, names))
-        out.extend(_quantities(methods, names, questions.get((suite, dataset))))
+        if all(r.get("questions") for m in names for r in methods[m]):
+            out.extend(_steps(methods, names))
+        else:
+            out.extend(_quantities(methods, names, questions.get((suite, dataset))))
+        out.extend(_ood(methods, names))
+        out.extend(_weights(methods, names))
         out.append("")
     return "\n".join(out)
 

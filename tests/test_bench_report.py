@@ -221,3 +221,76 @@ def test_last_epoch_figures_give_a_gap_without_selection(report):
     )
     runs[0]["last_epoch"] = None  # one run without the figure: no gap line
     assert "Without selection" not in report.tables(runs)
+
+
+def test_gap_verdict_says_met_ruled_out_or_inconclusive(report):
+    """The verdict follows the interval and the pooled p: +20 points with A never worse (met), a gap
+    whose interval lies below +2 (ruled out), and a small sample around +2 (inconclusive)."""
+    n = 400
+    better = [({f"q{i}": i < 200 for i in range(n)}, {f"q{i}": i < 120 for i in range(n)})]
+    assert "target met" in report.gap_verdict(better, mcnemar_exact(80, 0))
+    # 100 discordant each way on 2000 questions (4 identical pairs): gap 0, interval about +-1.4
+    same = [({f"q{i}": i < 500 for i in range(2000)}, {f"q{i}": 50 <= i < 550 for i in range(2000)})] * 4
+    text = report.gap_verdict(same, mcnemar_exact(400, 400))
+    assert "Paired gap +0.00 points" in text and "ruled out" in text and "4 seed pairs" in text
+    small = [({f"q{i}": i < 6 for i in range(20)}, {f"q{i}": i < 5 for i in range(20)})]
+    assert "inconclusive" in report.gap_verdict(small, mcnemar_exact(1, 0))
+
+
+def test_steps_ood_and_weights_tables(report):
+    """Accuracy by solution steps from the results' own ``questions``, the out-of-distribution rows
+    with kpod against std-cot there, and each weighted run's contrast."""
+    steps = {f"q{i}": {"steps": 3 if i < 6 else 5, "template": "1"} for i in range(10)}
+
+    def with_extras(r, ood_right):
+        ood = {f"o{i}": i in ood_right for i in range(4)}
+        return {
+            **r,
+            "questions": steps,
+            "ood": {
+                "n": 4,
+                "accuracy": 25.0 * len(ood_right),
+                "ci95": [0, 100],
+                "templates": ["7", "8"],
+                "per_question": ood,
+            },
+        }
+
+    std = with_extras(_result("std-cot", 0, {0, 1, 6}), {0})
+    kpod = with_extras(_result("kpod", 0, {0, 1, 2, 6, 7}), {0, 1, 2})
+    kpod["weights"] = {"contrast": 0.41, "kept_ratio": 0.55, "w_min": 0.02, "w_max": 0.99}
+    text = report.tables([std, kpod])
+    assert "| 3 steps (6 q) | 5 steps (4 q) |" in text
+    assert "| std-cot | 33.3 (2/6) | 25.0 (1/4) |" in text and "| kpod | 50.0 (3/6) | 50.0 (2/4) |" in text
+    assert "quantities" not in text  # the proxy is only for results without step counts
+    assert "Out of distribution: 4 problems of 2 templates never trained on (7, 8)" in text
+    assert "| kpod | 1 | 75.00 |" in text and "| std-cot | 1 | 25.00 |" in text
+    assert "kpod - std-cot out of distribution: Paired gap +50.00 points" in text
+    assert "| kpod | 0 | 0.410 | 0.550 | 0.020 | 0.990 |" in text
+
+
+def test_planned_pairs_follow_the_pilot_discordance(load_benchmark, tmp_path, monkeypatch):
+    """Before the pilot pair: the minimum; after it: the pairs the pooled McNemar test needs for 2
+    points at the pilot's discordance, within [min, max]; the suite's list grows to match."""
+    accuracy = load_benchmark("accuracy")
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    suite = "cpu-multistep"
+    assert accuracy.planned_pairs(suite) == 5
+    assert accuracy.planned_pairs("cpu-small") is None
+    (tmp_path / "accuracy").mkdir()
+    n = 1000
+
+    def write(method, right):
+        path = accuracy.result_path(suite, "gsm-symbolic", method, 0)
+        path.write_text(json.dumps({"per_question": {f"q{i}": i in right for i in range(n)}}))
+
+    write("std-cot", set(range(400)))
+    write("kpod", set(range(40, 440)))  # 80 discordant of 1000: 2 pairs would do, the minimum is 5
+    assert accuracy.planned_pairs(suite) == 5
+    write("kpod", set(range(150, 550)))  # 300 discordant: 2.8016^2 * 0.3 / 1000 / 0.02^2 = 5.9
+    assert accuracy.planned_pairs(suite) == 6
+    runs = accuracy.all_runs(suite)
+    assert [s for d, m, s in runs if m == "kpod"] == list(range(6))
+    assert runs[-1][1] == "kpod-no-progressive"  # the ablations after the seed pairs
+    write("kpod", set(range(350, 750)))  # 700 discordant: 13.7, capped at 12
+    assert accuracy.planned_pairs(suite) == 12
