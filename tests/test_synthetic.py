@@ -51,3 +51,35 @@ def test_gsm_symbolic_reads_through_the_gsm8k_path() -> None:
     assert len(examples) >= 28
     assert all(e.steps and e.answer for e in examples)
     assert examples == gsm_symbolic_examples(30, seed=2)[0]
+
+
+def test_a_template_whose_generator_gives_up_is_drawn_again() -> None:
+    """Template 35's generator raises ValueError for some draws: such a draw is retried with the
+    next seed string, the other problems stay as the plain draw makes them, and a template that
+    never succeeds is a DataError naming it."""
+    import random
+
+    import reasoning_gym
+
+    import kpod.data.synthetic as synthetic
+    from kpod.errors import DataError
+
+    generator = reasoning_gym.create_dataset("gsm_symbolic", size=1, seed=0).generators[35]
+    failing = []
+    for i in range(60):
+        try:
+            generator(random.Random(f"0-{i}"), 1.0)
+        except ValueError:
+            failing.append(i)
+    assert failing, "template 35 no longer fails: pick another test case"
+    records = list(gsm_symbolic_records(60, seed=0, templates=(35,)))
+    assert len(records) == 60 and all(r["template"] == "35" for r in records)
+    plain = 0 if failing[0] else 1
+    expected = generator(random.Random(f"0-{plain}"), 1.0)["question"]
+    assert records[plain]["question"] == expected.replace(synthetic.GSM_SYMBOLIC_SUFFIX, "").strip()
+
+    def never(rng, difficulty):
+        raise ValueError("no valid numbers")
+
+    with pytest.raises(DataError, match="template 7 found no valid problem"):
+        synthetic._generate(never, "0-0", 7)

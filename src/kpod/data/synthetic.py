@@ -153,6 +153,21 @@ def arithmetic_examples(n: int, seed: int = 0) -> list[Example]:
 GSM_SYMBOLIC_SUFFIX = "Give the result as your final answer. Do not include units."
 
 
+GENERATION_ATTEMPTS = 20
+
+
+def _generate(generator, draw: str, template: int) -> dict:
+    """One problem of a gsm_symbolic template. Some templates' generators give up on some random
+    draws (``ValueError``: no numbers satisfy their constraints); such a draw is retried with the
+    next seed string (``draw-1``, ``draw-2``, ...), so every other problem stays as it was."""
+    for attempt in range(GENERATION_ATTEMPTS):
+        try:
+            return generator(random.Random(draw if attempt == 0 else f"{draw}-{attempt}"), 1.0)
+        except ValueError:
+            continue
+    raise DataError(f"gsm-symbolic template {template} found no valid problem in {GENERATION_ATTEMPTS} draws")
+
+
 def gsm_symbolic_records(n: int, seed: int = 0, templates: Sequence[int] = ()) -> Iterator[dict[str, str]]:
     """``n`` GSM8K-format records (``question``, ``answer`` ending in ``#### N``) from gsm_symbolic.
 
@@ -172,7 +187,11 @@ def gsm_symbolic_records(n: int, seed: int = 0, templates: Sequence[int] = ()) -
             raise DataError(f"gsm-symbolic has no template {unknown[0]}; ids: {sorted(dataset.generators)}")
         items = (
             {
-                **dataset.generators[templates[i % len(templates)]](random.Random(f"{seed}-{i}"), 1.0),
+                **_generate(
+                    dataset.generators[templates[i % len(templates)]],
+                    f"{seed}-{i}",
+                    templates[i % len(templates)],
+                ),
                 "template": templates[i % len(templates)],
             }
             for i in range(n)
