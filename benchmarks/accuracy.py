@@ -460,7 +460,23 @@ def run_one(
     return result
 
 
+def _under_fast_allocator() -> None:
+    """Run again with jemalloc (or another fast allocator) preloaded where one is installed and none
+    is loaded: glibc's heap slows a long CPU run (BENCHMARKS.md, "Memory allocator"); results are
+    the same, and each result's ``machine`` names the allocator."""
+    import os
+
+    from kpod.allocator import current_allocator, find_fast_allocator
+
+    if os.environ.get("LD_PRELOAD") or current_allocator() != "system":
+        return
+    library = find_fast_allocator()
+    if library is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": str(library)})
+
+
 def main() -> None:
+    _under_fast_allocator()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
