@@ -302,22 +302,24 @@ def trl_sft(args, examples, out: Path) -> dict:
 
 
 def evaluation(args, examples) -> dict:
-    """Greedy evaluation of the untrained student on --eval-n questions: today's setting (fp32,
-    --eval-batch-size) against bf16 weights and a doubled batch, each with its tokens/s and the
-    number of answers that differ from today's; ``auto`` is what :mod:`kpod.precision` picks here
-    for the larger batch (measured, not cached)."""
+    """Greedy evaluation of --eval-student (default: the untrained student) on --eval-n questions:
+    today's setting (fp32, --eval-batch-size, ``model.generate``) against bf16 weights, a doubled
+    batch and finished sequences dropped from the batch (``-compact``: kpod.evaluate's own greedy
+    loop), each with its tokens/s and the number of answers that differ from today's; ``auto`` is
+    what :mod:`kpod.precision` picks here for the larger batch (measured, not cached)."""
     from kpod import precision
     from kpod.evaluate import evaluate
     from kpod.models import load_model
 
-    loaded = load_model(args.student, trainable=False)
+    loaded = load_model(args.eval_student or args.student, trainable=False)
     questions = examples[: args.eval_n]
-    out: dict = {}
-    settings = [("fp32", args.eval_batch_size), ("fp32", 2 * args.eval_batch_size)]
-    settings += [("bf16", args.eval_batch_size), ("bf16", 2 * args.eval_batch_size)]
+    out: dict = {"student": args.eval_student or args.student}
+    b = args.eval_batch_size
+    settings = [("fp32", b, False), ("fp32", b, True), ("fp32", 2 * b, False)]
+    settings += [("bf16", b, False), ("bf16", 2 * b, False), ("bf16", 2 * b, True)]
     answers = {}
-    for prec, batch in settings:
-        name = f"{prec}-b{batch}"
+    for prec, batch, compact in settings:
+        name = f"{prec}-b{batch}{'-compact' if compact else ''}"
         with PeakMemory() as mem:
             result = evaluate(
                 loaded.model,
@@ -328,6 +330,7 @@ def evaluation(args, examples) -> dict:
                 max_new_tokens=args.eval_max_new_tokens,
                 progress=False,
                 precision=prec,
+                compact=compact,
             )
         answers[name] = [p["predicted"] for p in result.predictions]
         out[name] = {
@@ -339,12 +342,12 @@ def evaluation(args, examples) -> dict:
         }
         print("eval", name, out[name], flush=True)
     today = f"fp32-b{args.eval_batch_size}"
-    for name in out:
-        out[name]["answers_changed"] = sum(a != b for a, b in zip(answers[name], answers[today], strict=True))
+    for name in answers:
+        out[name]["answers_changed"] = sum(x != y for x, y in zip(answers[name], answers[today], strict=True))
     out["questions"] = len(questions)
     out["today"] = today
-    chosen = precision.choose(loaded.model, 2 * args.eval_batch_size, cache=False)
-    out["new"] = f"{chosen}-b{2 * args.eval_batch_size}"
+    chosen = precision.choose(loaded.model, 2 * b, cache=False)
+    out["new"] = f"{chosen}-b{2 * b}-compact" if f"{chosen}-b{2 * b}-compact" in out else f"{chosen}-b{2 * b}"
     return out
 
 
@@ -365,6 +368,10 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=32, help="questions for the evaluation comparison")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
+    parser.add_argument("--eval-student", help="a trained student's directory for the evaluation rows")
+    parser.add_argument(
+        "--eval-file", type=Path, help="questions for the evaluation rows (any format kpod reads)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of std-cot and kpod")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
@@ -391,9 +398,16 @@ def main() -> None:
     if args.eval_only:  # only the evaluation rows, added to the existing results file
         from kpod.models import load_tokenizer
 
-        questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
+        if args.eval_file:
+            from kpod.data.loaders import load_examples
+
+            questions = load_examples(args.eval_file)[0][: args.eval_n]
+        else:
+            questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
         path = RESULTS / "throughput.json"
         result = json.loads(path.read_text()) if path.exists() else {}
+        if "eval" in result and result["eval"].get("student", args.student) == args.student:
+            result["eval_untrained"] = result["eval"]  # the untrained student's rows, kept beside
         ev = result["eval"] = {**started, **evaluation(args, questions)}
         result["eval_new_over_old"] = round(
             ev[ev["new"]]["tokens_per_s"] / ev[ev["today"]]["tokens_per_s"], 3

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from kpod.cli import main
 from kpod.data.synthetic import arithmetic_examples
@@ -44,6 +45,39 @@ def test_batched_generation_equals_one_at_a_time(tiny_causal) -> None:
         for p in prompts
     ]
     assert batched == single  # left padding and length sorting change nothing under greedy decoding
+
+
+def test_compacting_generation_equals_model_generate(tiny_causal) -> None:
+    """Dropping finished sequences from the batch (the default for causal models) gives exactly
+    ``model.generate``'s greedy texts in fp32, with sequences ending at different steps: a tiny
+    model with spread-out random weights, whose token 10 (made end-of-sequence) comes at steps
+    4 to 28 depending on the prompt, plus one prompt stopped by the length limit."""
+    loaded = load_model(str(tiny_causal), trainable=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    loaded.model.generation_config.eos_token_id = 10
+    prompts = [f"Q: {e.question}\nA: Let's think step by step." for e in arithmetic_examples(12, seed=2)]
+
+    def run(compact: bool) -> list[str]:
+        return generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            batch_size=6,
+            max_new_tokens=32,
+            progress=False,
+            compact=compact,
+        )
+
+    reference, compacted = run(False), run(True)
+    ends = [
+        len(loaded.tokenizer(t, add_special_tokens=False).input_ids) for t in reference
+    ]  # tokens before the end-of-sequence (which decoding drops)
+    assert len(set(ends)) >= 4 and min(ends) < 16  # sequences end at different steps
+    assert compacted == reference
 
 
 def test_evaluate_records_every_prediction(tiny_causal, tmp_path) -> None:

@@ -10,6 +10,7 @@ comes with a 95 % Wilson score interval, and every prediction is written to JSON
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import time
 import warnings
@@ -54,6 +55,68 @@ class _StopOnAnswer:
         return torch.tensor([answer_complete(t) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
+def _greedy_compacting(
+    model: Any, enc: Any, tokenizer: Any, max_new_tokens: int, eos: set[int]
+) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch of a causal model, each sequence's tokens up to
+    and including the one that ends it (end-of-sequence, or its answer phrase complete), with
+    finished sequences dropped from the batch as they end.
+
+    ``model.generate`` keeps a finished sequence in the batch, computing tokens that are thrown
+    away, until the last sequence of the batch ends; here the KV cache, attention mask and
+    positions of the finished rows are removed at once (``DynamicCache.batch_select_indices``), so
+    a batch costs the sum of its lengths, not its size times its longest. Same model calls as
+    greedy ``generate`` otherwise: one prefill with positions from the mask, then one token per
+    step (a smaller batch can round differently in bf16, the measured effect is in BENCHMARKS.md).
+    """
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    # transformers 5 renames forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{key: cache},
+    )
+    alive = list(range(ids.shape[0]))
+    tokens: list[list[int]] = [[] for _ in alive]
+    last = positions[:, -1]
+    tail = ids.new_zeros(len(alive), 0)  # the live rows' last 48 tokens, for the stop check
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1, :].argmax(-1)
+        tail = torch.cat([tail[:, -47:], nxt[:, None]], dim=1)
+        texts = tokenizer.batch_decode(tail, skip_special_tokens=True)  # one call, as generate's
+        keep = []
+        for row, (b, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
+            tokens[b].append(t)
+            if t not in eos and not answer_complete(texts[row]):
+                keep.append(row)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(rows)
+            mask, last, nxt, tail = mask[rows], last[rows], nxt[rows], tail[rows]
+            alive = [alive[r] for r in keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        last = last + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=last[:, None],
+            use_cache=True,
+            **{key: cache},
+        )
+    return tokens
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -67,8 +130,13 @@ def generate(
     progress: bool = True,
     done: dict[int, str] | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
+    compact: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (in their order), batched by length.
+
+    ``compact`` (causal models): finished sequences leave the batch as they end
+    (:func:`_greedy_compacting`) instead of being carried to the end of the batch's longest one
+    by ``model.generate``.
 
     ``done`` maps prompt indices to continuations already generated (by an earlier, interrupted
     call with the same prompts and settings): a batch whose prompts are all there is not generated
@@ -97,17 +165,23 @@ def generate(
                 padding=True,
                 add_special_tokens=add_special_tokens,
             ).to(device)
-            prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
-            stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
-            generated = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                stopping_criteria=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
+            if compact and kind == "causal":
+                eos = model.generation_config.eos_token_id  # what model.generate stops on
+                eos = tokenizer.eos_token_id if eos is None else eos
+                eos = set(eos) if isinstance(eos, list) else {eos}
+                new = _greedy_compacting(model, enc, tokenizer, max_new_tokens, eos)
+            else:
+                prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
+                stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
+                generated = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    stopping_criteria=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
                 out[i] = text
@@ -157,6 +231,7 @@ def evaluate(
     progress: bool = True,
     resume_key: str | None = None,
     precision: str = "fp32",
+    compact: bool = True,
 ) -> EvalResult:
     """Accuracy of a model on ``examples`` (one per question), with every prediction recorded.
 
@@ -173,7 +248,7 @@ def evaluate(
 
     ``precision``: ``fp32``, ``bf16`` (a bf16 copy of the model generates) or ``auto`` (the faster
     of the two on this machine, measured once and cached: :mod:`kpod.precision`); the one used is
-    in the result and in the resume key.
+    in the result and in the resume key. ``compact``: see :func:`generate`.
     """
     from kpod.precision import generation_model, resolve
 
@@ -221,6 +296,7 @@ def evaluate(
                 progress=progress,
                 done=done,
                 on_batch=record if store is not None else None,
+                compact=compact,
             )
     finally:
         if store is not None:
