@@ -13,9 +13,10 @@ lies between std-cot and kpod (the issue's target); the dev accuracy after each 
 kept (model selection); accuracy by the number of steps of the reference solution where the
 results record it (else by the number of quantities written in the question, a proxy that needs
 the test file named in the results' config), pooled over seeds; the out-of-distribution set where
-a suite has one; the token weights' contrast of each weighted run. ``results/accuracy.png``: every seed's accuracy with its 95 % interval beside the mean's
-bar, one panel per (suite, dataset). The section of BENCHMARKS.md between the markers
-``<!-- accuracy:begin -->`` and ``<!-- accuracy:end -->`` is replaced.
+a suite has one; the token weights' contrast of each weighted run. ``results/accuracy.png``:
+every seed's accuracy with its 95 % interval beside the mean's bar, one panel per (suite, dataset).
+The section of BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and
+``<!-- accuracy:end -->`` is replaced.
 """
 
 from __future__ import annotations
