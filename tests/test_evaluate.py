@@ -184,7 +184,8 @@ def test_mcnemar_detectable_gap_by_hand_and_by_simulation():
     assert 0.70 <= rejections / trials <= 0.90
 
 
-def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_path) -> None:
+def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_path, monkeypatch) -> None:
+    import kpod.evaluate as kpod_evaluate
     from kpod.evaluate import weights_fingerprint
 
     loaded = load_model(str(tiny_causal), trainable=False)
@@ -193,19 +194,19 @@ def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_p
     reference = evaluate(loaded.model, loaded.tokenizer, examples, **settings)
     key = weights_fingerprint(loaded.model)
     out, partial = tmp_path / "p.jsonl", tmp_path / "p.jsonl.partial"
-    real_generate, calls = loaded.model.generate, []
+    real_batch, calls = kpod_evaluate._generate_batch, []
 
     def run(resume_key: str, die_at: int | None = None, **changed):
         """evaluate(), counting the batches generated; killed at the batch ``die_at`` (0-based)."""
 
-        def generate(*args, **kwargs):
+        def generate_batch(model, tokenizer, enc, *args):
             if len(calls) == die_at:
                 raise KeyboardInterrupt
-            calls.append(kwargs["input_ids"].shape[0])
-            return real_generate(*args, **kwargs)
+            calls.append(enc["input_ids"].shape[0])
+            return real_batch(model, tokenizer, enc, *args)
 
         calls.clear()
-        loaded.model.generate = generate
+        monkeypatch.setattr(kpod_evaluate, "_generate_batch", generate_batch)
         return evaluate(
             loaded.model, loaded.tokenizer, examples, out=out, resume_key=resume_key, **settings | changed
         )

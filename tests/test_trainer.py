@@ -467,7 +467,7 @@ def test_select_from_epoch_leaves_earlier_epochs_out_of_dev_scoring(tiny_causal,
         TrainConfig(method="std-cot", epochs=3, select_from_epoch=4)
 
 
-def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_path):
+def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_path, monkeypatch):
     """The test evaluation of a finished run records its generations batch by batch; killed there,
     the run started again restores its last checkpoint and generates only the batches not yet
     recorded, ending with the predictions of an uninterrupted run."""
@@ -482,17 +482,21 @@ def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_
         eval_max_new_tokens=10,
     )
 
+    import kpod.evaluate as kpod_evaluate
+
+    real = kpod_evaluate._generate_batch
+
     def run(name: str, die_at: int | None = None) -> tuple[list[int], list[str]]:
         student = load_model(str(tiny_causal))
-        real, calls = student.model.generate, []
+        calls = []
 
-        def counted(*args, **kwargs):
+        def counted(model, tokenizer, enc, *args):
             if len(calls) == die_at:
                 raise KeyboardInterrupt
-            calls.append(kwargs["input_ids"].shape[0])
-            return real(*args, **kwargs)
+            calls.append(enc["input_ids"].shape[0])
+            return real(model, tokenizer, enc, *args)
 
-        student.model.generate = counted
+        monkeypatch.setattr(kpod_evaluate, "_generate_batch", counted)
         builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
         train(config, student, builder, tmp_path / name, test=examples, progress=False)
         rows = (tmp_path / name / "test_predictions.jsonl").read_text().splitlines()

@@ -27,6 +27,7 @@ from kpod.data.schema import Example
 from kpod.errors import DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
+from kpod.models import last_positions
 from kpod.prompt import PromptFormat, render_prompt
 from kpod.stats import wilson_interval
 
@@ -82,7 +83,7 @@ def _greedy_compacting(
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=last_positions(ids.shape[1], 1, ids.device),
         **{key: cache},
     )
     alive = list(range(ids.shape[0]))
@@ -117,6 +118,32 @@ def _greedy_compacting(
     return tokens
 
 
+def _generate_batch(
+    model: Any, tokenizer: Any, enc: Any, kind: str, max_new_tokens: int, compact: bool
+) -> list[str]:
+    """One tokenised batch's greedy continuations, decoded."""
+    from transformers import StoppingCriteriaList
+
+    if compact and kind == "causal":
+        eos = model.generation_config.eos_token_id  # what model.generate stops on
+        eos = tokenizer.eos_token_id if eos is None else eos
+        eos = set(eos) if isinstance(eos, list) else {eos}
+        new = _greedy_compacting(model, enc, tokenizer, max_new_tokens, eos)
+    else:
+        prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
+        stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
+        generated = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            stopping_criteria=stop,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -144,8 +171,6 @@ def generate(
     can change bf16 results, so a partly done batch is generated whole). ``on_batch(indices, texts)``
     is called after each generated batch (to record progress).
     """
-    from transformers import StoppingCriteriaList
-
     done = done or {}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -165,24 +190,7 @@ def generate(
                 padding=True,
                 add_special_tokens=add_special_tokens,
             ).to(device)
-            if compact and kind == "causal":
-                eos = model.generation_config.eos_token_id  # what model.generate stops on
-                eos = tokenizer.eos_token_id if eos is None else eos
-                eos = set(eos) if isinstance(eos, list) else {eos}
-                new = _greedy_compacting(model, enc, tokenizer, max_new_tokens, eos)
-            else:
-                prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
-                stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
-                generated = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    stopping_criteria=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new = generated[:, enc["input_ids"].shape[1] :] if kind == "causal" else generated
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            texts = _generate_batch(model, tokenizer, enc, kind, max_new_tokens, compact)
             for i, text in zip(idx, texts, strict=True):
                 out[i] = text
             if on_batch is not None:

@@ -288,6 +288,18 @@ class StudentConfig:
         )
 
 
+def last_positions(length: int, keep: int, device: Any = None) -> Any:
+    """``logits_to_keep`` for the last ``keep`` of ``length`` positions, as indices rather than a
+    count: transformers slices the hidden states with a count (``h[:, -keep:]``), a strided view
+    that a frozen output projection cannot fold into one matrix product, so PyTorch expands the
+    vocabulary matrix once per sequence and copies it (``bmm``; 170x slower in bf16 for 16
+    sequences here, BENCHMARKS.md "Issue #21"); indices gather a contiguous copy instead, and the
+    projection is one ``mm``. Same logits up to the kernels' rounding."""
+    import torch
+
+    return torch.arange(length - keep, length, device=device)
+
+
 def load_model(
     name_or_path: str = DEFAULT_STUDENT,
     *,

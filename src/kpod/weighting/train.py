@@ -52,7 +52,7 @@ from kpod.data.schema import Example
 from kpod.errors import ConfigError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
-from kpod.models import LoraSettings, autocast, load_model
+from kpod.models import LoraSettings, autocast, last_positions, load_model
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.config import WeightingConfig
 from kpod.weighting.maths import (
@@ -124,7 +124,7 @@ class AnswerPredictor(nn.Module):
             inputs_embeds=batch,
             attention_mask=mask,
             position_ids=positions,
-            logits_to_keep=labels.shape[1] + 1,
+            logits_to_keep=last_positions(batch.shape[1], labels.shape[1] + 1, batch.device),
             use_cache=False,
         )
         return _summed_nll(out.logits[:, :-1, :], labels)  # position t predicts token t + 1
