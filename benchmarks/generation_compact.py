@@ -1,11 +1,16 @@
-"""Greedy generation with finished sequences dropped from the batch (kpod.evaluate's default for
-causal students) against ``model.generate``, on one student and one test file: seconds of each,
-alternated (generate, compact, generate, compact) so that a drift of the machine's speed falls on
-both, and how many texts and answers differ.
+"""Two ways of greedy generation on one student and one test file: seconds of each, alternated
+(A, B, A, B) so that a drift of the machine's speed falls on both, and how many texts and answers
+differ.
 
-    .venv/bin/python benchmarks/generation_compact.py STUDENT_DIR TEST_FILE --n 128
+``--compare compact`` (default): ``model.generate`` (A) against finished sequences dropped from the
+batch (B, kpod.evaluate's default for causal students).
+``--compare merge``: bf16 generation of a LoRA student with its adapters kept as separate layers
+(A, a plain bf16 copy) against merged into the weights (B, kpod.precision.bf16_copy), both with
+the compacting loop.
 
-Writes ``results/generation-compact.json``.
+    .venv/bin/python benchmarks/generation_compact.py STUDENT_DIR TEST_FILE --n 128 [--compare merge]
+
+Writes ``results/generation-<compare>.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--compare", choices=("compact", "merge"), default="compact")
     args = parser.parse_args()
     started = provenance()
 
@@ -39,21 +45,38 @@ def main() -> None:
 
     loaded = load_model(args.student, trainable=False)
     questions = load_examples(args.test_file)[0][: args.n]
-    runs: dict[str, list] = {"generate": [], "compact": []}
-    for compact in (False, True, False, True):
+    names = ("generate", "compact") if args.compare == "compact" else ("adapters", "merged")
+    if args.compare == "merge":
+        import copy
+
+        import torch
+
+        # A bf16 copy with the adapters kept: evaluate() generates with a bf16 model as it is.
+        unmerged = copy.deepcopy(loaded.model).to(torch.bfloat16).eval()
+        settings = {
+            "adapters": (unmerged, {"precision": "fp32"}),
+            "merged": (loaded.model, {"precision": "bf16"}),
+        }
+    else:
+        settings = {
+            "generate": (loaded.model, {"precision": args.precision, "compact": False}),
+            "compact": (loaded.model, {"precision": args.precision, "compact": True}),
+        }
+    runs: dict[str, list] = {name: [] for name in names}
+    for name in (*names, *names):
+        model, options = settings[name]
         result = evaluate(
-            loaded.model,
+            model,
             loaded.tokenizer,
             questions,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             progress=False,
-            precision=args.precision,
-            compact=compact,
+            **options,
         )
-        runs["compact" if compact else "generate"].append(result)
-        print("compact" if compact else "generate", round(result.seconds, 1), flush=True)
-    a, b = runs["generate"][0].predictions, runs["compact"][0].predictions
+        runs[name].append(result)
+        print(name, round(result.seconds, 1), result.precision, flush=True)
+    a, b = runs[names[0]][0].predictions, runs[names[1]][0].predictions
     out = {
         **started,
         "student": args.student,
@@ -62,14 +85,16 @@ def main() -> None:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "seconds": {k: [round(r.seconds, 1) for r in v] for k, v in runs.items()},
-        "generated_tokens": runs["compact"][0].generated_tokens,
+        "generated_tokens": runs[names[1]][0].generated_tokens,
         "texts_differ": sum(x["generated"] != y["generated"] for x, y in zip(a, b, strict=True)),
         "answers_differ": sum(x["predicted"] != y["predicted"] for x, y in zip(a, b, strict=True)),
     }
-    out["compact_speedup"] = round(sum(out["seconds"]["generate"]) / sum(out["seconds"]["compact"]), 3)
-    path = RESULTS / "generation-compact.json"
+    out["compare"] = args.compare
+    out["speedup"] = round(sum(out["seconds"][names[0]]) / sum(out["seconds"][names[1]]), 3)
+    out["accuracy"] = {name: round(100 * runs[name][0].accuracy, 2) for name in names}
+    path = RESULTS / f"generation-{args.compare}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out[k] for k in ("compact_speedup", "texts_differ", "answers_differ")}))
+    print(json.dumps({k: out[k] for k in ("speedup", "texts_differ", "answers_differ", "accuracy")}))
 
 
 if __name__ == "__main__":

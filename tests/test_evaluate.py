@@ -296,3 +296,33 @@ def test_evaluate_in_bf16_uses_a_copy_and_says_so(tiny_causal, tmp_path) -> None
         loaded.model, loaded.tokenizer, examples, precision="auto", max_new_tokens=12, progress=False
     )
     assert full.precision == "fp32"  # KPOD_GENERATION_PRECISION=fp32 in the test suite
+
+
+def test_the_bf16_generation_copy_of_a_lora_student_has_its_adapters_merged(tiny_causal) -> None:
+    """The bf16 copy that generates has no LoRA layers left (each adapted projection is one
+    product), computes what the adapted fp32 model computes up to bf16 rounding, and leaves the
+    student being trained as it was: adapters in place, weights in fp32."""
+    from kpod.models import LoraSettings
+    from kpod.precision import bf16_copy
+
+    loaded = load_model(str(tiny_causal), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in loaded.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the output (B starts at zero)
+    loaded.model.eval()
+    low = bf16_copy(loaded.model)
+    assert not any("lora" in name for name, _ in low.named_modules())
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+    assert any("lora_B" in name for name, _ in loaded.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    ids = loaded.tokenizer(["Q: 3 apples and 4 more. A:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = loaded.model.get_base_model()
+        with loaded.model.disable_adapter():
+            unadapted = base(input_ids=ids).logits
+        adapted = loaded.model(input_ids=ids).logits
+        merged = low(input_ids=ids).logits.float()
+    assert (adapted - unadapted).abs().max() > 0.1  # the adapters matter here
+    assert (merged - adapted).abs().max() < 0.1 * (adapted - unadapted).abs().max()

@@ -77,10 +77,16 @@ def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_to
 
 
 def bf16_copy(model: Any) -> Any:
-    """A bf16 copy of ``model`` for generation (the original, e.g. being trained, is untouched)."""
+    """A bf16 copy of ``model`` for generation (the original, e.g. being trained, is untouched),
+    with LoRA adapters merged into the weights they adapt: merged in fp32 and rounded to bf16
+    once, each adapted projection is one product per generated token instead of three and a
+    scaled sum (measured in BENCHMARKS.md, "Issue #21, session 12")."""
     import torch
 
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
+    low = copy.deepcopy(model)
+    if hasattr(low, "merge_and_unload"):
+        low = low.merge_and_unload()
+    return low.to(torch.bfloat16).eval()
 
 
 def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
