@@ -31,6 +31,11 @@ from kpod.models import last_positions
 from kpod.prompt import PromptFormat, render_prompt
 from kpod.stats import wilson_interval
 
+# Part of every resume key: generations recorded by another decoding path (another version of this
+# module's loop, adapters merged or not) are not mixed with this one's. 2: the compacting loop and
+# bf16 copies with merged adapters (session 12).
+GENERATION_VERSION = 2
+
 _COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
 
 
@@ -262,7 +267,7 @@ def evaluate(
 
     precision = resolve(precision, model, batch_size)
     if resume_key is not None:
-        resume_key = f"{resume_key}:{precision}"
+        resume_key = f"{resume_key}:{precision}:{GENERATION_VERSION}"
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
