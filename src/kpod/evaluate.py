@@ -48,6 +48,17 @@ def answer_complete(text: str) -> bool:
     return not (match.group(0).endswith(".") and re.search(r"\d\.$", text) is not None)
 
 
+# The generated tokens decoded to check for a complete answer phrase (it fits well within them).
+STOP_WINDOW = 48
+
+
+def _answers_complete(tokenizer: Any, generated: torch.Tensor) -> list[bool]:
+    """Per row of generated token ids: whether its last :data:`STOP_WINDOW` tokens finish the
+    answer phrase (one batched decode; the stop rule of both generation paths)."""
+    texts = tokenizer.batch_decode(generated[:, -STOP_WINDOW:], skip_special_tokens=True)
+    return [answer_complete(t) for t in texts]
+
+
 class _StopOnAnswer:
     """A transformers stopping criterion: per sequence, stop once its answer phrase is complete."""
 
@@ -56,9 +67,8 @@ class _StopOnAnswer:
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_length :]
-        texts = self.tokenizer.batch_decode(new[:, -48:], skip_special_tokens=True)
-        return torch.tensor([answer_complete(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+        complete = _answers_complete(self.tokenizer, input_ids[:, self.prompt_length :])
+        return torch.tensor(complete, dtype=torch.bool, device=input_ids.device)
 
 
 def _greedy_compacting(
@@ -94,15 +104,15 @@ def _greedy_compacting(
     alive = list(range(ids.shape[0]))
     tokens: list[list[int]] = [[] for _ in alive]
     last = positions[:, -1]
-    tail = ids.new_zeros(len(alive), 0)  # the live rows' last 48 tokens, for the stop check
+    tail = ids.new_zeros(len(alive), 0)  # the live rows' last STOP_WINDOW tokens, for the stop check
     for step in range(max_new_tokens):
         nxt = out.logits[:, -1, :].argmax(-1)
-        tail = torch.cat([tail[:, -47:], nxt[:, None]], dim=1)
-        texts = tokenizer.batch_decode(tail, skip_special_tokens=True)  # one call, as generate's
+        tail = torch.cat([tail[:, 1 - STOP_WINDOW :], nxt[:, None]], dim=1)
+        complete = _answers_complete(tokenizer, tail)
         keep = []
         for row, (b, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
             tokens[b].append(t)
-            if t not in eos and not answer_complete(texts[row]):
+            if t not in eos and not complete[row]:
                 keep.append(row)
         if not keep or step == max_new_tokens - 1:
             break
