@@ -87,30 +87,26 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
     if pairs:
-        pooled_p = mcnemar_exact(tot_b, tot_c)
-        out.append(gap_verdict([(ours[s]["per_question"], std[s]["per_question"]) for s in pairs], pooled_p))
+        out.append(gap_verdict([(ours[s]["per_question"], std[s]["per_question"]) for s in pairs]))
         last = [(ours[s].get("last_epoch"), std[s].get("last_epoch")) for s in pairs]
         if all(a and b and set(a["per_question"]) & set(b["per_question"]) for a, b in last):
-            b_last = sum(mcnemar(a["per_question"], b["per_question"])[0] for a, b in last)
-            c_last = sum(mcnemar(a["per_question"], b["per_question"])[1] for a, b in last)
-            out.append(
-                "Last epoch's models (no selection): "
-                + gap_verdict(
-                    [(a["per_question"], b["per_question"]) for a, b in last], mcnemar_exact(b_last, c_last)
-                )
-            )
+            last_pairs = [(a["per_question"], b["per_question"]) for a, b in last]
+            out.append("Last epoch's models (no selection): " + gap_verdict(last_pairs))
     if pairs and tot_b + tot_c:
         out.append(_power(tot_b + tot_c, [len(ours[s]["per_question"]) for s in pairs]))
     return out
 
 
-def gap_verdict(pairs: list[tuple[dict, dict]], pooled_p: float, target: float = 2.0) -> str:
+def gap_verdict(pairs: list[tuple[dict, dict]], target: float = 2.0) -> str:
     """The paired gap with its 95 % interval over questions and seeds
     (:func:`kpod.stats.paired_gap_interval`), and what it says about the issue's target: a gap of
-    at least ``target`` points with pooled p < 0.05 (met), an interval below ``target`` (a null
-    with power: the method does not add ``target`` points here), or neither (not enough seed pairs)."""
-    from kpod.stats import paired_gap_interval
+    at least ``target`` points with the pooled McNemar p < 0.05 (met), an interval below ``target``
+    (a null with power: the method does not add ``target`` points here), or neither (not enough
+    seed pairs)."""
+    from kpod.stats import mcnemar_exact, paired_gap_interval
 
+    counts = [mcnemar(a, b)[:2] for a, b in pairs]
+    pooled_p = mcnemar_exact(sum(b for b, _ in counts), sum(c for _, c in counts))
     gap, low, high = (100 * v for v in paired_gap_interval(pairs))
     over = "questions only (one seed pair)" if len(pairs) == 1 else f"questions and {len(pairs)} seed pairs"
     if gap >= target and pooled_p < 0.05:
@@ -234,8 +230,7 @@ def _steps(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     """Accuracy by the number of steps of the reference solution (suites whose results record it)."""
     if not all(r.get("questions") for m in names for r in methods[m]):
         return []
-    first = next(iter(methods.values()))[0]
-    sizes = by_steps([{**first, "per_question": dict.fromkeys(first["per_question"], False)}])
+    sizes = by_steps([next(iter(methods.values()))[0]])  # (right, scored) of one run: scored = size
     steps = list(sizes)
     out = [
         "\nAccuracy % by the number of steps in the reference solution, right / scored pooled over seeds:\n",
@@ -278,15 +273,11 @@ def _ood(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
         mean = statistics.fmean(r["ood"]["accuracy"] for r in runs)
         out.append(f"| {m} | {len(runs)} | {mean:.2f} | {per_seed} |")
     if "kpod" in rows and "std-cot" in rows:
-        from kpod.stats import mcnemar_exact
-
         ours = {r["seed"]: r["ood"]["per_question"] for r in methods["kpod"]}
         std = {r["seed"]: r["ood"]["per_question"] for r in methods["std-cot"]}
         pairs = [(ours[s], std[s]) for s in sorted(set(ours) & set(std))]
         if pairs:
-            b = sum(mcnemar(a, c)[0] for a, c in pairs)
-            c = sum(mcnemar(a, c_)[1] for a, c_ in pairs)
-            out.append(f"\nkpod - std-cot out of distribution: {gap_verdict(pairs, mcnemar_exact(b, c))}")
+            out.append(f"\nkpod - std-cot out of distribution: {gap_verdict(pairs)}")
     return out
 
 
@@ -300,15 +291,9 @@ def _weights(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     out = ["\nToken weights of each weighted run (the weights step's own metrics):\n"]
     out += ["| method | seed | contrast | mean weight | min | max |", "|---|---|---|---|---|---|"]
     for m, r in rows:
-        w = r["weights"]
-
-        def cell(key: str, w: dict = w) -> str:
-            return f"{w[key]:.3f}" if w.get(key) is not None else "-"
-
+        cells = (r["weights"].get(k) for k in ("contrast", "kept_ratio", "w_min", "w_max"))
         out.append(
-            f"| {m} | {r['seed']} | "
-            + " | ".join(cell(k) for k in ("contrast", "kept_ratio", "w_min", "w_max"))
-            + " |"
+            f"| {m} | {r['seed']} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
         )
     return out
 
@@ -492,10 +477,8 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
             out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.extend(_ablations(methods))
         out.extend(_selection(methods, names))
-        if all(r.get("questions") for m in names for r in methods[m]):
-            out.extend(_steps(methods, names))
-        else:
-            out.extend(_quantities(methods, names, questions.get((suite, dataset))))
+        # By solution steps where the results record them, else by the quantities proxy.
+        out.extend(_steps(methods, names) or _quantities(methods, names, questions.get((suite, dataset))))
         out.extend(_ood(methods, names))
         out.extend(_weights(methods, names))
         out.append("")
