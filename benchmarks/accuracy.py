@@ -101,6 +101,14 @@ MULTISTEP_TEMPLATES = (1, 9, 13, 28, 33, 40, 44, 48, 53, 62, 70, 75, 77, 82, 85,
 OOD_TEMPLATES = (3, 12, 18, 31, 34, 41, 47, 51, 57, 67, 71, 76, 78, 84, 90, 93)
 
 
+# The powered suites' schedule: 8 epochs with T = epochs / 2, and dev selection among the epochs
+# T..8 for every method, so that std-cot and kpod choose among the same epochs and pay the same dev
+# evaluations.
+_COMMON_CPU_8_EPOCHS = _merge(
+    _COMMON_CPU, {"schedule": {"stages": 4}, "train": {"epochs": 8, "select_from_epoch": 4}}
+)
+
+
 def multistep_data(**settings) -> dict:
     """gsm_symbolic problems of the training templates: train and dev from seed 0, the test set of
     the same templates with new numbers from seed 10000 (questions also in training dropped)."""
@@ -116,14 +124,7 @@ SUITES: dict[str, dict] = {
                 "train": {"eval_max_new_tokens": 160},
             },
         },
-        "base": _merge(
-            _COMMON_CPU,
-            {
-                "schedule": {"stages": 4},
-                # Both methods choose among the same epochs (T..8) and pay the same dev evaluations.
-                "train": {"epochs": 8, "select_from_epoch": 4},
-            },
-        ),
+        "base": _COMMON_CPU_8_EPOCHS,
         # A second test set: templates never trained on, scored with the kept model.
         "ood": {"templates": OOD_TEMPLATES, "n": 500, "seed": 20_000},
         # The pilot pair first; its discordance sizes the number of kpod / std-cot seed pairs
@@ -145,10 +146,7 @@ SUITES: dict[str, dict] = {
         # ratio), 400 training questions so that a run stays near an hour; the paper's baselines
         # (several gpt-3.5 rationales per question) beside kpod and std-cot.
         "datasets": {"asdiv": {"data": asdiv_data(n_train=400, n_dev=100, rationales_per_question=1)}},
-        "base": _merge(
-            _COMMON_CPU,
-            {"schedule": {"stages": 4}, "train": {"epochs": 8, "select_from_epoch": 4}},
-        ),
+        "base": _COMMON_CPU_8_EPOCHS,
         "runs": [
             ("asdiv", "std-cot", [0]),
             ("asdiv", "kpod", [0]),
@@ -315,14 +313,15 @@ def _last_epoch(test_last: dict | None) -> dict | None:
 
 def question_info(test_path: Path) -> dict[str, dict]:
     """Per test question: its number of solution steps, and its template where it has one."""
+    from kpod.data.loaders import load_examples
+
     info = {}
-    for line in test_path.read_text().splitlines():
-        example = json.loads(line)
-        row = {"steps": len(example.get("steps") or [])}
-        template = (example.get("provenance") or {}).get("template")
+    for example in load_examples(test_path, "kpod")[0]:
+        row = {"steps": len(example.steps)}
+        template = example.provenance.get("template")
         if template is not None:
             row["template"] = str(template)
-        info[example["qid"]] = row
+        info[example.qid] = row
     return info
 
 
