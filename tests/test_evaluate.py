@@ -47,11 +47,14 @@ def test_batched_generation_equals_one_at_a_time(tiny_causal) -> None:
     assert batched == single  # left padding and length sorting change nothing under greedy decoding
 
 
-def test_compacting_generation_equals_model_generate(tiny_causal) -> None:
-    """Dropping finished sequences from the batch (the default for causal models) gives exactly
-    ``model.generate``'s greedy texts in fp32, with sequences ending at different steps: a tiny
-    model with spread-out random weights, whose token 10 (made end-of-sequence) comes at steps
-    4 to 28 depending on the prompt, plus one prompt stopped by the length limit."""
+def test_compacting_generation_equals_model_generate(tiny_causal, monkeypatch) -> None:
+    """Dropping finished sequences from the batch and refilling it from the next prompts (the
+    default for causal models) gives exactly ``model.generate``'s greedy texts in fp32, with
+    sequences ending at different steps: a tiny model with spread-out random weights, whose token
+    10 (made end-of-sequence) comes at steps 4 to 28 depending on the prompt, plus one prompt
+    stopped by the length limit. With batches of 3 over chunks of 12 prompts the batch is refilled
+    several times (each refill is a prefill: counted), never holds more than 3 sequences, and joins
+    caches of different lengths."""
     loaded = load_model(str(tiny_causal), trainable=False)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -60,24 +63,40 @@ def test_compacting_generation_equals_model_generate(tiny_causal) -> None:
                 p.normal_(0, 0.3)
     loaded.model.generation_config.eos_token_id = 10
     prompts = [f"Q: {e.question}\nA: Let's think step by step." for e in arithmetic_examples(12, seed=2)]
+    prompts[3] += " Think hard about it before you answer the question."  # prompt lengths differ
 
-    def run(compact: bool) -> list[str]:
+    def run(compact: bool, batch_size: int) -> list[str]:
         return generate(
             loaded.model,
             loaded.tokenizer,
             prompts,
-            batch_size=6,
+            batch_size=batch_size,
             max_new_tokens=32,
             progress=False,
             compact=compact,
         )
 
-    reference, compacted = run(False), run(True)
+    reference = run(False, 6)
     ends = [
         len(loaded.tokenizer(t, add_special_tokens=False).input_ids) for t in reference
     ]  # tokens before the end-of-sequence (which decoding drops)
     assert len(set(ends)) >= 4 and min(ends) < 16  # sequences end at different steps
-    assert compacted == reference
+    assert run(True, 6) == reference
+
+    model_forward, rows = loaded.model.forward, []
+
+    def counted(*args, **kwargs):
+        rows.append(tuple(kwargs["input_ids"].shape))
+        return model_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counted)
+    import kpod.evaluate as kpod_evaluate
+
+    monkeypatch.setattr(kpod_evaluate, "REFILL_BATCHES", 4)
+    assert run(True, 3) == reference
+    prefills = [r for r in rows if r[1] > 1]
+    assert len(prefills) >= 4 and sum(r[0] for r in prefills) == 12  # refilled, each prompt once
+    assert max(r[0] for r in rows) <= 3
 
 
 def test_evaluate_records_every_prediction(tiny_causal, tmp_path) -> None:
@@ -188,6 +207,7 @@ def test_interrupted_evaluation_resumes_from_its_partial_file(tiny_causal, tmp_p
     import kpod.evaluate as kpod_evaluate
     from kpod.evaluate import weights_fingerprint
 
+    monkeypatch.setattr(kpod_evaluate, "REFILL_BATCHES", 1)  # chunks (the resume unit) of one batch
     loaded = load_model(str(tiny_causal), trainable=False)
     examples = arithmetic_examples(7, seed=4)  # batches of 2: 2 + 2 + 2 + 1 questions
     settings = dict(max_new_tokens=8, batch_size=2, progress=False)

@@ -485,6 +485,7 @@ def test_run_killed_while_scoring_test_resumes_its_generations(tiny_causal, tmp_
     import kpod.evaluate as kpod_evaluate
 
     real = kpod_evaluate._generate_batch
+    monkeypatch.setattr(kpod_evaluate, "REFILL_BATCHES", 1)  # chunks (the resume unit) of one batch
 
     def run(name: str, die_at: int | None = None) -> tuple[list[int], list[str]]:
         student = load_model(str(tiny_causal))

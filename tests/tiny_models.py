@@ -47,7 +47,9 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_causal(directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_causal(
+    directory: Path, hidden: int = 32, layers: int = 2, seed: int = 0, heads: int = 2, kv_heads: int = 2
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,8 +60,8 @@ def build_causal(directory: Path, hidden: int = 32, layers: int = 2, seed: int =
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

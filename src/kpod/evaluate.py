@@ -33,8 +33,12 @@ from kpod.stats import wilson_interval
 
 # Part of every resume key: generations recorded by another decoding path (another version of this
 # module's loop, adapters merged or not) are not mixed with this one's. 2: the compacting loop and
-# bf16 copies with merged adapters (session 12).
-GENERATION_VERSION = 2
+# bf16 copies with merged adapters (session 12). 3: the compacting loop refills its batch (session 13).
+GENERATION_VERSION = 3
+
+# The compacting loop decodes chunks of this many batches' worth of prompts, refilling its batch
+# from the chunk as sequences end; a chunk is also the unit an interrupted evaluation resumes by.
+REFILL_BATCHES = 4
 
 _COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
 
@@ -52,10 +56,14 @@ def answer_complete(text: str) -> bool:
 STOP_WINDOW = 48
 
 
-def _answers_complete(tokenizer: Any, generated: torch.Tensor) -> list[bool]:
-    """Per row of generated token ids: whether its last :data:`STOP_WINDOW` tokens finish the
-    answer phrase (one batched decode; the stop rule of both generation paths)."""
-    texts = tokenizer.batch_decode(generated[:, -STOP_WINDOW:], skip_special_tokens=True)
+def _answers_complete(tokenizer: Any, generated: torch.Tensor | list[list[int]]) -> list[bool]:
+    """Per row of generated token ids (a tensor or lists): whether its last :data:`STOP_WINDOW`
+    tokens finish the answer phrase (one batched decode; the stop rule of both generation paths)."""
+    if isinstance(generated, torch.Tensor):
+        windows = generated[:, -STOP_WINDOW:]
+    else:
+        windows = [row[-STOP_WINDOW:] for row in generated]
+    texts = tokenizer.batch_decode(windows, skip_special_tokens=True)
     return [answer_complete(t) for t in texts]
 
 
@@ -71,57 +79,96 @@ class _StopOnAnswer:
         return torch.tensor(complete, dtype=torch.bool, device=input_ids.device)
 
 
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with ``width`` zeros put before it along ``dim``."""
+    if width == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
 def _greedy_compacting(
-    model: Any, enc: Any, tokenizer: Any, max_new_tokens: int, eos: set[int]
+    model: Any, enc: Any, tokenizer: Any, max_new_tokens: int, eos: set[int], batch_size: int | None = None
 ) -> list[list[int]]:
-    """Greedy continuations of a left-padded batch of a causal model, each sequence's tokens up to
-    and including the one that ends it (end-of-sequence, or its answer phrase complete), with
-    finished sequences dropped from the batch as they end.
+    """Greedy continuations of the rows of a left-padded causal batch ``enc``, each row's tokens up
+    to and including the one that ends it (end-of-sequence, or its answer phrase complete).
 
-    ``model.generate`` keeps a finished sequence in the batch, computing tokens that are thrown
-    away, until the last sequence of the batch ends; here the KV cache, attention mask and
-    positions of the finished rows are removed at once (``DynamicCache.batch_select_indices``), so
-    a batch costs the sum of its lengths, not its size times its longest. Same model calls as
-    greedy ``generate`` otherwise: one prefill with positions from the mask, then one token per
-    step (a smaller batch can round differently in bf16, the measured effect is in BENCHMARKS.md).
+    At most ``batch_size`` rows (default: all) decode together. A row that ends leaves the batch at
+    once (its KV cache, mask and position dropped); when half the batch or less is left, the next
+    rows of ``enc`` (in order) are prefilled together and joined to it, the shorter of the two
+    caches padded on the left. ``model.generate`` instead carries finished rows to the end of the
+    batch's longest: decoding a small model on a CPU streams all its weights from memory once per
+    step, so a step of 128 rows costs much less than four steps of 32, and a batch that empties
+    wastes that (the measured effect is in BENCHMARKS.md). Same model calls as greedy
+    ``generate`` otherwise: a prefill with positions from the mask, then one token per step; the
+    result depends on ``batch_size`` and the order of the rows only through rounding (bf16 rounds
+    differently in a differently shaped batch). The KV cache grows in place
+    (:mod:`kpod.kv_cache`), where transformers' copies itself at every step.
     """
-    from transformers import DynamicCache
+    from kpod.kv_cache import growing_cache, join
 
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
+    total = ids_all.shape[0]
+    batch_size = batch_size or total
     # transformers 5 renames forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=last_positions(ids.shape[1], 1, ids.device),
-        **{key: cache},
-    )
-    alive = list(range(ids.shape[0]))
-    tokens: list[list[int]] = [[] for _ in alive]
-    last = positions[:, -1]
-    tail = ids.new_zeros(len(alive), 0)  # the live rows' last STOP_WINDOW tokens, for the stop check
-    for step in range(max_new_tokens):
-        nxt = out.logits[:, -1, :].argmax(-1)
-        tail = torch.cat([tail[:, 1 - STOP_WINDOW :], nxt[:, None]], dim=1)
-        complete = _answers_complete(tokenizer, tail)
-        keep = []
-        for row, (b, t) in enumerate(zip(alive, nxt.tolist(), strict=True)):
-            tokens[b].append(t)
-            if t not in eos and not complete[row]:
-                keep.append(row)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(alive):
-            rows = torch.tensor(keep, device=ids.device)
-            cache.batch_select_indices(rows)
-            mask, last, nxt, tail = mask[rows], last[rows], nxt[rows], tail[rows]
-            alive = [alive[r] for r in keep]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+    tokens: list[list[int]] = [[] for _ in range(total)]
+    queued = 0  # rows of ``enc`` not yet admitted
+    rows: list[int] = []  # the row of ``enc`` of each live sequence
+    cache = mask = last = nxt = None
+
+    def check(rows: list[int], nxt: torch.Tensor) -> list[int]:
+        """Record each live row's new token; the indices of the rows that go on."""
+        for row, t in zip(rows, nxt.tolist(), strict=True):
+            tokens[row].append(t)
+        complete = _answers_complete(tokenizer, [tokens[row] for row in rows])
+        return [
+            i
+            for i, row in enumerate(rows)
+            if tokens[row][-1] not in eos and not complete[i] and len(tokens[row]) < max_new_tokens
+        ]
+
+    while True:
+        while queued < total and len(rows) <= batch_size // 2:
+            group = list(range(queued, min(total, queued + batch_size - len(rows))))
+            queued = group[-1] + 1
+            g_mask = mask_all[group]
+            start = int(g_mask.any(0).nonzero()[0])  # columns that are padding in every row
+            g_ids, g_mask = ids_all[group, start:], g_mask[:, start:]
+            positions = (g_mask.cumsum(-1) - 1).clamp(min=0)
+            g_cache = growing_cache(model)
+            out = model(
+                input_ids=g_ids,
+                attention_mask=g_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=last_positions(g_ids.shape[1], 1, g_ids.device),
+                **{key: g_cache},
+            )
+            g_nxt = out.logits[:, -1, :].argmax(-1)
+            keep = check(group, g_nxt)
+            if len(keep) < len(group):
+                index = torch.tensor(keep, dtype=torch.long, device=g_ids.device)
+                g_cache.batch_select_indices(index)
+                g_mask, positions, g_nxt = g_mask[index], positions[index], g_nxt[index]
+                group = [group[i] for i in keep]
+            if not group:
+                continue
+            if not rows:
+                cache, mask, last, nxt, rows = g_cache, g_mask, positions[:, -1], g_nxt, group
+                continue
+            # Join the two batches: drop the live one's all-padding columns, pad the shorter on the left.
+            start = int(mask.any(0).nonzero()[0])
+            width = max(mask.shape[1] - start, g_mask.shape[1])
+            live_pad, new_pad = width - (mask.shape[1] - start), width - g_mask.shape[1]
+            join(cache, g_cache, start, live_pad, new_pad)
+            mask = torch.cat([_pad_left(mask[:, start:], live_pad, 1), _pad_left(g_mask, new_pad, 1)], 0)
+            last, nxt, rows = torch.cat([last, positions[:, -1]]), torch.cat([nxt, g_nxt]), rows + group
+        if not rows:
+            return tokens
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         last = last + 1
         out = model(
             input_ids=nxt[:, None],
@@ -130,20 +177,33 @@ def _greedy_compacting(
             use_cache=True,
             **{key: cache},
         )
-    return tokens
+        nxt = out.logits[:, -1, :].argmax(-1)
+        keep = check(rows, nxt)
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+            cache.batch_select_indices(index)
+            mask, last, nxt = mask[index], last[index], nxt[index]
+            rows = [rows[i] for i in keep]
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, enc: Any, kind: str, max_new_tokens: int, compact: bool
+    model: Any,
+    tokenizer: Any,
+    enc: Any,
+    kind: str,
+    max_new_tokens: int,
+    compact: bool,
+    batch_size: int | None = None,
 ) -> list[str]:
-    """One tokenised batch's greedy continuations, decoded."""
+    """One tokenised chunk's greedy continuations, decoded (``batch_size`` rows at a time where
+    the compacting loop refills its batch, else the chunk is one batch)."""
     from transformers import StoppingCriteriaList
 
     if compact and kind == "causal":
         eos = model.generation_config.eos_token_id  # what model.generate stops on
         eos = tokenizer.eos_token_id if eos is None else eos
         eos = set(eos) if isinstance(eos, list) else {eos}
-        new = _greedy_compacting(model, enc, tokenizer, max_new_tokens, eos)
+        new = _greedy_compacting(model, enc, tokenizer, max_new_tokens, eos, batch_size)
     else:
         prompt_length = enc["input_ids"].shape[1] if kind == "causal" else 1
         stop = StoppingCriteriaList([_StopOnAnswer(tokenizer, prompt_length)])
@@ -176,15 +236,17 @@ def generate(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (in their order), batched by length.
 
-    ``compact`` (causal models): finished sequences leave the batch as they end
-    (:func:`_greedy_compacting`) instead of being carried to the end of the batch's longest one
-    by ``model.generate``.
+    ``compact`` (causal models): finished sequences leave the batch as they end and the batch is
+    refilled from the next prompts (:func:`_greedy_compacting`), over chunks of
+    :data:`REFILL_BATCHES` batches' worth of prompts, instead of each batch being carried to the
+    end of its longest sequence by ``model.generate``.
 
     ``done`` maps prompt indices to continuations already generated (by an earlier, interrupted
-    call with the same prompts and settings): a batch whose prompts are all there is not generated
-    again, so the remaining batches are exactly those of an uninterrupted call (a batch's padding
-    can change bf16 results, so a partly done batch is generated whole). ``on_batch(indices, texts)``
-    is called after each generated batch (to record progress).
+    call with the same prompts and settings): a chunk (a batch, where not compacting) whose prompts
+    are all there is not generated again, so the remaining chunks are exactly those of an
+    uninterrupted call (the company of a prompt in its batch can change bf16 results, so a partly
+    done chunk is generated whole). ``on_batch(indices, texts)`` is called after each generated
+    chunk (to record progress).
     """
     done = done or {}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -192,12 +254,15 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if kind == "causal" else "right"
     device = next(model.parameters()).device
+    chunk = batch_size * REFILL_BATCHES if compact and kind == "causal" else batch_size
+    bar = tqdm(total=len(order), desc="generate", disable=not progress)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
-            idx = order[start : start + batch_size]
+        for start in range(0, len(order), chunk):
+            idx = order[start : start + chunk]
             if all(i in done for i in idx):
                 for i in idx:
                     out[i] = done[i]
+                bar.update(len(idx))
                 continue
             enc = tokenizer(
                 [prompts[i] for i in idx],
@@ -205,13 +270,15 @@ def generate(
                 padding=True,
                 add_special_tokens=add_special_tokens,
             ).to(device)
-            texts = _generate_batch(model, tokenizer, enc, kind, max_new_tokens, compact)
+            texts = _generate_batch(model, tokenizer, enc, kind, max_new_tokens, compact, batch_size)
             for i, text in zip(idx, texts, strict=True):
                 out[i] = text
             if on_batch is not None:
                 on_batch(idx, texts)
+            bar.update(len(idx))
     finally:
         tokenizer.padding_side = side
+        bar.close()
     return out
 
 

@@ -1,0 +1,127 @@
+"""The key/value cache of kpod's greedy decoding loop: grown in place, rows dropped and joined.
+
+transformers' ``DynamicCache`` appends each generated position with ``torch.cat``, copying every
+layer's whole cache at every step. At the batch sizes where decoding a small model on a CPU is
+efficient, that copy was the largest cost of a step (SmolLM2-135M, batch 128, 400 cached
+positions: 36 % of the step, more than the weights' matrix products; BENCHMARKS.md, "Issue #21,
+session 13"). Here each layer's keys and values live in buffers with room to spare, written in
+place and doubled when full, so a step copies only its new position; the attention reads views of
+the filled part (PyTorch's SDPA takes them without a copy).
+
+:func:`kpod.evaluate._greedy_compacting` also drops finished rows (``batch_select_indices``) and
+joins a newly prefilled group of rows to the live ones (:func:`join`), the shorter padded on the
+left with zeros that the attention mask hides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Room left after the positions a buffer is (re)allocated for.
+INITIAL_ROOM = 64
+
+_LAYER: type | None = None
+
+
+def _layer_class() -> type:
+    """``GrowingLayer``, built on transformers' ``DynamicLayer`` on first use (kpod imports
+    transformers lazily)."""
+    global _LAYER
+    if _LAYER is not None:
+        return _LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """One layer's keys and values in buffers with spare room along the position axis;
+        ``keys`` and ``values`` are views of the filled part."""
+
+        def __init__(self, window: int | None = None) -> None:
+            super().__init__()
+            self.length = 0
+            self.window = window
+            self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def _set(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+            self.buffers, self.length = (k, v), length
+            self.keys, self.values = k[:, :, :length], v[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[2]
+            if self.window is not None and end > self.window:
+                raise ValueError(
+                    f"a sequence of {end} positions exceeds the model's sliding attention window "
+                    f"({self.window}), which kpod's decoding loop does not implement; "
+                    "generate with compact=False"
+                )
+            if self.buffers is None or end > self.buffers[0].shape[2]:
+                size = end + INITIAL_ROOM
+                if self.buffers is not None:
+                    size = max(size, 2 * self.buffers[0].shape[2])
+                k = key_states.new_empty(*key_states.shape[:2], size, key_states.shape[3])
+                v = value_states.new_empty(*value_states.shape[:2], size, value_states.shape[3])
+                if self.length:
+                    k[:, :, : self.length] = self.keys
+                    v[:, :, : self.length] = self.values
+                self._set(k, v, self.length)
+            k, v = self.buffers
+            k[:, :, self.length : end] = key_states
+            v[:, :, self.length : end] = value_states
+            self._set(k, v, end)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.buffers is not None:
+                k, v = self.buffers
+                self._set(k[indices], v[indices], self.length)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("kpod's growing cache is not cropped")
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("kpod's growing cache is not repeated")
+
+    _LAYER = GrowingLayer
+    return GrowingLayer
+
+
+def growing_cache(model: Any) -> Any:
+    """An empty transformers cache (a ``DynamicCache``) with one growing layer per decoder layer
+    of ``model`` (a transformers model or a peft wrapper of one)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config(decoder=True)
+    # Layers with sliding-window attention (Mistral, Gemma, ...) see the same positions as full
+    # attention while a sequence fits the window; beyond it their cache would differ: refused.
+    types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None) if any("sliding" in t for t in types) else None
+    layer = _layer_class()
+    cache = DynamicCache.__new__(DynamicCache)
+    Cache.__init__(cache, layers=[layer(window) for _ in range(config.num_hidden_layers)])
+    return cache
+
+
+def join(live: Any, new: Any, drop: int, pad_live: int, pad_new: int) -> None:
+    """Append the rows of cache ``new`` to cache ``live`` (both from :func:`growing_cache`), in
+    place: ``live`` loses its first ``drop`` positions (padding in all its rows), then the shorter
+    of the two is padded on the left (``pad_live`` and ``pad_new`` zero positions) so both have the
+    same length."""
+    for a, b in zip(live.layers, new.layers, strict=True):
+        width = a.length - drop + pad_live
+        assert width == b.length + pad_new, "joined caches must have one length"
+        n_live = a.keys.shape[0]
+        buffers = []
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            joined = x.new_zeros(n_live + y.shape[0], x.shape[1], width + INITIAL_ROOM, x.shape[3])
+            joined[:n_live, :, pad_live:width] = x[:, :, drop:]
+            joined[n_live:, :, pad_new:width] = y
+            buffers.append(joined)
+        a._set(*buffers, width)

@@ -1,0 +1,99 @@
+"""kpod.kv_cache: the growing key/value cache of the decoding loop."""
+
+import torch
+
+import kpod.kv_cache as kv_cache
+
+
+class _Config:
+    num_hidden_layers = 1
+
+    def get_text_config(self, decoder: bool = True):
+        return self
+
+
+def _cache():
+    return kv_cache.growing_cache(type("Model", (), {"config": _Config()})())
+
+
+def test_growing_cache_holds_what_concatenation_holds(monkeypatch) -> None:
+    """Keys and values after a prefill, many one-position steps (the buffers reallocated several
+    times: one position of room) and two row selections equal those of plain concatenation, and
+    the buffers grew by doubling (not one reallocation per step)."""
+    monkeypatch.setattr(kv_cache, "INITIAL_ROOM", 1)
+    layer = _cache().layers[0]
+    torch.manual_seed(1)
+    ref_k, ref_v = torch.randn(4, 2, 5, 3), torch.randn(4, 2, 5, 3)
+    layer.update(ref_k.clone(), ref_v.clone())
+    sizes = set()
+    for step in range(9):
+        k, v = torch.randn(ref_k.shape[0], 2, 1, 3), torch.randn(ref_k.shape[0], 2, 1, 3)
+        keys, values = layer.update(k, v)
+        ref_k, ref_v = torch.cat([ref_k, k], 2), torch.cat([ref_v, v], 2)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        sizes.add(layer.buffers[0].shape[2])
+        if step in (3, 6):
+            rows = torch.tensor([0, 2]) if step == 3 else torch.tensor([1])
+            layer.batch_select_indices(rows)
+            ref_k, ref_v = ref_k[rows], ref_v[rows]
+    assert layer.get_seq_length() == 14 and sorted(sizes) == [6, 12, 24]  # 5 + 1 of room, then doubled
+
+
+def test_join_pads_the_shorter_cache_on_the_left_with_zeros() -> None:
+    """Live rows of 6 positions whose first 2 are padding in every row, joined with new rows of 5
+    positions: the live rows lose 2 positions, the new ones get 1 zero position in front."""
+    torch.manual_seed(2)
+    live, new = _cache(), _cache()
+    a_k, a_v = torch.randn(2, 1, 6, 4), torch.randn(2, 1, 6, 4)
+    b_k, b_v = torch.randn(3, 1, 5, 4), torch.randn(3, 1, 5, 4)
+    live.layers[0].update(a_k, a_v)
+    new.layers[0].update(b_k, b_v)
+    kv_cache.join(live, new, drop=2, pad_live=1, pad_new=0)
+    # widths: live 6 - 2 + 1 = 5 = new 5 + 0
+    layer = live.layers[0]
+    assert layer.keys.shape == (5, 1, 5, 4) and layer.get_seq_length() == 5
+    assert torch.equal(layer.keys[:2, :, 1:], a_k[:, :, 2:]) and torch.equal(layer.values[2:], b_v)
+    assert torch.count_nonzero(layer.keys[:2, :, :1]) == 0  # padding is zeros, never garbage
+    k, v = torch.randn(5, 1, 1, 4), torch.randn(5, 1, 1, 4)
+    keys, _ = layer.update(k, v)  # and it goes on growing in place
+    assert torch.equal(keys[:, :, -1:], k) and torch.equal(keys[2:, :, :5], b_k)
+
+
+def test_greedy_texts_with_grouped_heads_and_a_reallocating_cache(tmp_path, monkeypatch) -> None:
+    """A grouped-query tiny model (4 heads reading 2 key/value heads) with spread-out random
+    weights, so sequences end at different steps; one position of room, so every layer's buffers
+    are reallocated and rows are dropped and joined in between: the decoding loop (batches of 3
+    refilled over 10 prompts) gives ``model.generate``'s greedy texts in fp32."""
+    from tiny_models import build_causal
+
+    import kpod.evaluate as kpod_evaluate
+    from kpod.data.synthetic import arithmetic_examples
+    from kpod.evaluate import generate
+    from kpod.models import load_model
+
+    monkeypatch.setattr(kv_cache, "INITIAL_ROOM", 1)
+    monkeypatch.setattr(kpod_evaluate, "REFILL_BATCHES", 4)
+    loaded = load_model(str(build_causal(tmp_path / "gqa", heads=4, kv_heads=2)), trainable=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    loaded.model.generation_config.eos_token_id = 10
+    prompts = [f"Q: {e.question}\nA: Let's think step by step." for e in arithmetic_examples(10, seed=4)]
+
+    def run(compact: bool, batch_size: int) -> list[str]:
+        return generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=24,
+            progress=False,
+            compact=compact,
+        )
+
+    reference = run(False, 10)
+    ends = {len(loaded.tokenizer(t, add_special_tokens=False).input_ids) for t in reference}
+    assert len(ends) >= 3  # sequences ended at different steps
+    assert run(True, 3) == reference
