@@ -103,9 +103,14 @@ OOD_TEMPLATES = (3, 12, 18, 31, 34, 41, 47, 51, 57, 67, 71, 76, 78, 84, 90, 93)
 
 # The powered suites' schedule: 8 epochs with T = epochs / 2, and dev selection among the epochs
 # T..8 for every method, so that std-cot and kpod choose among the same epochs and pay the same dev
-# evaluations.
+# evaluations. Generation in batches of 128 (refilled as sequences end): evaluation is most of a
+# run's time, and 128 decodes about twice as fast as 32 here (BENCHMARKS.md, "Issue #21, session 13").
 _COMMON_CPU_8_EPOCHS = _merge(
-    _COMMON_CPU, {"schedule": {"stages": 4}, "train": {"epochs": 8, "select_from_epoch": 4}}
+    _COMMON_CPU,
+    {
+        "schedule": {"stages": 4},
+        "train": {"epochs": 8, "select_from_epoch": 4, "eval_batch_size": 128},
+    },
 )
 
 

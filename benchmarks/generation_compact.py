@@ -7,6 +7,13 @@ batch (B, kpod.evaluate's default for causal students).
 ``--compare merge``: bf16 generation of a LoRA student with its adapters kept as separate layers
 (A, a plain bf16 copy) against merged into the weights (B, kpod.precision.bf16_copy), both with
 the compacting loop.
+``--compare batch``: the compacting loop at ``--batch-size`` (A) against ``--batch-b`` (B), both
+bf16 with merged adapters (decoding a 135M model on a CPU streams every weight from memory once per
+step, so a step's time grows much more slowly than its batch); each batch decoded on its own (no
+refilling: session 12's loop).
+``--compare refill``: session 12's loop at ``--batch-size`` (A: each batch on its own, with
+transformers' ``DynamicCache``) against today's default at ``--batch-b`` (B: the batch refilled from
+chunks of ``kpod.evaluate.REFILL_BATCHES`` batches, kpod's growing cache).
 
     .venv/bin/python benchmarks/generation_compact.py STUDENT_DIR TEST_FILE --n 128 [--compare merge]
 
@@ -35,7 +42,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
-    parser.add_argument("--compare", choices=("compact", "merge"), default="compact")
+    parser.add_argument("--compare", choices=("compact", "merge", "batch", "refill"), default="compact")
+    parser.add_argument("--batch-b", type=int, default=128, help="B's batch size (batch, refill)")
     args = parser.parse_args()
     started = provenance()
 
@@ -45,8 +53,28 @@ def main() -> None:
 
     loaded = load_model(args.student, trainable=False)
     questions = load_examples(args.test_file)[0][: args.n]
-    names = ("generate", "compact") if args.compare == "compact" else ("adapters", "merged")
-    if args.compare == "merge":
+    names = {
+        "compact": ("generate", "compact"),
+        "merge": ("adapters", "merged"),
+        "batch": (f"batch{args.batch_size}", f"batch{args.batch_b}"),
+        "refill": (f"batch{args.batch_size}", f"batch{args.batch_b}-refill"),
+    }[args.compare]
+    from transformers import DynamicCache
+
+    import kpod.evaluate as kpod_evaluate
+    import kpod.kv_cache as kv_cache
+
+    growing_cache = kv_cache.growing_cache
+
+    refill = {name: 1 for name in names}  # chunks of one batch: no refilling
+    if args.compare == "refill":
+        refill[names[1]] = kpod_evaluate.REFILL_BATCHES
+    if args.compare in ("batch", "refill"):
+        settings = {
+            names[0]: (loaded.model, {"precision": args.precision}),
+            names[1]: (loaded.model, {"precision": args.precision, "batch_size": args.batch_b}),
+        }
+    elif args.compare == "merge":
         import copy
 
         import torch
@@ -65,14 +93,16 @@ def main() -> None:
     runs: dict[str, list] = {name: [] for name in names}
     for name in (*names, *names):
         model, options = settings[name]
+        kpod_evaluate.REFILL_BATCHES = refill[name]
+        old_cache = args.compare == "refill" and name == names[0]
+        kv_cache.growing_cache = (lambda model: DynamicCache()) if old_cache else growing_cache
         result = evaluate(
             model,
             loaded.tokenizer,
             questions,
-            batch_size=args.batch_size,
+            **{"batch_size": args.batch_size, **options},
             max_new_tokens=args.max_new_tokens,
             progress=False,
-            **options,
         )
         runs[name].append(result)
         print(name, round(result.seconds, 1), result.precision, flush=True)
@@ -83,6 +113,7 @@ def main() -> None:
         "test_file": str(args.test_file),
         "questions": len(questions),
         "batch_size": args.batch_size,
+        **({"batch_b": args.batch_b} if args.compare in ("batch", "refill") else {}),
         "precision": args.precision,
         "seconds": {k: [round(r.seconds, 1) for r in v] for k, v in runs.items()},
         "generated_tokens": runs[names[1]][0].generated_tokens,
