@@ -47,15 +47,26 @@ def test_batched_generation_equals_one_at_a_time(tiny_causal) -> None:
     assert batched == single  # left padding and length sorting change nothing under greedy decoding
 
 
-def test_compacting_generation_equals_model_generate(tiny_causal, monkeypatch) -> None:
+@pytest.mark.parametrize("grouped", [False, True])
+def test_compacting_generation_equals_model_generate(tiny_causal, tmp_path, monkeypatch, grouped) -> None:
     """Dropping finished sequences from the batch and refilling it from the next prompts (the
     default for causal models) gives exactly ``model.generate``'s greedy texts in fp32, with
     sequences ending at different steps: a tiny model with spread-out random weights, whose token
     10 (made end-of-sequence) comes at steps 4 to 28 depending on the prompt, plus one prompt
     stopped by the length limit. With batches of 3 over chunks of 12 prompts the batch is refilled
     several times (each refill is a prefill: counted), never holds more than 3 sequences, and joins
-    caches of different lengths."""
-    loaded = load_model(str(tiny_causal), trainable=False)
+    caches of different lengths. ``grouped``: a model with 4 query heads reading 2 key/value heads,
+    and KV-cache buffers with one position of room, so that every layer's buffers are reallocated
+    as they grow, between the rows' drops and joins."""
+    import kpod.kv_cache as kv_cache
+
+    if grouped:
+        from tiny_models import build_causal
+
+        monkeypatch.setattr(kv_cache, "INITIAL_ROOM", 1)
+        loaded = load_model(str(build_causal(tmp_path / "gqa", heads=4, kv_heads=2)), trainable=False)
+    else:
+        loaded = load_model(str(tiny_causal), trainable=False)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in loaded.model.parameters():

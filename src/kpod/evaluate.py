@@ -119,16 +119,25 @@ def _greedy_compacting(
     rows: list[int] = []  # the row of ``enc`` of each live sequence
     cache = mask = last = nxt = None
 
-    def check(rows: list[int], nxt: torch.Tensor) -> list[int]:
-        """Record each live row's new token; the indices of the rows that go on."""
+    def survivors(
+        rows: list[int], nxt: torch.Tensor, cache: Any, *tensors: torch.Tensor
+    ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+        """Record each live row's new token ``nxt``; the rows that go on, with the rows of the
+        others dropped from ``cache`` and from each of ``tensors`` (indexed by live row)."""
         for row, t in zip(rows, nxt.tolist(), strict=True):
             tokens[row].append(t)
         complete = _answers_complete(tokenizer, [tokens[row] for row in rows])
-        return [
+        keep = [
             i
             for i, row in enumerate(rows)
             if tokens[row][-1] not in eos and not complete[i] and len(tokens[row]) < max_new_tokens
         ]
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+            cache.batch_select_indices(index)
+            tensors = tuple(t[index] for t in tensors)
+            rows = [rows[i] for i in keep]
+        return rows, tensors
 
     while True:
         while queued < total and len(rows) <= batch_size // 2:
@@ -148,12 +157,7 @@ def _greedy_compacting(
                 **{key: g_cache},
             )
             g_nxt = out.logits[:, -1, :].argmax(-1)
-            keep = check(group, g_nxt)
-            if len(keep) < len(group):
-                index = torch.tensor(keep, dtype=torch.long, device=g_ids.device)
-                g_cache.batch_select_indices(index)
-                g_mask, positions, g_nxt = g_mask[index], positions[index], g_nxt[index]
-                group = [group[i] for i in keep]
+            group, (g_mask, positions, g_nxt) = survivors(group, g_nxt, g_cache, g_mask, positions, g_nxt)
             if not group:
                 continue
             if not rows:
@@ -178,12 +182,7 @@ def _greedy_compacting(
             **{key: cache},
         )
         nxt = out.logits[:, -1, :].argmax(-1)
-        keep = check(rows, nxt)
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, dtype=torch.long, device=nxt.device)
-            cache.batch_select_indices(index)
-            mask, last, nxt = mask[index], last[index], nxt[index]
-            rows = [rows[i] for i in keep]
+        rows, (mask, last, nxt) = survivors(rows, nxt, cache, mask, last, nxt)
 
 
 def _generate_batch(
