@@ -303,10 +303,12 @@ def trl_sft(args, examples, out: Path) -> dict:
 
 def evaluation(args, examples) -> dict:
     """Greedy evaluation of --eval-student (default: the untrained student) on --eval-n questions:
-    today's setting (fp32, --eval-batch-size, ``model.generate``) against bf16 weights, a doubled
-    batch and finished sequences dropped from the batch (``-compact``: kpod.evaluate's own greedy
-    loop), each with its tokens/s and the number of answers that differ from today's; ``auto`` is
-    what :mod:`kpod.precision` picks here for the larger batch (measured, not cached)."""
+    today's setting (fp32, --eval-batch-size, ``model.generate``) against kpod.evaluate's own
+    greedy loop (``-compact``: finished sequences leave the batch, which is refilled from the next
+    prompts, with a KV cache grown in place) in fp32 and bf16 weights, at session 12's batch (twice
+    --eval-batch-size) and at --eval-new-batch-size, each with its tokens/s and the number of
+    answers that differ from today's; ``auto`` is what :mod:`kpod.precision` picks here for the
+    new batch (measured, not cached)."""
     from kpod import precision
     from kpod.evaluate import evaluate
     from kpod.models import load_model
@@ -315,8 +317,8 @@ def evaluation(args, examples) -> dict:
     questions = examples[: args.eval_n]
     out: dict = {"student": args.eval_student or args.student}
     b = args.eval_batch_size
-    settings = [("fp32", b, False), ("fp32", b, True), ("fp32", 2 * b, False)]
-    settings += [("bf16", b, False), ("bf16", 2 * b, False), ("bf16", 2 * b, True)]
+    big = args.eval_new_batch_size
+    settings = [("fp32", b, False), ("fp32", big, True), ("bf16", 2 * b, True), ("bf16", big, True)]
     answers = {}
     for prec, batch, compact in settings:
         name = f"{prec}-b{batch}{'-compact' if compact else ''}"
@@ -346,8 +348,8 @@ def evaluation(args, examples) -> dict:
         out[name]["answers_changed"] = sum(x != y for x, y in zip(answers[name], answers[today], strict=True))
     out["questions"] = len(questions)
     out["today"] = today
-    chosen = precision.choose(loaded.model, 2 * b, cache=False)
-    out["new"] = f"{chosen}-b{2 * b}-compact" if f"{chosen}-b{2 * b}-compact" in out else f"{chosen}-b{2 * b}"
+    chosen = precision.choose(loaded.model, big, cache=False)
+    out["new"] = f"{chosen}-b{big}-compact"
     return out
 
 
@@ -368,6 +370,9 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, default=32, help="questions for the evaluation comparison")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--eval-new-batch-size", type=int, default=128, help="the evaluation rows' large batch"
+    )
     parser.add_argument("--eval-student", help="a trained student's directory for the evaluation rows")
     parser.add_argument(
         "--eval-file", type=Path, help="questions for the evaluation rows (any format kpod reads)"
