@@ -357,3 +357,28 @@ def test_the_bf16_generation_copy_of_a_lora_student_has_its_adapters_merged(tiny
         merged = low(input_ids=ids).logits.float()
     assert (adapted - unadapted).abs().max() > 0.1  # the adapters matter here
     assert (merged - adapted).abs().max() < 0.1 * (adapted - unadapted).abs().max()
+
+
+def test_precision_timing_runs_kpods_decoding_loop_for_every_token(
+    tiny_causal, tiny_seq2seq, monkeypatch
+) -> None:
+    """kpod.precision times what evaluations run: for a causal student kpod's own decoding loop,
+    each row for exactly the timed number of tokens (no answer or end-of-sequence stops it); an
+    encoder-decoder still through model.generate."""
+    import kpod.evaluate as kpod_evaluate
+    from kpod import precision
+
+    real, lengths = kpod_evaluate._greedy_compacting, []
+
+    def counted(*args, **kwargs):
+        tokens = real(*args, **kwargs)
+        lengths.append([len(t) for t in tokens])
+        return tokens
+
+    monkeypatch.setattr(kpod_evaluate, "_greedy_compacting", counted)
+    model = load_model(str(tiny_causal), trainable=False).model
+    assert precision.time_generation(model, 3, new_tokens=7, prompt_tokens=5) > 0
+    assert lengths == [[4, 4, 4], [7, 7, 7]]  # the warm-up, then the timed run
+    seq2seq = load_model(str(tiny_seq2seq), trainable=False).model
+    assert precision.time_generation(seq2seq, 2, new_tokens=3, prompt_tokens=5) > 0
+    assert len(lengths) == 2

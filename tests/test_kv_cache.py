@@ -57,4 +57,3 @@ def test_join_pads_the_shorter_cache_on_the_left_with_zeros() -> None:
     k, v = torch.randn(5, 1, 1, 4), torch.randn(5, 1, 1, 4)
     keys, _ = layer.update(k, v)  # and it goes on growing in place
     assert torch.equal(keys[:, :, -1:], k) and torch.equal(keys[2:, :, :5], b_k)
-

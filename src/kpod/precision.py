@@ -49,8 +49,16 @@ def cache_key(model: Any, batch_size: int) -> str:
     shape = [
         getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     ]
-    # "v2": the timing method (a change of it must not reuse answers measured the old way)
-    return f"v2|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
+    # "v3": the timing method (a change of it must not reuse answers measured the old way; v3 times
+    # kpod's decoding loop instead of model.generate)
+    return f"v3|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
+
+
+class _NoStop:
+    """A stand-in tokenizer for the decoding loop's answer check: no text ever ends an answer."""
+
+    def batch_decode(self, rows: Any, **kwargs: Any) -> list[str]:
+        return [""] * len(rows)
 
 
 def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_tokens: int = 128) -> float:
@@ -58,20 +66,40 @@ def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_to
     the same shapes (oneDNN builds its bf16 kernels for each shape on first use: a warm-up on other
     shapes made bf16 look slower than fp32 where a real evaluation ran it 1.9x faster). The prompt
     length matters too: at batch 32 on one machine bf16 and fp32 were even with 64-token prompts
-    and bf16 1.65x faster with 128 (a GSM8K prompt's length), so the default is 128."""
+    and bf16 1.65x faster with 128 (a GSM8K prompt's length), so the default is 128. A causal model
+    decodes with kpod's own loop (:func:`kpod.evaluate._greedy_compacting`, what its evaluations
+    run; ``model.generate`` copies its KV cache at every step), every row for ``new_tokens``
+    tokens; an encoder-decoder with ``model.generate``."""
     import torch
 
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, vocab, (batch_size, prompt_tokens), generator=generator).to(device)
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     if getattr(model.config, "is_encoder_decoder", False):
-        kwargs["decoder_start_token_id"] = model.config.decoder_start_token_id or 0
+        start_id = model.config.decoder_start_token_id or 0
+
+        def decode(n: int) -> None:
+            model.generate(
+                input_ids=ids,
+                pad_token_id=0,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                decoder_start_token_id=start_id,
+            )
+    else:
+        from kpod.evaluate import _greedy_compacting
+
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def decode(n: int) -> None:
+            _greedy_compacting(model, enc, _NoStop(), n, set())
+
     with torch.no_grad():
-        model.generate(input_ids=ids, pad_token_id=0, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        decode(4)
         start = time.perf_counter()
-        model.generate(input_ids=ids, pad_token_id=0, **kwargs)
+        decode(new_tokens)
         seconds = time.perf_counter() - start
     return batch_size * new_tokens / seconds
 
