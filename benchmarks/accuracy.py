@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -145,6 +146,7 @@ SUITES: dict[str, dict] = {
             ("gsm-symbolic", "kpod-no-progressive", [0, 1]),
         ],
         "power": {"dataset": "gsm-symbolic", "gap": 2.0, "min_pairs": 5, "max_pairs": 12},
+        "generation_precision": "bf16",
     },
     "cpu-asdiv": {
         # ASDiv with this wave's weights and stages: 8 epochs with T = 4 (the multi-step suite's
@@ -165,6 +167,7 @@ SUITES: dict[str, dict] = {
             ("asdiv", "kpod-no-weights", [0]),
             ("asdiv", "kpod-no-progressive", [0]),
         ],
+        "generation_precision": "bf16",
     },
     "cpu-small": {
         "datasets": {
@@ -479,6 +482,19 @@ def _under_fast_allocator() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": str(library)})
 
 
+def pin_generation_precision(suite: str) -> str | None:
+    """A suite's ``generation_precision``, set as ``KPOD_GENERATION_PRECISION`` for this process:
+    ``eval_precision: auto`` measures which precision generates faster on the machine at hand, and
+    a suite that runs over several sittings may land on machines that answer differently, so the
+    powered suites fix it (bf16: the faster on every machine measured so far, BENCHMARKS.md) rather
+    than score some runs in fp32 and some in bf16. Set through the environment, which ``auto``
+    obeys, so that the runs' configs (and their steps' keys) stay as they were."""
+    precision = SUITES[suite].get("generation_precision")
+    if precision is not None:
+        os.environ["KPOD_GENERATION_PRECISION"] = precision
+    return precision
+
+
 def main() -> None:
     _under_fast_allocator()
     parser = argparse.ArgumentParser(
@@ -497,6 +513,7 @@ def main() -> None:
         help="name of a variant run (with --set): its own run folder, result file and table row",
     )
     args = parser.parse_args()
+    pin_generation_precision(args.suite)
     runs = [
         r
         for r in all_runs(args.suite)

@@ -3,6 +3,8 @@ folder and result file, so a suite started on another machine (gpu-7b) does not 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kpod.config import apply_overrides
@@ -98,3 +100,20 @@ def test_sitting_clock_sums_a_killed_sitting_and_the_resumed_one(load_benchmark,
     assert json.loads(path.read_text())["sittings"][1]["seconds"] == second
     clock.reset()
     assert not path.exists()
+
+
+def test_powered_suites_pin_the_generation_precision(accuracy, monkeypatch, tiny_causal):
+    """The powered suites decode in bf16 whatever machine a sitting lands on (``auto`` obeys the
+    environment and measures nothing); a suite without the setting leaves ``auto`` to measure."""
+    from kpod import precision
+    from kpod.models import load_model
+
+    monkeypatch.delenv("KPOD_GENERATION_PRECISION", raising=False)
+    measured = []
+    monkeypatch.setattr(precision, "time_generation", lambda m, b, **kw: measured.append(b) or 1.0)
+    model = load_model(str(tiny_causal), trainable=False).model
+    assert accuracy.pin_generation_precision("cpu-small") is None
+    assert "KPOD_GENERATION_PRECISION" not in os.environ
+    for suite in ("cpu-multistep", "cpu-asdiv"):
+        assert accuracy.pin_generation_precision(suite) == "bf16"
+        assert precision.resolve("auto", model, 128) == "bf16" and measured == []
