@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from kpod.models import inner_model
+
 
 class _WeightedLinearNLL(torch.autograd.Function):
     """``sum_j w_j * -log softmax(h_j W^T)[y_j]`` computed chunk by chunk; the gradients with
@@ -104,20 +106,11 @@ def linear_token_logprobs(
     return out
 
 
-def _unwrap(model: Any) -> Any:
-    """The transformers model inside DDP / accelerate and peft wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def head_bypass_supported(model: Any) -> bool:
     """Whether the model's logits are exactly its output projection of the states fed to it (a
     bias-free ``nn.Linear``, no logit soft-capping or scaling after it), so that bypassing the
     projection and applying it ourselves gives the same numbers."""
-    inner = _unwrap(model)
+    inner = inner_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     after = [getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")]
@@ -132,7 +125,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 def bypassed_head(model: Any) -> Iterator[torch.Tensor]:
     """Within the block the model's "logits" are the hidden states its output projection would
     read (final norm and any scaling applied); yields the projection's weight."""
-    head = _unwrap(model).get_output_embeddings()
+    head = inner_model(model).get_output_embeddings()
     head.forward = _identity
     try:
         yield head.weight

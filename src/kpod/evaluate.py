@@ -27,7 +27,7 @@ from kpod.data.schema import Example
 from kpod.errors import DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
-from kpod.models import last_positions
+from kpod.models import inner_model, last_positions
 from kpod.prompt import PromptFormat, render_prompt
 from kpod.stats import wilson_interval
 
@@ -112,8 +112,8 @@ def _greedy_compacting(
     total = ids_all.shape[0]
     batch_size = batch_size or total
     # transformers 5 renames forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    forward = inspect.signature(inner_model(model).forward).parameters
+    key = "cache" if "cache" in forward else "past_key_values"
     tokens: list[list[int]] = [[] for _ in range(total)]
     queued = 0  # rows of ``enc`` not yet admitted
     rows: list[int] = []  # the row of ``enc`` of each live sequence

@@ -97,8 +97,9 @@ def growing_cache(model: Any) -> Any:
     from transformers import DynamicCache
     from transformers.cache_utils import Cache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config.get_text_config(decoder=True)
+    from kpod.models import inner_model
+
+    config = inner_model(model).config.get_text_config(decoder=True)
     # Layers with sliding-window attention (Mistral, Gemma, ...) see the same positions as full
     # attention while a sequence fits the window; beyond it their cache would differ: refused.
     types = getattr(config, "layer_types", None) or []

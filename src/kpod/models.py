@@ -288,6 +288,17 @@ class StudentConfig:
         )
 
 
+def inner_model(model: Any) -> Any:
+    """The transformers model inside DDP / accelerate and peft wrappers."""
+    import torch
+
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
 def last_positions(length: int, keep: int, device: Any = None) -> Any:
     """``logits_to_keep`` for the last ``keep`` of ``length`` positions, as indices rather than a
     count: transformers slices the hidden states with a count (``h[:, -keep:]``), a strided view
