@@ -89,10 +89,16 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 def _greedy_compacting(
-    model: Any, enc: Any, tokenizer: Any, max_new_tokens: int, eos: set[int], batch_size: int | None = None
+    model: Any,
+    enc: Any,
+    tokenizer: Any | None,
+    max_new_tokens: int,
+    eos: set[int],
+    batch_size: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of the rows of a left-padded causal batch ``enc``, each row's tokens up
-    to and including the one that ends it (end-of-sequence, or its answer phrase complete).
+    to and including the one that ends it (end-of-sequence, or its answer phrase complete; with
+    ``tokenizer`` None no answer check: the end-of-sequence ids ``eos`` and ``max_new_tokens`` only).
 
     At most ``batch_size`` rows (default: all) decode together. A row that ends leaves the batch at
     once (its KV cache, mask and position dropped); when half the batch or less is left, the next
@@ -126,7 +132,10 @@ def _greedy_compacting(
         others dropped from ``cache`` and from each of ``tensors`` (indexed by live row)."""
         for row, t in zip(rows, nxt.tolist(), strict=True):
             tokens[row].append(t)
-        complete = _answers_complete(tokenizer, [tokens[row] for row in rows])
+        if tokenizer is None:
+            complete = [False] * len(rows)
+        else:
+            complete = _answers_complete(tokenizer, [tokens[row] for row in rows])
         keep = [
             i
             for i, row in enumerate(rows)
