@@ -1,6 +1,7 @@
 """Two ways of greedy generation on one student and one test file: seconds of each, alternated
 (A, B, A, B) so that a drift of the machine's speed falls on both, and how many texts and answers
-differ.
+differ. Every arm but ``refill``'s B runs kpod's decoding loop as it was in session 12, when these
+comparisons were first made: each batch on its own, with transformers' ``DynamicCache``.
 
 ``--compare compact`` (default): ``model.generate`` (A) against finished sequences dropped from the
 batch (B, kpod.evaluate's default for causal students).
@@ -9,8 +10,7 @@ batch (B, kpod.evaluate's default for causal students).
 the compacting loop.
 ``--compare batch``: the compacting loop at ``--batch-size`` (A) against ``--batch-b`` (B), both
 bf16 with merged adapters (decoding a 135M model on a CPU streams every weight from memory once per
-step, so a step's time grows much more slowly than its batch); each batch decoded on its own (no
-refilling: session 12's loop).
+step, so a step's time grows much more slowly than its batch).
 ``--compare refill``: session 12's loop at ``--batch-size`` (A: each batch on its own, with
 transformers' ``DynamicCache``) against today's default at ``--batch-b`` (B: the batch refilled from
 chunks of ``kpod.evaluate.REFILL_BATCHES`` batches, kpod's growing cache).
@@ -23,6 +23,7 @@ Writes ``results/generation-<compare>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, provenance  # noqa: E402
+
+
+@contextlib.contextmanager
+def _loop(today: bool):
+    """kpod.evaluate's decoding loop as it is (``today``), or as in session 12, which every arm but
+    ``refill``'s B measures: each batch decoded on its own (chunks of one batch, no refilling) with
+    transformers' ``DynamicCache``."""
+    import kpod.evaluate as kpod_evaluate
+    import kpod.kv_cache as kv_cache
+
+    saved = kpod_evaluate.REFILL_BATCHES, kv_cache.growing_cache
+    if not today:
+        from transformers import DynamicCache
+
+        kpod_evaluate.REFILL_BATCHES = 1
+        kv_cache.growing_cache = lambda model: DynamicCache()
+    try:
+        yield
+    finally:
+        kpod_evaluate.REFILL_BATCHES, kv_cache.growing_cache = saved
 
 
 def main() -> None:
@@ -59,16 +80,6 @@ def main() -> None:
         "batch": (f"batch{args.batch_size}", f"batch{args.batch_b}"),
         "refill": (f"batch{args.batch_size}", f"batch{args.batch_b}-refill"),
     }[args.compare]
-    from transformers import DynamicCache
-
-    import kpod.evaluate as kpod_evaluate
-    import kpod.kv_cache as kv_cache
-
-    growing_cache = kv_cache.growing_cache
-
-    refill = {name: 1 for name in names}  # chunks of one batch: no refilling
-    if args.compare == "refill":
-        refill[names[1]] = kpod_evaluate.REFILL_BATCHES
     if args.compare in ("batch", "refill"):
         settings = {
             names[0]: (loaded.model, {"precision": args.precision}),
@@ -93,17 +104,15 @@ def main() -> None:
     runs: dict[str, list] = {name: [] for name in names}
     for name in (*names, *names):
         model, options = settings[name]
-        kpod_evaluate.REFILL_BATCHES = refill[name]
-        old_cache = args.compare == "refill" and name == names[0]
-        kv_cache.growing_cache = (lambda model: DynamicCache()) if old_cache else growing_cache
-        result = evaluate(
-            model,
-            loaded.tokenizer,
-            questions,
-            **{"batch_size": args.batch_size, **options},
-            max_new_tokens=args.max_new_tokens,
-            progress=False,
-        )
+        with _loop(today=args.compare == "refill" and name == names[1]):
+            result = evaluate(
+                model,
+                loaded.tokenizer,
+                questions,
+                **{"batch_size": args.batch_size, **options},
+                max_new_tokens=args.max_new_tokens,
+                progress=False,
+            )
         runs[name].append(result)
         print(name, round(result.seconds, 1), result.precision, flush=True)
     a, b = runs[names[0]][0].predictions, runs[names[1]][0].predictions
