@@ -216,6 +216,35 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_cau
         assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
 
 
+def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny_causal) -> None:
+    """``train.compile``: the compiled forward (dynamic shapes) gives eager's loss and adapter
+    gradients to fp32 rounding on padded batches of two different lengths and sizes, with weights
+    that differ at every token; outside the block the model runs its own forward again."""
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig, compiled_forward, forward_replaced, inner_model
+
+    torch.manual_seed(0)
+    student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8).load()
+    model, tokenizer = student.model.eval(), student.tokenizer
+    compiled = compiled_forward(model)
+    examples = []
+    for k, steps in enumerate([0, 1, 2]):
+        ex = build_stage_example(EXAMPLE, steps, tokenizer)
+        examples.append(
+            dataclasses.replace(ex, weights=[0.1 + ((j * 7 + k) % 11) / 11 for j in range(len(ex.labels))])
+        )
+    for batch in (collate(examples, tokenizer.pad_token_id, "causal"), collate(examples[1:], 0, "causal")):
+        eager_loss, eager = _loss_and_grads(model, batch, "causal", from_hidden=True)
+        with forward_replaced(model, compiled):
+            assert inner_model(model).forward is compiled
+            loss, grads = _loss_and_grads(model, batch, "causal", from_hidden=True)
+        assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+        assert grads.keys() == eager.keys() and all("lora" in k for k in grads)
+        for name, grad in eager.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert "forward" not in vars(inner_model(model))
+
+
 @pytest.mark.parametrize("from_hidden", [False, True])
 def test_packed_examples_do_not_attend_to_each_other(tiny_causal, from_hidden) -> None:
     """Each example's loss in a packed row equals its loss alone (fp32), so no example sees

@@ -441,6 +441,59 @@ def test_progressive_epochs_train_stages_1_to_T_and_only_whole_rationale_epochs_
     assert [row["stage"] for row in log] == [1, 2, 3, 4]
 
 
+def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, tmp_path, monkeypatch):
+    """``train.compile``: every training forward goes through the forward the trainer compiled
+    once (stood in for here by the eager forward, counted), dev and test generation through the
+    model's own; the losses are those of a run without it (the stand-in computes the same), and
+    the option is part of the run's identity only when on (kpod.config.key_data)."""
+    import kpod.distill.trainer as trainer
+    from kpod.config import key_data
+
+    made, calls = [], {"train": 0, "eval": 0}
+
+    def counting_forward(model):
+        own = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+
+        def forward(*args, **kwargs):
+            calls["train" if model.training else "eval"] += 1
+            return own(*args, **kwargs)
+
+        made.append(forward)
+        return forward
+
+    monkeypatch.setattr(trainer, "compiled_forward", counting_forward)
+    examples = arithmetic_examples(4, seed=3)
+
+    def run(name: str, **settings):
+        student = load_model(str(tiny_causal))
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        config = TrainConfig(
+            method="std-cot",
+            epochs=2,
+            batch_size=2,
+            lr=1e-2,
+            precision="fp32",
+            eval_max_new_tokens=6,
+            **settings,
+        )
+        train(config, student, builder, tmp_path / name, dev=examples[:2], test=examples[:2], progress=False)
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    plain = run("plain")
+    assert not made and calls == {"train": 0, "eval": 0}
+    # A checkpoint written before the option existed resumes as a run without it.
+    state_file = latest_checkpoint(tmp_path / "plain" / "checkpoints") / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["compile"]
+    state_file.write_text(json.dumps(state))
+    assert run("plain") == plain
+    compiled = run("compiled", compile=True)
+    assert len(made) == 1  # made once, for every epoch
+    assert calls == {"train": 4, "eval": 0}  # 2 epochs x 2 steps of one micro-batch; generation eager
+    assert compiled == pytest.approx(plain, rel=1e-6)
+    assert "compile" not in key_data(TrainConfig()) and key_data(TrainConfig(compile=True))["compile"] is True
+
+
 def test_select_from_epoch_leaves_earlier_epochs_out_of_dev_scoring(tiny_causal, tmp_path, monkeypatch):
     """std-cot over 3 epochs with ``select_from_epoch: 2``: dev is scored after epochs 2 and 3 only
     (0-based 1 and 2), and the best of those is kept even when epoch 1 would have scored higher."""

@@ -136,6 +136,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def key_data(obj: Any) -> Any:
+    """What a pipeline step's key hashes: :func:`to_dict`, except that the fields a dataclass
+    names in its ``LATE_FIELDS`` (options added after results were keyed, whose default does what
+    ran before they existed) are left out while they hold their default, so that adding an option
+    does not make finished steps run again; set to anything else, they are part of the key."""
+    if dataclasses.is_dataclass(obj):
+        late = getattr(type(obj), "LATE_FIELDS", ())
+        return {
+            f.name: key_data(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.name in late and getattr(obj, f.name) == f.default)
+        }
+    if isinstance(obj, list | tuple):
+        return [key_data(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: key_data(v) for k, v in obj.items()}
+    return to_dict(obj)
+
+
+def late_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls``'s ``LATE_FIELDS``: what a record written before they existed meant."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {name: defaults[name] for name in getattr(cls, "LATE_FIELDS", ())}
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's documentation from ``cls``'s docstring section ``Attributes:`` (one entry may
     document several fields: ``lora_r, lora_alpha: text``), joined onto one line."""

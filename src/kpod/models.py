@@ -201,6 +201,33 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
             weight.data = original
 
 
+def compiled_forward(model: Any) -> Any:
+    """``torch.compile`` of the forward of the transformers model inside ``model``'s wrappers
+    (:func:`inner_model`), with dynamic shapes: one compilation serves every batch length and size
+    (inductor fuses the element-wise work around the matrix products: norms, rotary embeddings,
+    activations, LoRA's additions, in the backward pass too). Lazy: the first call compiles.
+    Install it with :func:`forward_replaced` where it should run."""
+    import torch
+
+    return torch.compile(inner_model(model).forward, dynamic=True)
+
+
+@contextlib.contextmanager
+def forward_replaced(model: Any, forward: Any) -> Iterator[None]:
+    """Within the block, the transformers model inside ``model``'s wrappers runs ``forward``
+    (for example :func:`compiled_forward`'s); afterwards its own again."""
+    inner = inner_model(model)
+    before = inner.__dict__.get("forward")
+    inner.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del inner.forward
+        else:
+            inner.forward = before
+
+
 @contextlib.contextmanager
 def autocast(device_type: str, precision: str) -> Iterator[None]:
     """Mixed precision: bf16 autocast on CPU or GPU, fp16 on GPU; ``fp32`` does nothing.

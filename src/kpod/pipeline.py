@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kpod.config import apply_overrides, from_dict, read_yaml, to_dict
+from kpod.config import apply_overrides, from_dict, key_data, read_yaml
 from kpod.data.schema import Example
 from kpod.distill.methods import METHODS, get_method
 from kpod.distill.trainer import TrainConfig, TrainResult, test_summary
@@ -253,7 +253,7 @@ class Runner:
         self, name: str, settings: Any, upstream: list[str], fn: Callable[[Path], dict[str, Any]]
     ) -> dict:
         """Run step ``name`` unless finished with the same key; returns its result."""
-        key = _hash({"settings": to_dict(settings), "upstream": [self.keys[u] for u in upstream]})
+        key = _hash({"settings": key_data(settings), "upstream": [self.keys[u] for u in upstream]})
         self.keys[name] = key
         folder = self.dir / name
         marker = folder / "stage.json"

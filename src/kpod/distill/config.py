@@ -4,7 +4,7 @@ apart from the trainer so that reading a config or building the CLI needs no tor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from kpod.errors import ConfigError
 
@@ -59,7 +59,16 @@ class TrainConfig:
             position ids and no attention mask (block-diagonal attention, no padding between
             examples; causal students; not ``mcc-kd``). Off by default: see BENCHMARKS.md "Issue
             #21" for what it does to the speed on a CPU.
+        compile: run the student's forward and backward passes of training steps through
+            ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
+            dev and test generation stay eager). The first step pays the compilation (minutes on
+            a 2-core CPU the first time, seconds once inductor's cache holds it); the losses equal
+            the eager ones up to the fused kernels' rounding. Off by default; see BENCHMARKS.md
+            "Issue #21, session 14" for what it buys.
     """
+
+    # Added after results were keyed; at their default they do what ran before (kpod.config.key_data).
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("compile",)
 
     method: str = "kpod"
     epochs: int = 4
@@ -88,6 +97,7 @@ class TrainConfig:
     loss_from_hidden: bool = True
     loss_chunk: int = 512
     packing: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from kpod.distill.methods import METHODS  # the registry, as it stands when the config is read

@@ -40,7 +40,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from kpod.allocator import cpu_allocator_hint, release_freed_memory
 from kpod.chunked_loss import head_bypass_supported
+from kpod.config import late_defaults
 from kpod.data.schema import Example
 from kpod.distill.batches import global_batches, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
@@ -60,7 +61,7 @@ from kpod.distill.stages import StageExample
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
-from kpod.models import frozen_linears_in
+from kpod.models import compiled_forward, forward_replaced, frozen_linears_in
 from kpod.prompt import PromptFormat
 
 
@@ -335,8 +336,9 @@ class DistillRecipe:
         if resumed_from is not None:
             accelerator.load_state(str(resumed_from), strict=not partial)
             state.update(read_state(resumed_from))
-            if state.get("config") and state["config"] != asdict(config):
-                changed = [k for k, v in asdict(config).items() if state["config"].get(k) != v]
+            stored = {**late_defaults(TrainConfig), **state.get("config", {})}
+            if state.get("config") and stored != asdict(config):
+                changed = [k for k, v in asdict(config).items() if stored.get(k) != v]
                 raise ConfigError(
                     f"{output}: holds a run with different settings ({', '.join(changed)}); "
                     "use a new output directory or delete its checkpoints"
@@ -364,6 +366,9 @@ class DistillRecipe:
                 print(hint, file=sys.stderr)
         self.start_time = time.perf_counter() - state["seconds"]
         self.model.train()
+        # Made once, so that its compiled graphs serve every epoch (torch.compile is lazy: the
+        # first step compiles).
+        self.compiled_forward = compiled_forward(self.model) if config.compile else None
 
     @property
     def start_epoch(self) -> int:
@@ -433,13 +438,18 @@ class DistillRecipe:
         with self.step_weights():
             self._train_steps(epoch, examples, batches)
 
-    def step_weights(self) -> contextlib.AbstractContextManager:
-        """How the frozen weights are stored while steps run: in bf16 under bf16 autocast on a CPU
-        (the same numbers, without a cast per forward pass: :func:`kpod.models.frozen_linears_in`),
-        as loaded otherwise; dev scoring and saving always see them as loaded."""
-        if self.config.precision == "bf16" and self.accelerator.device.type == "cpu":
-            return frozen_linears_in(self.model, torch.bfloat16)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def step_weights(self) -> Iterator[None]:
+        """The student as training steps see it: frozen weights stored in bf16 under bf16 autocast
+        on a CPU (the same numbers, without a cast per forward pass:
+        :func:`kpod.models.frozen_linears_in`), and with ``compile`` the compiled forward
+        (:func:`kpod.models.forward_replaced`); dev scoring and saving see the student as loaded."""
+        with contextlib.ExitStack() as stack:
+            if self.config.precision == "bf16" and self.accelerator.device.type == "cpu":
+                stack.enter_context(frozen_linears_in(self.model, torch.bfloat16))
+            if self.compiled_forward is not None:
+                stack.enter_context(forward_replaced(self.model, self.compiled_forward))
+            yield
 
     def _train_steps(self, epoch: int, examples: Sequence[StageExample], batches: list[list[int]]) -> None:
         config, state, steps_per_epoch = self.config, self.state, self.steps_per_epoch
