@@ -9,8 +9,9 @@ share of it the loop achieves.
 
 Same model (LoRA on all linear layers, r 16), same GSM8K rationales, same batch, maximum length
 and precision for the three trainers. Throughput counts real (non-padding) tokens of every step
-after the first (warm-up) and divides by the time of those steps; for TRL (two epochs, its second timed) the step times come
-from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU) is sampled per phase.
+after the first (warm-up) and divides by the time of those steps; for TRL (two epochs, the second
+timed) the step times come from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU)
+is sampled per phase.
 Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
 ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures).
 
@@ -40,7 +41,9 @@ VARIANTS = {
     "new-dropout0.05": {"lora_dropout": 0.05},  # LoRA dropout's own cost, today's code otherwise
     "new-packing": {"packing": True},  # packed rows instead of length-grouped padded batches
     "new-compile": {"compile": True},  # torch.compile of the training forward (train.compile)
+    "new-gc": {"gradient_checkpointing": True},  # activations recomputed in the backward (memory)
 }
+STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 
 
 class PeakMemory:
@@ -147,8 +150,8 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         )
         inputs = {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
     settings = VARIANTS[variant]
-    train_settings = {k: v for k, v in settings.items() if k != "lora_dropout"}
-    student_settings = {k: v for k, v in settings.items() if k == "lora_dropout"}
+    train_settings = {k: v for k, v in settings.items() if k not in STUDENT_SETTINGS}
+    student_settings = {k: v for k, v in settings.items() if k in STUDENT_SETTINGS}
     # Two epochs (T = 2): kpod's first epoch trains schedule stage 1 (part of each rationale as
     # input), its second whole rationales, as in a real run; every method gets the same steps.
     config = TrainConfig(
@@ -497,8 +500,25 @@ def main() -> None:
             comp["std-cot"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3
         )
         result["compile_over_new_kpod"] = round(comp["kpod"]["tokens_per_s"] / new["kpod"]["tokens_per_s"], 3)
+        result["peak_rss_compile_over_old"] = (
+            round(
+                max(comp[m]["peak_mib"] for m in comp)
+                / max(result["old"][m]["peak_mib"] for m in result["old"]),
+                3,
+            )
+            if "old" in result
+            else None
+        )
         result["mfu_bf16_compile"] = round(
             comp["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3
+        )
+    if "new-gc" in result and "old" in result:
+        gc, old = result["new-gc"], result["old"]
+        result["peak_rss_gc_over_old"] = round(
+            max(gc[m]["peak_mib"] for m in gc) / max(old[m]["peak_mib"] for m in old), 3
+        )
+        result["gc_over_new_stdcot"] = round(
+            gc["std-cot"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3
         )
     if not args.skip_trl:
         rows = [trl_sft(args, examples, args.out / "trl")]
