@@ -201,6 +201,21 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
             weight.data = original
 
 
+def compile_unavailable(device_type: str) -> str | None:
+    """Why ``torch.compile`` cannot build its kernels here, or ``None``: on a CPU inductor writes
+    C++ and needs a compiler (``$CXX``, else ``g++``, ``clang++`` or ``c++`` on the PATH), whose
+    absence would otherwise surface mid-step as a long inductor traceback."""
+    import os
+    import shutil
+
+    if device_type != "cpu":
+        return None
+    candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+    if any(c and shutil.which(c) for c in candidates):
+        return None
+    return "no C++ compiler found ($CXX, g++, clang++ or c++), which torch.compile needs on a CPU"
+
+
 def compiled_forward(model: Any) -> Any:
     """``torch.compile`` of the forward of the transformers model inside ``model``'s wrappers
     (:func:`inner_model`), with dynamic shapes: one compilation serves every batch length and size

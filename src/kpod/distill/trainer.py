@@ -61,7 +61,7 @@ from kpod.distill.stages import StageExample
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
-from kpod.models import compiled_forward, forward_replaced, frozen_linears_in
+from kpod.models import compile_unavailable, compiled_forward, forward_replaced, frozen_linears_in
 from kpod.prompt import PromptFormat
 
 
@@ -274,6 +274,9 @@ class DistillRecipe:
         # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
         # accelerate then builds a gloo process group instead of running each process alone.
         accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        why = compile_unavailable(accelerator.device.type) if config.compile else None
+        if why:
+            raise ConfigError(f"train.compile: {why}; install one or set train.compile: false")
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
                 "DeepSpeed is not supported by the kpod loop yet; use DDP or FSDP (accelerate config)"
