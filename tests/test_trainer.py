@@ -61,6 +61,22 @@ def schedule_inputs(examples, stages: int) -> dict[str, list[int]]:
     return {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
 
 
+def train_tiny_std_cot(model_dir, examples, out, epochs, eval_max_new_tokens, *, dev, test, **settings):
+    """std-cot on a tiny causal model with these tests' usual settings (batch 2, lr 1e-2, fp32)."""
+    student = load_model(str(model_dir))
+    builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+    config = TrainConfig(
+        method="std-cot",
+        epochs=epochs,
+        batch_size=2,
+        lr=1e-2,
+        precision="fp32",
+        eval_max_new_tokens=eval_max_new_tokens,
+        **settings,
+    )
+    return train(config, student, builder, out, dev=dev, test=test, progress=False)
+
+
 def test_global_batches_are_deterministic_and_cover_every_example():
     lengths = [5, 50, 7, 30, 8, 9, 40, 1, 2, 3]
     a = global_batches(lengths, 3, seed=1, epoch=2)
@@ -367,19 +383,8 @@ def test_last_epoch_is_also_tested_when_dev_selection_keeps_an_earlier_one(
     monkeypatch.setattr(trainer, "_evaluate", scripted_dev)
 
     def run(name: str, **settings) -> tuple:
-        student = load_model(str(tiny_causal))
-        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
-        config = TrainConfig(
-            method="std-cot",
-            epochs=3,
-            batch_size=2,
-            lr=1e-2,
-            precision="fp32",
-            eval_max_new_tokens=12,
-            **settings,
-        )
-        result = train(
-            config, student, builder, tmp_path / name, dev=examples[:2], test=examples, progress=False
+        result = train_tiny_std_cot(
+            tiny_causal, examples, tmp_path / name, 3, 12, dev=examples[:2], test=examples, **settings
         )
         texts = {
             f.name: [json.loads(x)["generated"] for x in f.read_text().splitlines()]
@@ -465,18 +470,9 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     examples = arithmetic_examples(4, seed=3)
 
     def run(name: str, **settings):
-        student = load_model(str(tiny_causal))
-        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
-        config = TrainConfig(
-            method="std-cot",
-            epochs=2,
-            batch_size=2,
-            lr=1e-2,
-            precision="fp32",
-            eval_max_new_tokens=6,
-            **settings,
+        train_tiny_std_cot(
+            tiny_causal, examples, tmp_path / name, 2, 6, dev=examples[:2], test=examples[:2], **settings
         )
-        train(config, student, builder, tmp_path / name, dev=examples[:2], test=examples[:2], progress=False)
         return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
 
     plain = run("plain")
