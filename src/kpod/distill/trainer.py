@@ -372,6 +372,12 @@ class DistillRecipe:
         # Made once, so that its compiled graphs serve every epoch (torch.compile is lazy: the
         # first step compiles).
         self.compiled_forward = compiled_forward(self.model) if config.compile else None
+        if config.compile and accelerator.is_main_process and state["step"] < self.total_steps:
+            print(
+                "train.compile: the first step compiles the model (minutes on a CPU the first time, "
+                "seconds once inductor's cache holds it)",
+                file=sys.stderr,
+            )
 
     @property
     def start_epoch(self) -> int:
