@@ -364,6 +364,45 @@ def evaluation(args, examples) -> dict:
     return out
 
 
+METHOD_KEYS = (("std-cot", "stdcot"), ("kpod", "kpod"))  # a method and its name in result keys
+
+
+def training_ratios(result: dict) -> dict:
+    """The training figures the issue asks for, from the measured variants' cells in ``result``:
+    speed ratios (tokens/s), peak-memory ratios (the larger of the two methods' peaks) and the
+    share of the bf16 matrix-product rate."""
+
+    def speed(variant: str, method: str) -> float:
+        return result[variant][method]["tokens_per_s"]
+
+    def peak(variant: str) -> float:
+        return max(cell["peak_mib"] for cell in result[variant].values())
+
+    def mfu(variant: str) -> float:
+        return round(result[variant]["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3)
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3)
+
+    old = "old" in result
+    out = {"kpod_over_stdcot": ratio(speed("new", "kpod"), speed("new", "std-cot")), "mfu_bf16": mfu("new")}
+    if old:
+        for method, key in METHOD_KEYS:
+            out[f"new_over_old_{key}"] = ratio(speed("new", method), speed("old", method))
+        out["peak_rss_new_over_old"] = ratio(peak("new"), peak("old"))
+    if "new-compile" in result:  # the opt-in train.compile
+        for method, key in METHOD_KEYS:
+            if old:
+                out[f"compile_over_old_{key}"] = ratio(speed("new-compile", method), speed("old", method))
+            out[f"compile_over_new_{key}"] = ratio(speed("new-compile", method), speed("new", method))
+        out["peak_rss_compile_over_old"] = ratio(peak("new-compile"), peak("old")) if old else None
+        out["mfu_bf16_compile"] = mfu("new-compile")
+    if "new-gc" in result and old:
+        out["peak_rss_gc_over_old"] = ratio(peak("new-gc"), peak("old"))
+        out["gc_over_new_stdcot"] = ratio(speed("new-gc", "std-cot"), speed("new", "std-cot"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -476,50 +515,8 @@ def main() -> None:
     rates.append(round(matmul_rate(), 1))
     result["matmul_bf16_gflop_per_s_runs"] = rates
     result["matmul_bf16_gflop_per_s"] = max(rates)
-    new = result["new"]
-    result["std-cot"], result["kpod"] = new["std-cot"], new["kpod"]
-    result["kpod_over_stdcot"] = round(new["kpod"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3)
-    result["mfu_bf16"] = round(new["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3)
-    if "old" in result:
-        old = result["old"]
-        for method, key in (("std-cot", "stdcot"), ("kpod", "kpod")):
-            result[f"new_over_old_{key}"] = round(
-                new[method]["tokens_per_s"] / old[method]["tokens_per_s"], 3
-            )
-        result["peak_rss_new_over_old"] = round(
-            max(new[m]["peak_mib"] for m in new) / max(old[m]["peak_mib"] for m in old), 3
-        )
-        if "new-compile" in result:  # the opt-in train.compile, against the same old rows
-            for method, key in (("std-cot", "stdcot"), ("kpod", "kpod")):
-                result[f"compile_over_old_{key}"] = round(
-                    result["new-compile"][method]["tokens_per_s"] / old[method]["tokens_per_s"], 3
-                )
-    if "new-compile" in result:
-        comp = result["new-compile"]
-        result["compile_over_new_stdcot"] = round(
-            comp["std-cot"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3
-        )
-        result["compile_over_new_kpod"] = round(comp["kpod"]["tokens_per_s"] / new["kpod"]["tokens_per_s"], 3)
-        result["peak_rss_compile_over_old"] = (
-            round(
-                max(comp[m]["peak_mib"] for m in comp)
-                / max(result["old"][m]["peak_mib"] for m in result["old"]),
-                3,
-            )
-            if "old" in result
-            else None
-        )
-        result["mfu_bf16_compile"] = round(
-            comp["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3
-        )
-    if "new-gc" in result and "old" in result:
-        gc, old = result["new-gc"], result["old"]
-        result["peak_rss_gc_over_old"] = round(
-            max(gc[m]["peak_mib"] for m in gc) / max(old[m]["peak_mib"] for m in old), 3
-        )
-        result["gc_over_new_stdcot"] = round(
-            gc["std-cot"]["tokens_per_s"] / new["std-cot"]["tokens_per_s"], 3
-        )
+    result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
+    result.update(training_ratios(result))
     if not args.skip_trl:
         rows = [trl_sft(args, examples, args.out / "trl")]
         print("trl", rows[-1], flush=True)
