@@ -488,9 +488,12 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     assert calls == {"train": 4, "eval": 0}  # 2 epochs x 2 steps of one micro-batch; generation eager
     assert compiled == pytest.approx(plain, rel=1e-6)
     assert "compile" not in key_data(TrainConfig()) and key_data(TrainConfig(compile=True))["compile"] is True
-    # Without a C++ compiler (inductor's need on a CPU) the run stops at once, naming the option.
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    # Without a C++ compiler (inductor's need on a CPU) the run stops at once, naming the option:
+    # inductor told to search for one that does not exist (its search is cached per candidate list,
+    # so emptying PATH after an earlier compilation in this process would not be seen).
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("kpod-test-no-such-c++",))
     with pytest.raises(ConfigError, match="train.compile: no C\\+\\+ compiler"):
         run("no-compiler", compile=True)
     assert not (tmp_path / "no-compiler" / "checkpoints").exists()

@@ -203,17 +203,21 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
 
 def compile_unavailable(device_type: str) -> str | None:
     """Why ``torch.compile`` cannot build its kernels here, or ``None``: on a CPU inductor writes
-    C++ and needs a compiler (``$CXX``, else ``g++``, ``clang++`` or ``c++`` on the PATH), whose
-    absence would otherwise surface mid-step as a long inductor traceback."""
-    import os
-    import shutil
-
+    C++ and needs a compiler, whose absence would otherwise surface mid-step as a long inductor
+    traceback. Asked of inductor's own search (``torch._inductor.config.cpp.cxx``: ``$CXX``, else
+    ``g++``), so that the check accepts exactly the compilers inductor will use; if that internal
+    function has moved, nothing is said and compilation reports for itself."""
     if device_type != "cpu":
         return None
-    candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
-    if any(c and shutil.which(c) for c in candidates):
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
         return None
-    return "no C++ compiler found ($CXX, g++, clang++ or c++), which torch.compile needs on a CPU"
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # inductor's InvalidCxxCompiler (a RuntimeError), or the search failing
+        return f"no C++ compiler found ({err}), which torch.compile needs on a CPU"
+    return None
 
 
 def compiled_forward(model: Any) -> Any:
