@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from kpod.models import inner_model
+
 # Room left after the positions a buffer is (re)allocated for.
 INITIAL_ROOM = 64
 
@@ -96,8 +98,6 @@ def growing_cache(model: Any) -> Any:
     of ``model`` (a transformers model or a peft wrapper of one)."""
     from transformers import DynamicCache
     from transformers.cache_utils import Cache
-
-    from kpod.models import inner_model
 
     config = inner_model(model).config.get_text_config(decoder=True)
     # Layers with sliding-window attention (Mistral, Gemma, ...) see the same positions as full
