@@ -10,8 +10,11 @@ share of it the loop achieves.
 Same model (LoRA on all linear layers, r 16), same GSM8K rationales, same batch, maximum length
 and precision for the three trainers. Throughput counts real (non-padding) tokens of every step
 after the first (warm-up) and divides by the time of those steps; for TRL (two epochs, the second
-timed) the step times come from a trainer callback. Peak RSS (CPU) or peak allocated memory (GPU)
-is sampled per phase.
+timed) the step times come from a trainer callback. Each training row runs in a fresh Python process
+(:func:`fresh_process`) and reports that process's peak: resident memory on CPU (``ru_maxrss``),
+allocated memory on GPU. In one shared process a row's resident memory kept what earlier rows had
+left on the heap: the checkpointed variant showed 3.5 GB run after the others and 2.1-2.4 GB on its
+own. The evaluation rows share one process and one loaded model; their peaks are sampled.
 Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
 ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures).
 
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
+import subprocess
 import sys
 import threading
 import time
@@ -166,16 +171,15 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         keep_checkpoints=1,
         lr=1e-4,
     )
-    with PeakMemory() as mem:  # student loading included (its peak is below training's)
-        distill_student(
-            config,
-            StudentConfig(name=args.student, **student_settings),
-            examples,
-            out,
-            weights=weights,
-            inputs=inputs,
-            progress=False,
-        )
+    distill_student(
+        config,
+        StudentConfig(name=args.student, **student_settings),
+        examples,
+        out,
+        weights=weights,
+        inputs=inputs,
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     first_step_s, rows = rows[0]["step_s"], rows[1:]  # the first step warms up (and compiles)
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
@@ -190,7 +194,6 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         "seconds": round(seconds, 2),
         "steps": len(rows),
         "first_step_s": round(first_step_s, 2),
-        "peak_mib": mem.mib,
     }
 
 
@@ -214,7 +217,7 @@ def baselines(args) -> dict:
     first = [q[0] for q in chosen]  # std-cot: one rationale per question
     rows: dict = {"data": str(path), "questions": len(chosen), "rationales": len(several)}
     for method, examples in (("std-cot", first), ("scotd", several), ("mcc-kd", several)):
-        measured = ours(method, args, examples, args.out / f"baseline-{method}")
+        measured = fresh_process("ours", args, examples, args.out / f"baseline-{method}", method=method)
         steps = measured["steps"]
         measured["questions_per_s"] = round(steps * args.batch_size / measured["seconds"], 3)
         rows[method] = measured
@@ -295,8 +298,7 @@ def trl_sft(args, examples, out: Path, compile: bool = False) -> dict:
     )
     # Real tokens per step, counted from the tokenized dataset in the trainer's own batch order.
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
-    with PeakMemory() as mem:
-        trainer.train()
+    trainer.train()
     per_example = sum(lengths) / len(lengths)
     measured = timer.times[len(timer.times) // 2 :]  # the second epoch
     tokens = per_example * args.batch_size * len(measured)
@@ -305,11 +307,49 @@ def trl_sft(args, examples, out: Path, compile: bool = False) -> dict:
         "tokens": int(tokens),
         "seconds": round(sum(measured), 2),
         "steps": len(measured),
-        "peak_mib": mem.mib,
         "first_step_s": round(timer.times[0], 2),
         "torch_compile": compile,
         "trl_version": __import__("trl").__version__,
     }
+
+
+MEASUREMENTS = {"ours": ours, "trl": trl_sft}  # what fresh_process can run, by name
+
+
+def fresh_process(kind: str, args, examples: list, out: Path, **params) -> dict:
+    """``MEASUREMENTS[kind](args=args, examples=examples, out=out, **params)`` run in a child Python
+    process, its result with ``peak_mib``: the child's peak resident memory (CPU) or peak allocated
+    memory (GPU), student loading included (its peak is below training's). Why a fresh process: RSS
+    never gives back what a process's heap keeps, so rows measured one after another in one process
+    each carried their predecessors' leftovers (module docstring)."""
+    out.mkdir(parents=True, exist_ok=True)
+    job = out / "job.pkl"
+    job.write_bytes(pickle.dumps({"kind": kind, "args": vars(args), "examples": examples, "params": params}))
+    done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"the {kind} measurement {params} failed (exit {done.returncode}); its output is above"
+        )
+    return json.loads((out / "measured.json").read_text())
+
+
+def child(job_path: Path) -> None:
+    """The child side of :func:`fresh_process`: run the job, write its result beside it."""
+    import resource
+
+    import torch
+
+    job = pickle.loads(job_path.read_bytes())
+    out = job_path.parent
+    measured = MEASUREMENTS[job["kind"]](
+        args=argparse.Namespace(**job["args"]), examples=job["examples"], out=out, **job["params"]
+    )
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    measured["peak_mib"] = round(peak / 2**20, 1)
+    (out / "measured.json").write_text(json.dumps(measured))
 
 
 def evaluation(args, examples) -> dict:
@@ -438,7 +478,13 @@ def main() -> None:
         "--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="settings compared"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-throughput")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # fresh_process's job file
     args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    if "new" not in args.variants:
+        parser.error("--variants must include new: every ratio is taken against it")
     started = provenance()
     if args.baselines:  # only the baselines' rows, added to the existing results file
         import shutil
@@ -497,13 +543,14 @@ def main() -> None:
     rates = [round(matmul_rate(), 1)]
     print("bf16 matmul GFLOP/s", rates[0], flush=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
-    ours("std-cot", warm, examples[: args.batch_size], args.out / "warm-up")
+    fresh_process("ours", warm, examples[: args.batch_size], args.out / "warm-up", method="std-cot")
     runs = [(m, v) for v in args.variants for m in ("std-cot", "kpod")]
     for method, variant in runs:
         result.setdefault(variant, {})[method] = {"rounds": []}
     for r in range(args.rounds):
         for method, variant in runs if r % 2 == 0 else runs[::-1]:
-            measured = ours(method, args, examples, args.out / f"{variant}-{method}-{r}", variant)
+            out = args.out / f"{variant}-{method}-{r}"
+            measured = fresh_process("ours", args, examples, out, method=method, variant=variant)
             result[variant][method]["rounds"].append(measured)
             print(variant, method, r, measured, flush=True)
     for method, variant in runs:
@@ -518,10 +565,10 @@ def main() -> None:
     result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
     result.update(training_ratios(result))
     if not args.skip_trl:
-        rows = [trl_sft(args, examples, args.out / "trl")]
+        rows = [fresh_process("trl", args, examples, args.out / "trl")]
         print("trl", rows[-1], flush=True)
         if "new-compile" in result:  # TRL compiled too, when ours is
-            rows.append(trl_sft(args, examples, args.out / "trl-compile", compile=True))
+            rows.append(fresh_process("trl", args, examples, args.out / "trl-compile", compile=True))
             print("trl compiled", rows[-1], flush=True)
         result["trl_rows"] = rows
         result["trl"] = max(rows, key=lambda r: r["tokens_per_s"])  # its fastest setting here
