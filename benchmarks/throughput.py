@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -47,8 +48,12 @@ VARIANTS = {
     "new-packing": {"packing": True},  # packed rows instead of length-grouped padded batches
     "new-compile": {"compile": True},  # torch.compile of the training forward (train.compile)
     "new-gc": {"gradient_checkpointing": True},  # activations recomputed in the backward (memory)
+    # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
+    # installed (kpod.allocator); skipped where none is.
+    "new-jemalloc": {"allocator": True},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
+PROCESS_SETTINGS = ("allocator",)  # set on the measuring process (fresh_process), not on kpod
 
 
 class PeakMemory:
@@ -155,7 +160,9 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         )
         inputs = {rationale_key(e): plan.c[i].tolist() for i, e in enumerate(examples)}
     settings = VARIANTS[variant]
-    train_settings = {k: v for k, v in settings.items() if k not in STUDENT_SETTINGS}
+    train_settings = {
+        k: v for k, v in settings.items() if k not in STUDENT_SETTINGS and k not in PROCESS_SETTINGS
+    }
     student_settings = {k: v for k, v in settings.items() if k in STUDENT_SETTINGS}
     # Two epochs (T = 2): kpod's first epoch trains schedule stage 1 (part of each rationale as
     # input), its second whole rationales, as in a real run; every method gets the same steps.
@@ -325,7 +332,12 @@ def fresh_process(kind: str, args, examples: list, out: Path, **params) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.pkl"
     job.write_bytes(pickle.dumps({"kind": kind, "args": vars(args), "examples": examples, "params": params}))
-    done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False)
+    env = dict(os.environ)
+    if VARIANTS.get(params.get("variant", "new"), {}).get("allocator"):
+        from kpod.allocator import find_fast_allocator
+
+        env["LD_PRELOAD"] = str(find_fast_allocator())
+    done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(
             f"the {kind} measurement {params} failed (exit {done.returncode}); its output is above"
@@ -349,6 +361,9 @@ def child(job_path: Path) -> None:
     else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     measured["peak_mib"] = round(peak / 2**20, 1)
+    from kpod.allocator import current_allocator
+
+    measured["allocator"] = current_allocator()
     (out / "measured.json").write_text(json.dumps(measured))
 
 
@@ -440,6 +455,10 @@ def training_ratios(result: dict) -> dict:
     if "new-gc" in result and old:
         out["peak_rss_gc_over_old"] = ratio(peak("new-gc"), peak("old"))
         out["gc_over_new_stdcot"] = ratio(speed("new-gc", "std-cot"), speed("new", "std-cot"))
+    if "new-jemalloc" in result:
+        if old:
+            out["peak_rss_jemalloc_over_old"] = ratio(peak("new-jemalloc"), peak("old"))
+        out["jemalloc_over_new_stdcot"] = ratio(speed("new-jemalloc", "std-cot"), speed("new", "std-cot"))
     return out
 
 
@@ -485,6 +504,12 @@ def main() -> None:
         return
     if "new" not in args.variants:
         parser.error("--variants must include new: every ratio is taken against it")
+    if "new-jemalloc" in args.variants:
+        from kpod.allocator import find_fast_allocator
+
+        if find_fast_allocator() is None:
+            print("no jemalloc, tcmalloc or mimalloc installed: new-jemalloc skipped", file=sys.stderr)
+            args.variants.remove("new-jemalloc")
     started = provenance()
     if args.baselines:  # only the baselines' rows, added to the existing results file
         import shutil
