@@ -373,8 +373,10 @@ def evaluation(args, examples) -> dict:
     greedy loop (``-compact``: finished sequences leave the batch, which is refilled from the next
     prompts, with a KV cache grown in place) in fp32 and bf16 weights, at session 12's batch (twice
     --eval-batch-size) and at --eval-new-batch-size, each with its tokens/s and the number of
-    answers that differ from today's; ``auto`` is what :mod:`kpod.precision` picks here for the
-    new batch (measured, not cached)."""
+    answers that differ from today's; a ``-drop0`` row drops each finished sequence from the batch
+    as it ends (the loop before ``kpod.evaluate.DROP_FINISHED_SHARE``); ``auto`` is what
+    :mod:`kpod.precision` picks here for the new batch (measured, not cached)."""
+    import kpod.evaluate as kpod_evaluate
     from kpod import precision
     from kpod.evaluate import evaluate
     from kpod.models import load_model
@@ -384,10 +386,25 @@ def evaluation(args, examples) -> dict:
     out: dict = {"student": args.eval_student or args.student}
     b = args.eval_batch_size
     big = args.eval_new_batch_size
-    settings = [("fp32", b, False), ("fp32", big, True), ("bf16", 2 * b, True), ("bf16", big, True)]
+    today = f"fp32-b{b}"
+    # (precision, batch, compact, drop share): "-drop0" drops each finished row as it ends, as the
+    # loop did before kpod.evaluate.DROP_FINISHED_SHARE.
+    settings = {
+        today: ("fp32", b, False, None),
+        f"fp32-b{big}-compact": ("fp32", big, True, None),
+        f"bf16-b{2 * b}-compact": ("bf16", 2 * b, True, None),
+        f"bf16-b{big}-compact": ("bf16", big, True, None),
+        f"bf16-b{big}-compact-drop0": ("bf16", big, True, 0.0),
+    }
+    rows = [
+        today,
+        *(name for name in settings if name != today and (not args.eval_rows or name in args.eval_rows)),
+    ]
     answers = {}
-    for prec, batch, compact in settings:
-        name = f"{prec}-b{batch}{'-compact' if compact else ''}"
+    default_share = kpod_evaluate.DROP_FINISHED_SHARE
+    for name in rows:
+        prec, batch, compact, share = settings[name]
+        kpod_evaluate.DROP_FINISHED_SHARE = default_share if share is None else share
         with PeakMemory() as mem:
             result = evaluate(
                 loaded.model,
@@ -400,6 +417,7 @@ def evaluation(args, examples) -> dict:
                 precision=prec,
                 compact=compact,
             )
+        kpod_evaluate.DROP_FINISHED_SHARE = default_share
         answers[name] = [p["predicted"] for p in result.predictions]
         out[name] = {
             "tokens_per_s": round(result.generated_tokens / result.seconds, 1),
@@ -409,7 +427,6 @@ def evaluation(args, examples) -> dict:
             "peak_mib": mem.mib,
         }
         print("eval", name, out[name], flush=True)
-    today = f"fp32-b{args.eval_batch_size}"
     for name in answers:
         out[name]["answers_changed"] = sum(x != y for x, y in zip(answers[name], answers[today], strict=True))
     out["questions"] = len(questions)
@@ -484,6 +501,12 @@ def main() -> None:
     )
     parser.add_argument("--eval-student", help="a trained student's directory for the evaluation rows")
     parser.add_argument(
+        "--eval-rows",
+        nargs="+",
+        help="only these evaluation rows (names as in results/throughput.json), beside today's fp32 "
+        "row; with --eval-only the rows are stored under eval_rows, the full evaluation's left as they were",
+    )
+    parser.add_argument(
         "--eval-file", type=Path, help="questions for the evaluation rows (any format kpod reads)"
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of std-cot and kpod")
@@ -532,6 +555,10 @@ def main() -> None:
             questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
         path = RESULTS / "throughput.json"
         result = json.loads(path.read_text()) if path.exists() else {}
+        if args.eval_rows:  # a comparison of some rows: kept apart from the full evaluation's figures
+            result["eval_rows"] = {**started, **evaluation(args, questions)}
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            return
         if "eval" in result and result["eval"].get("student", args.student) == args.student:
             result["eval_untrained"] = result["eval"]  # the untrained student's rows, kept beside
         ev = result["eval"] = {**started, **evaluation(args, questions)}
@@ -614,7 +641,14 @@ def main() -> None:
     path = RESULTS / "throughput.json"
     if path.exists():  # rows this run did not measure (evaluation, baselines) stay as they were
         before = json.loads(path.read_text())
-        kept = ("eval", "eval_untrained", "eval_new_over_old", "eval_answers_changed", "baselines")
+        kept = (
+            "eval",
+            "eval_untrained",
+            "eval_new_over_old",
+            "eval_answers_changed",
+            "eval_rows",
+            "baselines",
+        )
         result.update({k: before[k] for k in kept if k in before and k not in result})
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(

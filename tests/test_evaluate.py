@@ -57,7 +57,8 @@ def test_compacting_generation_equals_model_generate(tiny_causal, tmp_path, monk
     several times (each refill is a prefill: counted), never holds more than 3 sequences, and joins
     caches of different lengths. ``grouped``: a model with 4 query heads reading 2 key/value heads,
     and KV-cache buffers with one position of room, so that every layer's buffers are reallocated
-    as they grow, between the rows' drops and joins."""
+    as they grow, between the rows' drops and joins. Finished rows leave the batch at once or in
+    groups (``DROP_FINISHED_SHARE``): the texts are the same."""
     import kpod.kv_cache as kv_cache
 
     if grouped:
@@ -108,6 +109,16 @@ def test_compacting_generation_equals_model_generate(tiny_causal, tmp_path, monk
     prefills = [r for r in rows if r[1] > 1]
     assert len(prefills) >= 4 and sum(r[0] for r in prefills) == 12  # refilled, each prompt once
     assert max(r[0] for r in rows) <= 3
+    # Finished rows dropped as each ends (share 0), or kept in the batch until all have ended or a
+    # refill comes (share 1): the same texts; kept rows make the decoding steps wider.
+    decoded = {}
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(kpod_evaluate, "DROP_FINISHED_SHARE", share)
+        rows.clear()
+        assert run(True, 6) == reference
+        assert max(r[0] for r in rows) <= 6
+        decoded[share] = sum(r[0] for r in rows if r[1] == 1)  # rows summed over decoding steps
+    assert decoded[1.0] > decoded[0.0]
 
 
 def test_evaluate_records_every_prediction(tiny_causal, tmp_path) -> None:

@@ -34,11 +34,18 @@ from kpod.stats import wilson_interval
 # Part of every resume key: generations recorded by another decoding path (another version of this
 # module's loop, adapters merged or not) are not mixed with this one's. 2: the compacting loop and
 # bf16 copies with merged adapters (session 12). 3: the compacting loop refills its batch (session 13).
-GENERATION_VERSION = 3
+# 4: finished rows leave the batch in groups (DROP_FINISHED_SHARE; session 15).
+GENERATION_VERSION = 4
 
 # The compacting loop decodes chunks of this many batches' worth of prompts, refilling its batch
 # from the chunk as sequences end; a chunk is also the unit an interrupted evaluation resumes by.
 REFILL_BATCHES = 4
+
+# The compacting loop drops finished rows from its batch once they are this share of it (and before
+# a refill). Each drop copies every layer's KV cache, so dropping each row as it ends copied the
+# cache at nearly every step (about a fifth of a batch-128 evaluation's time here); a finished row
+# left in the batch costs only its share of the step's work, and its output is ignored.
+DROP_FINISHED_SHARE = 0.25
 
 _COMPLETE = re.compile(re.escape(ANSWER_PHRASE) + r"[^\n]*?(\n|[.!?](\s|$))", re.IGNORECASE)
 
@@ -100,8 +107,10 @@ def _greedy_compacting(
     to and including the one that ends it (end-of-sequence, or its answer phrase complete; with
     ``tokenizer`` None no answer check: the end-of-sequence ids ``eos`` and ``max_new_tokens`` only).
 
-    At most ``batch_size`` rows (default: all) decode together. A row that ends leaves the batch at
-    once (its KV cache, mask and position dropped); when half the batch or less is left, the next
+    At most ``batch_size`` rows (default: all) decode together. A row that ends is finished: its
+    tokens stop being recorded, and the finished rows leave the batch together (their KV cache, mask
+    and position dropped) once they are :data:`DROP_FINISHED_SHARE` of it; when half the batch or
+    less is still live, the finished rows leave and the next
     rows of ``enc`` (in order) are prefilled together and joined to it, the shorter of the two
     caches padded on the left. ``model.generate`` instead carries finished rows to the end of the
     batch's longest: decoding a small model on a CPU streams all its weights from memory once per
@@ -126,30 +135,45 @@ def _greedy_compacting(
     cache = mask = last = nxt = None
 
     def survivors(
-        rows: list[int], nxt: torch.Tensor, cache: Any, *tensors: torch.Tensor
-    ) -> tuple[list[int], tuple[torch.Tensor, ...]]:
-        """Record each live row's new token ``nxt``; the rows that go on, with the rows of the
-        others dropped from ``cache`` and from each of ``tensors`` (indexed by live row)."""
-        for row, t in zip(rows, nxt.tolist(), strict=True):
-            tokens[row].append(t)
+        rows: list[int | None], nxt: torch.Tensor, cache: Any, *tensors: torch.Tensor
+    ) -> tuple[list[int | None], tuple[torch.Tensor, ...]]:
+        """Record each live row's new token ``nxt``; a row that ends is marked finished (``None``);
+        then :func:`dropped`."""
+        rows = list(rows)
+        live = [i for i, row in enumerate(rows) if row is not None]
+        for i, t in zip(live, nxt[live].tolist(), strict=True):
+            tokens[rows[i]].append(t)
         if tokenizer is None:
-            complete = [False] * len(rows)
+            complete = [False] * len(live)
         else:
-            complete = _answers_complete(tokenizer, [tokens[row] for row in rows])
-        keep = [
-            i
-            for i, row in enumerate(rows)
-            if tokens[row][-1] not in eos and not complete[i] and len(tokens[row]) < max_new_tokens
-        ]
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+            complete = _answers_complete(tokenizer, [tokens[rows[i]] for i in live])
+        for i, done in zip(live, complete, strict=True):
+            row = rows[i]
+            if done or tokens[row][-1] in eos or len(tokens[row]) >= max_new_tokens:
+                rows[i] = None
+        return dropped(rows, cache, *tensors, share=DROP_FINISHED_SHARE)
+
+    def dropped(
+        rows: list[int | None], cache: Any, *tensors: torch.Tensor, share: float = 0.0
+    ) -> tuple[list[int | None], tuple[torch.Tensor, ...]]:
+        """The finished rows dropped from ``rows``, ``cache`` and each of ``tensors`` (indexed by
+        batch row) if they are at least ``share`` of the batch (0: if there is one)."""
+        finished = rows.count(None)
+        if finished and finished >= share * len(rows):
+            keep = [i for i, row in enumerate(rows) if row is not None]
+            index = torch.tensor(keep, dtype=torch.long, device=cache.layers[0].keys.device)
             cache.batch_select_indices(index)
             tensors = tuple(t[index] for t in tensors)
             rows = [rows[i] for i in keep]
         return rows, tensors
 
+    def n_live(rows: list[int | None]) -> int:
+        return len(rows) - rows.count(None)
+
     while True:
-        while queued < total and len(rows) <= batch_size // 2:
+        while queued < total and n_live(rows) <= batch_size // 2:
+            if rows:  # the finished rows leave first: the refill takes their places
+                rows, (mask, last, nxt) = dropped(rows, cache, mask, last, nxt)
             group = list(range(queued, min(total, queued + batch_size - len(rows))))
             queued = group[-1] + 1
             g_mask = mask_all[group]
@@ -167,6 +191,7 @@ def _greedy_compacting(
             )
             g_nxt = out.logits[:, -1, :].argmax(-1)
             group, (g_mask, positions, g_nxt) = survivors(group, g_nxt, g_cache, g_mask, positions, g_nxt)
+            group, (g_mask, positions, g_nxt) = dropped(group, g_cache, g_mask, positions, g_nxt)
             if not group:
                 continue
             if not rows:
@@ -179,7 +204,7 @@ def _greedy_compacting(
             join(cache, g_cache, start, live_pad, new_pad)
             mask = torch.cat([_pad_left(mask[:, start:], live_pad, 1), _pad_left(g_mask, new_pad, 1)], 0)
             last, nxt, rows = torch.cat([last, positions[:, -1]]), torch.cat([nxt, g_nxt]), rows + group
-        if not rows:
+        if not n_live(rows):
             return tokens
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         last = last + 1
