@@ -351,6 +351,8 @@ def child(job_path: Path) -> None:
 
     import torch
 
+    from kpod.allocator import current_allocator
+
     job = pickle.loads(job_path.read_bytes())
     out = job_path.parent
     measured = MEASUREMENTS[job["kind"]](
@@ -361,8 +363,6 @@ def child(job_path: Path) -> None:
     else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     measured["peak_mib"] = round(peak / 2**20, 1)
-    from kpod.allocator import current_allocator
-
     measured["allocator"] = current_allocator()
     (out / "measured.json").write_text(json.dumps(measured))
 
@@ -376,6 +376,9 @@ def evaluation(args, examples) -> dict:
     answers that differ from today's; a ``-drop0`` row drops each finished sequence from the batch
     as it ends (the loop before ``kpod.evaluate.DROP_FINISHED_SHARE``); ``auto`` is what
     :mod:`kpod.precision` picks here for the new batch (measured, not cached)."""
+    from contextlib import nullcontext
+    from unittest.mock import patch
+
     import kpod.evaluate as kpod_evaluate
     from kpod import precision
     from kpod.evaluate import evaluate
@@ -401,11 +404,12 @@ def evaluation(args, examples) -> dict:
         *(name for name in settings if name != today and (not args.eval_rows or name in args.eval_rows)),
     ]
     answers = {}
-    default_share = kpod_evaluate.DROP_FINISHED_SHARE
     for name in rows:
         prec, batch, compact, share = settings[name]
-        kpod_evaluate.DROP_FINISHED_SHARE = default_share if share is None else share
-        with PeakMemory() as mem:
+        with (
+            patch.object(kpod_evaluate, "DROP_FINISHED_SHARE", share) if share is not None else nullcontext(),
+            PeakMemory() as mem,
+        ):
             result = evaluate(
                 loaded.model,
                 loaded.tokenizer,
@@ -417,7 +421,6 @@ def evaluation(args, examples) -> dict:
                 precision=prec,
                 compact=compact,
             )
-        kpod_evaluate.DROP_FINISHED_SHARE = default_share
         answers[name] = [p["predicted"] for p in result.predictions]
         out[name] = {
             "tokens_per_s": round(result.generated_tokens / result.seconds, 1),

@@ -135,10 +135,10 @@ def _greedy_compacting(
     cache = mask = last = nxt = None
 
     def survivors(
-        rows: list[int | None], nxt: torch.Tensor, cache: Any, *tensors: torch.Tensor
+        rows: list[int | None], nxt: torch.Tensor, cache: Any, *tensors: torch.Tensor, share: float
     ) -> tuple[list[int | None], tuple[torch.Tensor, ...]]:
         """Record each live row's new token ``nxt``; a row that ends is marked finished (``None``);
-        then :func:`dropped`."""
+        then :func:`dropped` with ``share``."""
         rows = list(rows)
         live = [i for i, row in enumerate(rows) if row is not None]
         for i, t in zip(live, nxt[live].tolist(), strict=True):
@@ -151,7 +151,7 @@ def _greedy_compacting(
             row = rows[i]
             if done or tokens[row][-1] in eos or len(tokens[row]) >= max_new_tokens:
                 rows[i] = None
-        return dropped(rows, cache, *tensors, share=DROP_FINISHED_SHARE)
+        return dropped(rows, cache, *tensors, share=share)
 
     def dropped(
         rows: list[int | None], cache: Any, *tensors: torch.Tensor, share: float = 0.0
@@ -190,8 +190,10 @@ def _greedy_compacting(
                 **{key: g_cache},
             )
             g_nxt = out.logits[:, -1, :].argmax(-1)
-            group, (g_mask, positions, g_nxt) = survivors(group, g_nxt, g_cache, g_mask, positions, g_nxt)
-            group, (g_mask, positions, g_nxt) = dropped(group, g_cache, g_mask, positions, g_nxt)
+            # share 0: no finished row joins the batch
+            group, (g_mask, positions, g_nxt) = survivors(
+                group, g_nxt, g_cache, g_mask, positions, g_nxt, share=0.0
+            )
             if not group:
                 continue
             if not rows:
@@ -216,7 +218,7 @@ def _greedy_compacting(
             **{key: cache},
         )
         nxt = out.logits[:, -1, :].argmax(-1)
-        rows, (mask, last, nxt) = survivors(rows, nxt, cache, mask, last, nxt)
+        rows, (mask, last, nxt) = survivors(rows, nxt, cache, mask, last, nxt, share=DROP_FINISHED_SHARE)
 
 
 def _generate_batch(
