@@ -374,13 +374,14 @@ def evaluation(args, examples) -> dict:
     prompts, with a KV cache grown in place) in fp32 and bf16 weights, at session 12's batch (twice
     --eval-batch-size) and at --eval-new-batch-size, each with its tokens/s and the number of
     answers that differ from today's; a ``-drop0`` row drops each finished sequence from the batch
-    as it ends (the loop before ``kpod.evaluate.DROP_FINISHED_SHARE``); ``auto`` is what
-    :mod:`kpod.precision` picks here for the new batch (measured, not cached)."""
+    as it ends (the loop before ``kpod.evaluate.DROP_FINISHED_SHARE``); ``default`` is what
+    ``kpod eval`` does without options (precision and batch size ``auto``: the precision measured
+    here once and cached, the batch from :func:`kpod.kv_cache.auto_batch_size`; the ones used are in
+    its row), and it is the ``new`` of ``eval_new_over_old``."""
     from contextlib import nullcontext
     from unittest.mock import patch
 
     import kpod.evaluate as kpod_evaluate
-    from kpod import precision
     from kpod.evaluate import evaluate
     from kpod.models import load_model
 
@@ -398,6 +399,7 @@ def evaluation(args, examples) -> dict:
         f"bf16-b{2 * b}-compact": ("bf16", 2 * b, True, None),
         f"bf16-b{big}-compact": ("bf16", big, True, None),
         f"bf16-b{big}-compact-drop0": ("bf16", big, True, 0.0),
+        "default": ("auto", "auto", True, None),
     }
     rows = [
         today,
@@ -428,14 +430,16 @@ def evaluation(args, examples) -> dict:
             "generated_tokens": result.generated_tokens,
             "accuracy": round(100 * result.accuracy, 2),
             "peak_mib": mem.mib,
+            "precision": result.precision,
+            "batch_size": result.batch_size,
         }
         print("eval", name, out[name], flush=True)
     for name in answers:
         out[name]["answers_changed"] = sum(x != y for x, y in zip(answers[name], answers[today], strict=True))
     out["questions"] = len(questions)
     out["today"] = today
-    chosen = precision.choose(loaded.model, big, cache=False)
-    out["new"] = f"{chosen}-b{big}-compact"
+    if "default" in out:
+        out["new"] = "default"
     return out
 
 
@@ -559,7 +563,11 @@ def main() -> None:
         path = RESULTS / "throughput.json"
         result = json.loads(path.read_text()) if path.exists() else {}
         if args.eval_rows:  # a comparison of some rows: kept apart from the full evaluation's figures
-            result["eval_rows"] = {**started, **evaluation(args, questions)}
+            rows = result["eval_rows"] = {**started, **evaluation(args, questions)}
+            if "new" in rows:  # the library's default among the rows: its speed-up over today's
+                rows["new_over_today"] = round(
+                    rows[rows["new"]]["tokens_per_s"] / rows[rows["today"]]["tokens_per_s"], 3
+                )
             path.write_text(json.dumps(result, indent=1) + "\n")
             return
         if "eval" in result and result["eval"].get("student", args.student) == args.student:

@@ -149,6 +149,17 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     assert (schedule.initial_fraction, schedule.n_clusters, schedule.p) == (0.2, 3, ScheduleConfig().p)
     with pytest.raises(SystemExit):  # a Literal's choices are enforced by argparse
         parser.parse_args(["weights", "train", "d.jsonl", "--out", "w", "--optimizer", "lion"])
+    # A number or a word (eval_batch_size: int | "auto"): either is read, anything else refused.
+    for given, expected in (("auto", "auto"), ("48", 48)):
+        args = parser.parse_args(["distill", "d.jsonl", "--out", "o", "--eval-batch-size", given])
+        assert config_from_args(TrainConfig, args, "train").eval_batch_size == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["distill", "d.jsonl", "--out", "o", "--eval-batch-size", "many"])
+    assert TrainConfig().eval_batch_size == "auto"
+    with pytest.raises(ConfigError, match="train.eval_batch_size: expected int or 'auto', got 'many'"):
+        from_dict(TrainConfig, {"eval_batch_size": "many"}, "train")
+    with pytest.raises(ConfigError, match="eval_batch_size must be at least 1 or auto"):
+        TrainConfig(eval_batch_size=0)
     capsys.readouterr()
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -134,6 +135,50 @@ def test_evaluate_records_every_prediction(tiny_causal, tmp_path) -> None:
     assert result.correct == sum(r["correct"] for r in rows)
 
 
+def test_auto_batch_size_is_sized_from_the_longest_prompt_and_recorded(tiny_causal, monkeypatch) -> None:
+    """``batch_size: auto`` (the default) asks :func:`kpod.kv_cache.auto_batch_size` for the longest
+    prompt plus the new tokens, at 4 bytes a value in fp32 and 2 in bf16 (``auto`` precision: 4 to
+    choose it, then 2 once bf16 is chosen), generates exactly as that batch size given by hand does,
+    and says which batch it used."""
+    import kpod.kv_cache as kv_cache
+    import kpod.precision as kpod_precision
+    from kpod.errors import ConfigError
+    from kpod.prompt import PromptFormat, render_prompt
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    model, tok = loaded.model, loaded.tokenizer
+    examples = arithmetic_examples(7, seed=4)
+    longer = examples[2].question + " Think hard about it before you answer the question."
+    examples[2] = dataclasses.replace(examples[2], question=longer)  # the longest prompt
+    asked = []
+
+    def sized(model, positions, bytes_per_value, budget=None):
+        asked.append((positions, bytes_per_value))
+        return 2
+
+    monkeypatch.setattr(kv_cache, "auto_batch_size", sized)
+    auto = evaluate(model, tok, examples, max_new_tokens=8, progress=False)
+    fixed = evaluate(model, tok, examples, max_new_tokens=8, progress=False, batch_size=2)
+    fmt = PromptFormat()
+    prompts = [render_prompt(e.question, fmt, tok) for e in examples]
+    longest = max(len(ids) for ids in tok(prompts, add_special_tokens=fmt.style == "paper")["input_ids"])
+    assert longest > len(tok(prompts[0], add_special_tokens=fmt.style == "paper")["input_ids"])
+    assert asked == [(longest + 8, 4)]
+    assert auto.batch_size == fixed.batch_size == 2 and auto.summary()["batch_size"] == 2
+    assert [p["generated"] for p in auto.predictions] == [p["generated"] for p in fixed.predictions]
+    asked.clear()
+    low = evaluate(model, tok, examples, max_new_tokens=8, progress=False, precision="bf16")
+    assert low.precision == "bf16"
+    assert asked == [(longest + 8, 2)]
+    asked.clear()
+    monkeypatch.setattr(kpod_precision, "choose", lambda model, batch_size, cache=True: "bf16")
+    chosen = evaluate(model, tok, examples, max_new_tokens=8, progress=False, precision="auto")
+    assert chosen.precision == "bf16" and asked == [(longest + 8, 4), (longest + 8, 2)]
+    for bad in (0, "many"):
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer or 'auto'"):
+            evaluate(model, tok, examples, max_new_tokens=8, progress=False, batch_size=bad)
+
+
 def test_eval_cli(tiny_causal, tmp_path, capsys) -> None:
     data = tmp_path / "d.jsonl"
     write_jsonl(data, [e.to_dict() for e in arithmetic_examples(4, seed=3)])
@@ -143,7 +188,14 @@ def test_eval_cli(tiny_causal, tmp_path, capsys) -> None:
     )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 100 and len(summary["ci95"]) == 2
+    assert summary["batch_size"] == 128  # auto: the tiny model's cache is far below the budget
     assert len(out.read_text().splitlines()) == 4
+    argv = ["eval", str(tiny_causal), str(data), "--max-new-tokens", "6", "--json", "--batch-size", "3"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["batch_size"] == 3
+    with pytest.raises(SystemExit):
+        main(argv[:-1] + ["0"])
+    assert "must be a positive integer or auto" in capsys.readouterr().err
 
 
 def test_mcnemar_exact_on_hand_computed_cases():

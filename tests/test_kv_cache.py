@@ -57,3 +57,27 @@ def test_join_pads_the_shorter_cache_on_the_left_with_zeros() -> None:
     k, v = torch.randn(5, 1, 1, 4), torch.randn(5, 1, 1, 4)
     keys, _ = layer.update(k, v)  # and it goes on growing in place
     assert torch.equal(keys[:, :, -1:], k) and torch.equal(keys[2:, :, :5], b_k)
+
+
+def test_auto_batch_size_counts_the_cache_of_every_layer_by_hand(tiny_causal, tiny_seq2seq) -> None:
+    """The tiny Llama (2 layers, 2 key/value heads of 16 dimensions) adds 2 x 2 x 2 x 16 x 4 = 512
+    bytes a position in fp32; a row of 100 positions is budgeted twice over (buffers double), so
+    1 MiB holds 1,048,576 / 102,400 = 10 rows: batch 8. Half the bytes in bf16: 20 rows, batch 16."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal)
+    config = model.config
+    assert (config.num_hidden_layers, config.num_key_value_heads) == (2, 2)
+    assert config.hidden_size // config.num_attention_heads == 16
+    assert kv_cache.cache_bytes_per_position(model, 4) == 512
+    assert kv_cache.auto_batch_size(model, 100, 4, budget=2**20) == 8
+    assert kv_cache.auto_batch_size(model, 100, 2, budget=2**20) == 16
+    assert kv_cache.auto_batch_size(model, 100, 4, budget=10) == 1  # one row always
+    assert kv_cache.auto_batch_size(model, 100, 2) == kv_cache.MAX_AUTO_BATCH  # 2 GiB on a CPU
+    # T5: one decoder layer, 2 heads of d_kv 16, self- and cross-attention: 2 x 2 x 1 x 2 x 16 x 4.
+    t5 = AutoModelForSeq2SeqLM.from_pretrained(tiny_seq2seq)
+    assert kv_cache.cache_bytes_per_position(t5, 4) == 2 * 2 * 1 * 2 * 16 * 4
+    # A config that does not say how large its cache is: the fixed fallback.
+    unknown = type("Model", (), {"config": _Config(), "parameters": model.parameters})()
+    assert kv_cache.cache_bytes_per_position(unknown, 4) is None
+    assert kv_cache.auto_batch_size(unknown, 100, 4) == kv_cache.FALLBACK_BATCH

@@ -50,6 +50,19 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _batch_size(text: str) -> int | str:
+    """A positive integer, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}")
+    return value
+
+
 def _add_rescale_options(parser: argparse.ArgumentParser) -> None:
     """How --weights enter difficulty or the loss (``weighting.rescale`` in a `kpod run` config)."""
     from kpod.weighting.config import READ_SETTINGS, WeightingConfig
@@ -668,7 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--split-file", type=Path, help="paper_split.json (default: beside the data file)")
     ev.add_argument("--limit", type=int, help="only the first N questions")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="rows generated together; auto: as many as a fixed key/value-cache budget allows, up to "
+        "128 (kpod.kv_cache.auto_batch_size; default auto)",
+    )
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--prompt-style", choices=("paper", "chat"), default="paper")
     ev.add_argument(

@@ -200,7 +200,18 @@ def _option_type(tp: Any) -> tuple[Any, tuple[Any, ...] | None]:
         return str, get_args(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in get_args(tp) if a is not type(None)]
-        base, choices = _option_type(inner[0])
+        words = tuple(w for a in inner if get_origin(a) is Literal for w in get_args(a))
+        others = [a for a in inner if get_origin(a) is not Literal]
+        if words and others:  # a number or a word (``int | Literal["auto"]``): no fixed choices
+            plain, _ = _option_type(others[0])
+
+            def base(text: str) -> Any:
+                return text if text in words else plain(text)
+
+            base.__name__ = getattr(plain, "__name__", "value")
+            choices = None
+        else:
+            base, choices = _option_type(inner[0])
 
         def optional(text: str) -> Any:
             return None if text.lower() in ("null", "none") else base(text)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kpod.data.answers import ANSWER_PHRASE, answers_match, extract_answer_detail
 from kpod.data.schema import Example
-from kpod.errors import DataError
+from kpod.errors import ConfigError, DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import inner_model, last_positions
@@ -327,6 +327,7 @@ class EvalResult:
     generated_tokens: int
     predictions: list[dict[str, Any]]
     precision: str = "fp32"
+    batch_size: int | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -338,7 +339,27 @@ class EvalResult:
             "generated_tokens": self.generated_tokens,
             "tokens_per_s": round(self.generated_tokens / self.seconds, 1) if self.seconds else None,
             "precision": self.precision,
+            "batch_size": self.batch_size,
         }
+
+
+def _auto_batch(
+    model: Any, tokenizer: Any, prompts: list[str], fmt: PromptFormat, max_new_tokens: int, precision: str
+) -> tuple[int, str]:
+    """``batch_size: auto`` for ``prompts`` (:func:`kpod.kv_cache.auto_batch_size`) and the
+    precision with ``auto`` resolved at that batch size."""
+    from kpod.kv_cache import auto_batch_size
+    from kpod.precision import resolve
+
+    lengths = tokenizer(prompts, add_special_tokens=fmt.style == "paper")["input_ids"] if prompts else []
+    positions = max((len(ids) for ids in lengths), default=0) + max_new_tokens
+    stored = 2 if next(model.parameters()).dtype == torch.bfloat16 else 4
+    batch = auto_batch_size(model, positions, 2 if precision == "bf16" else stored)
+    if precision == "auto":
+        precision = resolve(precision, model, batch)
+        if precision == "bf16" and stored == 4:  # a bf16 copy generates: half the bytes a row
+            batch = auto_batch_size(model, positions, 2)
+    return batch, precision
 
 
 @holds_lock("out", directory=False)
@@ -349,7 +370,7 @@ def evaluate(
     *,
     kind: str = "causal",
     fmt: PromptFormat | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_new_tokens: int = 256,
     out: Path | None = None,
     question_prefix: str = "",
@@ -374,15 +395,24 @@ def evaluate(
     ``precision``: ``fp32``, ``bf16`` (a bf16 copy of the model generates) or ``auto`` (the faster
     of the two on this machine, measured once and cached: :mod:`kpod.precision`); the one used is
     in the result and in the resume key. ``compact``: see :func:`generate`.
+
+    ``batch_size``: rows generated together, or ``auto``: as many as
+    :func:`kpod.kv_cache.auto_batch_size` allows for the longest prompt plus ``max_new_tokens``
+    (counted in fp32 for choosing ``auto`` precision, then again in bf16 if bf16 is chosen); the
+    one used is in the result.
     """
     from kpod.precision import generation_model, resolve
 
-    precision = resolve(precision, model, batch_size)
-    if resume_key is not None:
-        resume_key = f"{resume_key}:{precision}:{GENERATION_VERSION}"
     fmt = fmt or PromptFormat()
     questions = list({e.qid: e for e in examples}.values())
     prompts = [render_prompt(question_prefix + e.question, fmt, tokenizer) for e in questions]
+    if batch_size == "auto":
+        batch_size, precision = _auto_batch(model, tokenizer, prompts, fmt, max_new_tokens, precision)
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    precision = resolve(precision, model, batch_size)
+    if resume_key is not None:
+        resume_key = f"{resume_key}:{precision}:{GENERATION_VERSION}"
     store = None
     done: dict[int, str] = {}
     if out is not None and resume_key is not None:
@@ -454,6 +484,7 @@ def evaluate(
         generated_tokens=n_tokens,
         predictions=predictions,
         precision=precision,
+        batch_size=batch_size,
     )
     if out is not None:
         write_jsonl(out, predictions)

@@ -126,3 +126,69 @@ def join(live: Any, new: Any, drop: int, pad_live: int, pad_new: int) -> None:
             joined[n_live:, :, pad_new:width] = y
             buffers.append(joined)
         a._set(*buffers, width)
+
+
+# ``batch_size: auto`` for generation: the most rows whose key/value cache fits this many bytes on a
+# CPU (kept fixed rather than read from the memory free at the time, so that a machine resolves the
+# same batch every time and an interrupted evaluation resumes with it) or this share of a GPU's
+# memory, and no more than MAX_AUTO_BATCH rows: the largest batch measured on a CPU (BENCHMARKS.md,
+# "Issue #21": a 2-core CPU decodes SmolLM2-135M 3x faster at batch 128 than at 16, because a step
+# streams every weight from memory once however many rows it carries).
+AUTO_BATCH_CPU_BYTES = 2 * 2**30
+AUTO_BATCH_GPU_SHARE = 0.25
+MAX_AUTO_BATCH = 128
+# ``auto`` where a model's config does not say how large its cache is (today's fixed default).
+FALLBACK_BATCH = 16
+
+
+def cache_bytes_per_position(model: Any, bytes_per_value: int) -> int | None:
+    """Bytes that one position of one sequence adds to the key/value cache of ``model`` (keys and
+    values of every decoder layer), or ``None`` if its config does not say. For an
+    encoder-decoder model the cross-attention keys and values of the encoder's positions are
+    counted as if they were decoder positions (an upper bound)."""
+    config = inner_model(model).config
+    text = config.get_text_config(decoder=True)
+
+    def first(*names: str) -> int | None:
+        for name in names:
+            value = getattr(text, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    layers = first("num_decoder_layers", "num_hidden_layers", "num_layers")
+    heads = first("num_attention_heads", "num_heads")
+    kv_heads = first("num_key_value_heads") or heads
+    head_dim = first("head_dim", "d_kv")
+    hidden = first("hidden_size", "d_model")
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    if not (layers and kv_heads and head_dim):
+        return None
+    per_position = 2 * layers * kv_heads * head_dim * bytes_per_value
+    return 2 * per_position if getattr(config, "is_encoder_decoder", False) else per_position
+
+
+def cache_budget(device: Any) -> int:
+    """Bytes of key/value cache ``batch_size: auto`` allows on ``device``."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(AUTO_BATCH_GPU_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    return AUTO_BATCH_CPU_BYTES
+
+
+def auto_batch_size(model: Any, positions: int, bytes_per_value: int, budget: int | None = None) -> int:
+    """The batch size of ``batch_size: auto``: the largest power of two up to
+    :data:`MAX_AUTO_BATCH` whose rows' key/value caches fit ``budget`` bytes (default
+    :func:`cache_budget` of the model's device), each row holding ``positions`` positions (prompt and
+    new tokens) twice over: a growing buffer doubles when full, so it can hold up to twice what it
+    is filled with. At least 1; :data:`FALLBACK_BATCH` where the model's cache size is not known."""
+    per_position = cache_bytes_per_position(model, bytes_per_value)
+    if per_position is None:
+        return FALLBACK_BATCH
+    if budget is None:
+        budget = cache_budget(next(model.parameters()).device)
+    rows = budget // (2 * max(1, positions) * per_position)
+    batch = 1
+    while batch * 2 <= min(rows, MAX_AUTO_BATCH):
+        batch *= 2
+    return batch

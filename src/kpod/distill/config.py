@@ -46,6 +46,9 @@ class TrainConfig:
             ``test_predictions_last.jsonl``): the figure without model selection, which a small dev
             split makes noisy. Costs one more test evaluation in those runs.
         eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
+            ``eval_batch_size: auto`` (default) generates as many rows together as a fixed
+            key/value-cache budget allows, up to 128 (:func:`kpod.kv_cache.auto_batch_size`: 128 or
+            64 for SmolLM2-135M, fewer for larger models); a number fixes it.
         eval_precision: ``auto`` (the faster of fp32 and bf16 for generating on this machine,
             measured once and cached: :mod:`kpod.precision`), ``fp32`` or ``bf16``.
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
@@ -90,7 +93,7 @@ class TrainConfig:
     select: Literal["dev", "last"] = "dev"
     select_from_epoch: int = 0
     test_last_epoch: bool = False
-    eval_batch_size: int = 16
+    eval_batch_size: int | Literal["auto"] = "auto"
     eval_max_new_tokens: int = 256
     eval_precision: Literal["auto", "fp32", "bf16"] = "auto"
     merge_lora: bool = False
@@ -114,6 +117,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_batch_size != "auto" and self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be at least 1 or auto, got {self.eval_batch_size}")
         if not 0 <= self.select_from_epoch <= self.epochs:
             raise ConfigError(
                 f"select_from_epoch must be between 0 and epochs ({self.epochs}), "
