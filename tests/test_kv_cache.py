@@ -36,7 +36,12 @@ def test_growing_cache_holds_what_concatenation_holds(monkeypatch) -> None:
             rows = torch.tensor([0, 2]) if step == 3 else torch.tensor([1])
             layer.batch_select_indices(rows)
             ref_k, ref_v = ref_k[rows], ref_v[rows]
-    assert layer.get_seq_length() == 14 and sorted(sizes) == [6, 12, 24]  # 5 + 1 of room, then doubled
+            assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
+            # The kept rows' filled positions and the room, not the whole (doubled) capacity.
+            assert layer.buffers[0].shape[:3] == (len(rows), 2, layer.length + 1)
+    # 5 + 1 of room, doubled to 12; after the first selection 9 + 1, doubled to 20; after the second
+    # 12 + 1, doubled to 26 at position 14.
+    assert layer.get_seq_length() == 14 and sorted(sizes) == [6, 10, 12, 13, 20, 26]
 
 
 def test_join_pads_the_shorter_cache_on_the_left_with_zeros() -> None:

@@ -80,8 +80,11 @@ def _layer_class() -> type:
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             if self.buffers is not None:
-                k, v = self.buffers
-                self._set(k[indices], v[indices], self.length)
+                # The kept rows' filled positions and INITIAL_ROOM more, not the whole capacity
+                # (up to twice the filled length after a doubling): one copy of what is needed.
+                end = min(self.buffers[0].shape[2], self.length + INITIAL_ROOM)
+                k, v = (b[:, :, :end][indices] for b in self.buffers)
+                self._set(k, v, self.length)
 
         def crop(self, tokens_to_remove: int) -> None:
             raise NotImplementedError("kpod's growing cache is not cropped")
