@@ -47,8 +47,9 @@ class TrainConfig:
             split makes noisy. Costs one more test evaluation in those runs.
         eval_batch_size, eval_max_new_tokens: generation settings for dev and test scoring.
             ``eval_batch_size: auto`` (default) generates as many rows together as a fixed
-            key/value-cache budget allows, up to 128 (:func:`kpod.kv_cache.auto_batch_size`: 128 or
-            64 for SmolLM2-135M, fewer for larger models); a number fixes it.
+            key/value-cache budget allows, up to 128 (:func:`kpod.kv_cache.auto_batch_size`; for
+            SmolLM2-135M 32 to 128 by length and precision, fewer for larger models); a number
+            fixes it.
         eval_precision: ``auto`` (the faster of fp32 and bf16 for generating on this machine,
             measured once and cached: :mod:`kpod.precision`), ``fp32`` or ``bf16``.
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
