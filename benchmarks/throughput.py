@@ -16,7 +16,9 @@ allocated memory on GPU. In one shared process a row's resident memory kept what
 left on the heap: the checkpointed variant showed 3.5 GB run after the others and 2.1-2.4 GB on its
 own. The evaluation rows share one process and one loaded model; their peaks are sampled.
 Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
-ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures).
+ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures); a run with
+``--train-rows`` (some training variants) or ``--eval-rows`` (some evaluation settings) is stored under
+``train_rows`` / ``eval_rows`` and leaves those figures as they were.
 
 Achieved FLOP/s counts, per real token, 2 x (the student's non-embedding parameters) for the
 forward and as much again for the activations' gradients (LoRA: the frozen weights get none), plus
@@ -51,6 +53,8 @@ VARIANTS = {
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
     # installed (kpod.allocator); skipped where none is.
     "new-jemalloc": {"allocator": True},
+    # The least memory the library offers: activation checkpointing under a fast allocator.
+    "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 PROCESS_SETTINGS = ("allocator",)  # set on the measuring process (fresh_process), not on kpod
@@ -484,6 +488,12 @@ def training_ratios(result: dict) -> dict:
         if old:
             out["peak_rss_jemalloc_over_old"] = ratio(peak("new-jemalloc"), peak("old"))
         out["jemalloc_over_new_stdcot"] = ratio(speed("new-jemalloc", "std-cot"), speed("new", "std-cot"))
+    if "new-gc-jemalloc" in result:
+        if old:
+            out["peak_rss_gc_jemalloc_over_old"] = ratio(peak("new-gc-jemalloc"), peak("old"))
+        out["gc_jemalloc_over_new_stdcot"] = ratio(
+            speed("new-gc-jemalloc", "std-cot"), speed("new", "std-cot")
+        )
     return out
 
 
@@ -527,6 +537,12 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="settings compared"
     )
+    parser.add_argument(
+        "--train-rows",
+        action="store_true",
+        help="a comparison of some training variants (--variants), stored under train_rows of the "
+        "results file; the full run's figures (and their ratios at the top level) stay as they were",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-throughput")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # fresh_process's job file
     args = parser.parse_args()
@@ -535,12 +551,16 @@ def main() -> None:
         return
     if "new" not in args.variants:
         parser.error("--variants must include new: every ratio is taken against it")
-    if "new-jemalloc" in args.variants:
+    needs_allocator = [v for v in args.variants if VARIANTS[v].get("allocator")]
+    if needs_allocator:
         from kpod.allocator import find_fast_allocator
 
         if find_fast_allocator() is None:
-            print("no jemalloc, tcmalloc or mimalloc installed: new-jemalloc skipped", file=sys.stderr)
-            args.variants.remove("new-jemalloc")
+            print(
+                f"no jemalloc, tcmalloc or mimalloc installed: {', '.join(needs_allocator)} skipped",
+                file=sys.stderr,
+            )
+            args.variants = [v for v in args.variants if v not in needs_allocator]
     started = provenance()
     if args.baselines:  # only the baselines' rows, added to the existing results file
         import shutil
@@ -622,6 +642,13 @@ def main() -> None:
     result["matmul_bf16_gflop_per_s"] = max(rates)
     result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
     result.update(training_ratios(result))
+    if args.train_rows:  # a partial comparison: kept apart from the full run's figures
+        path = RESULTS / "throughput.json"
+        whole = json.loads(path.read_text()) if path.exists() else {}
+        whole["train_rows"] = result
+        path.write_text(json.dumps(whole, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if "_over_" in k or k.startswith("mfu")}))
+        return
     if not args.skip_trl:
         rows = [fresh_process("trl", args, examples, args.out / "trl")]
         print("trl", rows[-1], flush=True)

@@ -293,7 +293,9 @@ class StudentConfig:
         name: hub id, local directory, or ``smollm2-135m-instruct`` (the offline default).
         finetune: ``lora`` (adapters only; the paper's choice) or ``full``.
         lora_r, lora_alpha, lora_dropout, lora_targets: see :class:`LoraSettings`.
-        gradient_checkpointing: trade compute for activation memory.
+        gradient_checkpointing: trade compute for activation memory: the smallest training
+            footprint kpod has on a CPU, lowest with jemalloc preloaded (BENCHMARKS.md, issue #21
+            session 17).
         prompt_style: ``paper`` (``Q: ... A: Let's think step by step.``) or ``chat`` (the
             tokenizer's chat template).
     """
