@@ -13,6 +13,7 @@ from kpod.data.answers import (
     normalize_answer,
     parse_number,
     split_answer_phrase,
+    written_equations,
 )
 from kpod.data.schema import Choice
 
@@ -175,3 +176,44 @@ def test_format_then_parse_round_trips(value: Fraction) -> None:
 @given(st.integers(min_value=-(10**12), max_value=10**12))
 def test_thousands_separated_integers_round_trip(n: int) -> None:
     assert extract_answer(f"Therefore, the answer is {n:,}.") == str(n)
+
+
+def _checked(text: str) -> list[tuple[str, bool]]:
+    return [(e.text, e.correct) for e in written_equations(text)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # Right and wrong results, precedence, currency, thousands separators, the x and unicode signs.
+        ("He has 9 * $10 = $90.", [("9 * $10 = $90", True)]),
+        ("So 2 + 3 * 4 = 20 in all", [("2 + 3 * 4 = 20", False)]),
+        ("So 2 + 3 * 4 = 14 in all", [("2 + 3 * 4 = 14", True)]),
+        (
+            "1,200 - 200 x 2 = 800 and 14 \u2212 4 = 9.",
+            [("1,200 - 200 x 2 = 800", True), ("14 \u2212 4 = 9", False)],
+        ),
+        ("12 / 4 / 3 = 1, 6 \u00f7 4 = 1.5", [("12 / 4 / 3 = 1", True), ("6 \u00f7 4 = 1.5", True)]),
+        # After an equals sign: the numeric part is an equation of its own (here a slip: 42).
+        ("Thus, T = 186 - 144 = 52 balls.", [("186 - 144 = 52", False)]),
+        # Rounded to the decimals written, to the nearest or down; not up, and not another number.
+        (
+            "10 / 3 = 3.33 and 2 / 3 = 0.67 and 7 * 0.5 = 3",
+            [("10 / 3 = 3.33", True), ("2 / 3 = 0.67", True), ("7 * 0.5 = 3", True)],
+        ),
+        ("7 / 3 = 3 and 7 / 2 = 4.5", [("7 / 3 = 3", False), ("7 / 2 = 4.5", False)]),
+        # A result in per cent.
+        ("16 / 20 = 80.0%. 1 / 4 = 20 %", [("16 / 20 = 80.0%", True), ("1 / 4 = 20 %", False)]),
+        # Not read: a variable or bracket before, a chain, a division by zero, no operator.
+        ("T + 3 = 5, 2 * (3 + 4) = 14, 2T + 3 = 9", []),
+        ("5 + 3 = 8 + 2 = 10", []),
+        ("10 / 0 = 0 and 7 = 7", []),
+    ],
+)
+def test_written_equations(text: str, expected: list[tuple[str, bool]]) -> None:
+    assert _checked(text) == expected
+
+
+def test_written_equations_values_are_exact() -> None:
+    (equation,) = written_equations("We get 0.1 + 0.2 = 0.3 exactly")
+    assert equation.value == Fraction(3, 10) and equation.written == Fraction(3, 10) and equation.correct

@@ -21,10 +21,17 @@ Extraction (first rule that yields an answer wins; :func:`extract_answer_detail`
        standalone option label in parentheses; never for free text.
     Within a segment from rules 1-4 the *first* number is taken (the answer is stated first, and
     explanations or units may follow it).
+
+Written arithmetic (:func:`written_equations`)
+    A diagnostic of a rationale, not of its answer: the equations ``a op b [op c ...] = r`` it
+    writes with numbers only (operators ``+ - * x × / ÷``, usual precedence), each checked exactly.
+    The keypoint tokens KPOD weights most are these numbers and operators, so the share of written
+    results that are wrong says whether weighting them more made the student compute better.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -279,3 +286,91 @@ def split_answer_phrase(text: str) -> tuple[str, str | None]:
     if "\n" in tail.strip() or re.search(r"\.\s+\S", tail.rstrip().rstrip(".")):
         return text.rstrip(), None
     return text[: last.start()].rstrip(), tail.strip()
+
+
+# Written arithmetic: numbers as above but unsigned (a minus is an operator here), with an optional
+# currency symbol; an operator is one of + - * x × / ÷ (x only between spaces or digits).
+_EQ_NUMBER = r"(?:[$\u20ac\u00a3\u00a5]\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_EQ_OPERATOR = r"\s*[-+*/\u00d7\u00f7x\u2212]\s*"
+_EQUATION_RE = re.compile(
+    rf"(?<![\w.,])(?P<lhs>{_EQ_NUMBER}(?:{_EQ_OPERATOR}{_EQ_NUMBER})+)\s*=\s*(?P<rhs>{_EQ_NUMBER})(?P<percent>\s?%)?(?!\d|\.\d)"
+)
+_EQ_TOKEN_RE = re.compile(rf"({_EQ_NUMBER})|([-+*/\u00d7\u00f7x\u2212])")
+_OPERATOR_CHARS = "-+*/\u00d7\u00f7x\u2212(^"
+_CHAIN_RE = re.compile(r"\s*(?:[-+*/\u00d7\u00f7\u2212^]|x(?=\s*[\d$]))")
+
+
+@dataclass(frozen=True)
+class Equation:
+    """One written equation: its text, the value of its left side and the result written."""
+
+    text: str
+    value: Fraction
+    written: Fraction
+
+    @property
+    def correct(self) -> bool:
+        """Exact, or the value rounded to the decimals written, to the nearest or down (``10 / 3 =
+        3.33``, ``7 * 0.5 = 3``: gsm_symbolic's own solutions truncate where the problem counts whole
+        things); anything else is a slip (``7 / 2 = 4.5``)."""
+        if self.value == self.written:
+            return True
+        decimals = re.sub(r"[^\d.]", "", self.text.rsplit("=", 1)[1]).partition(".")[2]
+        scale = 10 ** len(decimals)
+        scaled = self.value * scale
+        return self.written * scale in (math.floor(scaled), math.floor(scaled + Fraction(1, 2)))
+
+
+def _eq_value(token: str) -> Fraction:
+    return Fraction(re.sub(r"[^\d.]", "", token))
+
+
+def _evaluate_expression(text: str) -> Fraction | None:
+    """``text`` (numbers and operators only) with * and / before + and -; ``None`` on a division by 0."""
+    terms: list[Fraction] = []
+    signs: list[int] = []
+    sign, product, operator = 1, None, None
+    for number, op in _EQ_TOKEN_RE.findall(text):
+        if number:
+            value = _eq_value(number)
+            if product is None:
+                product = value
+            elif operator in ("/", "\u00f7"):
+                if value == 0:
+                    return None
+                product /= value
+            else:
+                product *= value
+        elif op in ("+", "-", "\u2212"):
+            terms.append(product)
+            signs.append(sign)
+            sign, product, operator = (1 if op == "+" else -1), None, None
+        else:
+            operator = op
+    terms.append(product)
+    signs.append(sign)
+    return sum((s * t for s, t in zip(signs, terms, strict=True)), Fraction(0))
+
+
+def written_equations(text: str) -> list[Equation]:
+    """The equations of numbers only that ``text`` writes, each with its exact value.
+
+    Left out, because their value cannot be read from the numbers alone: an equation whose left
+    side continues an expression (an operator, bracket, letter or digit just before it: ``T + 3 =
+    5``, ``2 * (3 + 4) = 14``), whose result is followed by another operator (a chain such as ``5 +
+    3 = 8 + 2 = 10``, whose links are expressions, not numbers), and one that divides by zero. An
+    equation after an equals sign counts (``T = 186 - 144 = 42``); a result in per cent is read as
+    such (``16 / 20 = 80%``)."""
+    found = []
+    for match in _EQUATION_RE.finditer(text):
+        before = text[: match.start()].rstrip()
+        if before and before[-1] in _OPERATOR_CHARS:
+            continue
+        if _CHAIN_RE.match(text, match.end()):
+            continue
+        value = _evaluate_expression(match.group("lhs"))
+        if value is None:
+            continue
+        written = _eq_value(match.group("rhs")) / (100 if match.group("percent") else 1)
+        found.append(Equation(match.group(0), value, written))
+    return found
