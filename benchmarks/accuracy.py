@@ -371,6 +371,51 @@ def score_ood(spec: dict, config, model_dir: str | None, folder: Path) -> dict:
     }
 
 
+def arithmetic(predictions: list[dict]) -> dict:
+    """The equations of numbers only that a run's test generations write
+    (:func:`kpod.data.answers.written_equations`): how many, how many with a wrong result, and how
+    many questions have at least one. KPOD weights numbers and operators most; this says whether
+    its students compute better, whatever their final answers."""
+    from kpod.data.answers import written_equations
+
+    written = wrong = questions = 0
+    for p in predictions:
+        equations = written_equations(p.get("generated") or "")
+        slips = sum(not e.correct for e in equations)
+        written, wrong, questions = written + len(equations), wrong + slips, questions + (slips > 0)
+    return {
+        "equations": written,
+        "wrong": wrong,
+        "questions_with_slip": questions,
+        "questions": len(predictions),
+    }
+
+
+def predictions_folder(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> Path:
+    """Where a run's test predictions are: its method's training folder, or the untrained
+    evaluation's."""
+    run_dir = Path(run_config(suite, dataset, method, seed, tag)["run_dir"])
+    return run_dir / ("eval-untrained" if method == "untrained" else f"train-{method}")
+
+
+def backfill(path: Path, folder: Path) -> bool:
+    """Add the figures computed from a finished run's saved predictions (``arithmetic``) to its
+    result file where it lacks them (runs recorded before they existed); False when the file has
+    them already or the predictions are not on this machine."""
+    result = json.loads(path.read_text())
+    predictions_file = folder / "test_predictions.jsonl"
+    if "arithmetic" in result or not predictions_file.exists():
+        return False
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    if {p["qid"] for p in predictions} != set(result["per_question"]):
+        raise SystemExit(f"{predictions_file} is not the run recorded in {path}: its questions differ")
+    result["arithmetic"] = arithmetic(predictions)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+    return True
+
+
 def _weights_metrics(method: str, manifest: dict) -> dict | None:
     from kpod.distill.methods import get_method
 
@@ -453,6 +498,8 @@ def run_one(
         # Which extraction rule found each answer: "last" (the last number) or "none" mean the
         # student never stated an answer, mostly a generation that ran to the token limit.
         "answer_rules": dict(Counter(p.get("rule") or "none" for p in predictions)),
+        # The test generations' written equations and how many are wrong.
+        "arithmetic": arithmetic(predictions),
         # Solution steps (and template) of each test question, for accuracy by number of steps.
         "questions": question_info(Path(config.run_dir) / "data" / "test.jsonl"),
         # The kept model on templates never trained on (suites with an ``ood`` set).
@@ -509,6 +556,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--list", action="store_true", help="list the suite's runs and which are done")
     parser.add_argument("--redo", action="store_true", help="run again even if the result exists")
+    parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="add figures computed from saved predictions (arithmetic) to finished runs' results "
+        "that lack them, from their run folders; runs nothing",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument(
         "--tag",
@@ -529,6 +582,11 @@ def main() -> None:
     for dataset, method, seed in runs:
         path = result_path(args.suite, dataset, method, seed, args.tag)
         done = path.exists()
+        if args.backfill:
+            folder = predictions_folder(args.suite, dataset, method, seed, args.tag)
+            if done and backfill(path, folder):
+                print(f"{path.name}: added arithmetic from {folder}")
+            continue
         if args.list:
             extra = f"{json.loads(path.read_text())['accuracy']:.2f} %" if done else "missing"
             print(f"{args.suite:<10} {dataset:<7} {method:<22} seed {seed}: {extra}")

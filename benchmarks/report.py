@@ -438,6 +438,37 @@ def plot(results: list[dict], path: Path) -> Path:
     return path
 
 
+def _arithmetic(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """The equations of numbers only written in the test generations (results with
+    ``arithmetic``) and the share whose result is wrong: KPOD's weights favour numbers and
+    operators, so this is where they should show, whatever the final answers do."""
+    rows = [m for m in names if all(r.get("arithmetic") for r in methods[m])]
+    if not rows:
+        return []
+    out = [
+        "\nWritten arithmetic: equations of numbers only in the test generations (`a op b = c`, checked"
+        " exactly, a result rounded to the decimals written counting as right), pooled over seeds:\n",
+        "| method | seeds | equations per question | wrong % | wrong % per seed "
+        "| questions with a wrong one % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        cells = [r["arithmetic"] for r in methods[m]]
+        written, wrong = sum(c["equations"] for c in cells), sum(c["wrong"] for c in cells)
+        questions = sum(c["questions"] for c in cells)
+        slipped = sum(c["questions_with_slip"] for c in cells)
+        per_seed = "; ".join(
+            f"s{r['seed']}: {100 * c['wrong'] / c['equations']:.1f}" if c["equations"] else f"s{r['seed']}: -"
+            for r, c in zip(methods[m], cells, strict=True)
+        )
+        share = f"{100 * wrong / written:.1f}" if written else "-"
+        out.append(
+            f"| {m} | {len(cells)} | {written / questions:.2f} | {share} | {per_seed} | "
+            f"{100 * slipped / questions:.1f} |"
+        )
+    return out
+
+
 def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]] | None = None) -> str:
     groups = group(results)
     questions = questions or {}
@@ -480,6 +511,7 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
         # By solution steps where the results record them, else by the quantities proxy.
         out.extend(_steps(methods, names) or _quantities(methods, names, questions.get((suite, dataset))))
         out.extend(_ood(methods, names))
+        out.extend(_arithmetic(methods, names))
         out.extend(_weights(methods, names))
         out.append("")
     return "\n".join(out)

@@ -117,3 +117,32 @@ def test_powered_suites_pin_the_generation_precision(accuracy, monkeypatch, tiny
     for suite in ("cpu-multistep", "cpu-asdiv"):
         assert accuracy.pin_generation_precision(suite) == "bf16"
         assert precision.resolve("auto", model, 128) == "bf16" and measured == []
+
+
+def test_backfill_adds_the_written_equations_of_a_finished_run_once(accuracy, tmp_path):
+    """A result recorded before ``arithmetic`` existed gets it from the run's saved predictions,
+    once; predictions of other questions are refused rather than mixed in."""
+    import json
+
+    predictions = [
+        {"qid": "a", "generated": "He has 3 * 4 = 12 apples and 12 + 5 = 18. Therefore, the answer is 18."},
+        {"qid": "b", "generated": "So 10 - 4 = 6 and 6 / 4 = 1.5 in all."},
+        {"qid": "c", "generated": "T + 3 = 5, so the answer is 2."},
+    ]
+    folder = tmp_path / "train-kpod"
+    folder.mkdir()
+    (folder / "test_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"accuracy": 1.0, "per_question": {"a": False, "b": True, "c": True}}))
+    assert accuracy.backfill(path, folder)
+    result = json.loads(path.read_text())
+    assert result["arithmetic"] == {"equations": 4, "wrong": 1, "questions_with_slip": 1, "questions": 3}
+    assert result["accuracy"] == 1.0  # the rest as it was
+    assert not accuracy.backfill(path, folder)  # already there
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"per_question": {"a": True, "z": True}}))
+    with pytest.raises(SystemExit, match="questions differ"):
+        accuracy.backfill(other, folder)
+    assert (
+        accuracy.predictions_folder("cpu-multistep", "gsm-symbolic", "untrained", 0).name == "eval-untrained"
+    )

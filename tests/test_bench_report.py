@@ -269,6 +269,31 @@ def test_steps_ood_and_weights_tables(report):
     assert "| kpod | 0 | 0.410 | 0.550 | 0.020 | 0.990 |" in text
 
 
+def test_written_arithmetic_pools_the_seeds_and_skips_runs_without_it(report):
+    def with_arithmetic(r, equations, wrong, slipped):
+        return {
+            **r,
+            "arithmetic": {
+                "equations": equations,
+                "wrong": wrong,
+                "questions_with_slip": slipped,
+                "questions": 10,
+            },
+        }
+
+    runs = [
+        with_arithmetic(_result("std-cot", 0, {0}), 20, 5, 4),
+        with_arithmetic(_result("std-cot", 1, {0}), 30, 6, 5),
+        with_arithmetic(_result("kpod", 0, {0}), 25, 10, 7),
+        _result("kpod-no-weights", 0, {0}),  # recorded before the figure existed: no row
+    ]
+    text = report.tables(runs)
+    # std-cot: 11 wrong of 50 written over 20 questions; per seed 25.0 and 20.0; 9 of 20 questions.
+    assert "| std-cot | 2 | 2.50 | 22.0 | s0: 25.0; s1: 20.0 | 45.0 |" in text
+    assert "| kpod | 1 | 2.50 | 40.0 | s0: 40.0 | 70.0 |" in text
+    assert "| kpod-no-weights | 1 | " not in text.split("Written arithmetic")[1]
+
+
 def test_planned_pairs_follow_the_pilot_discordance(load_benchmark, tmp_path, monkeypatch):
     """Before the pilot pair: the minimum; after it: the pairs the pooled McNemar test needs for 2
     points at the pilot's discordance, within [min, max]; the suite's list grows to match."""
