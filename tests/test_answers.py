@@ -207,6 +207,7 @@ def _checked(text: str) -> list[tuple[str, bool]]:
         # Not read: a variable or bracket before, a chain, a division by zero, no operator.
         ("T + 3 = 5, 2 * (3 + 4) = 14, 2T + 3 = 9", []),
         ("5 + 3 = 8 + 2 = 10", []),
+        ("4 x 2 + 3 = 11, each box 3 * 4 = 12", [("4 x 2 + 3 = 11", True), ("3 * 4 = 12", True)]),
         ("10 / 0 = 0 and 7 = 7", []),
     ],
 )

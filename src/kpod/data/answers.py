@@ -363,8 +363,12 @@ def written_equations(text: str) -> list[Equation]:
     such (``16 / 20 = 80%``)."""
     found = []
     for match in _EQUATION_RE.finditer(text):
-        before = text[: match.start()].rstrip()
-        if before and before[-1] in _OPERATOR_CHARS:
+        before = text[: match.start()].rstrip()[-2:]  # an operator, unless a word's x ("box")
+        if (
+            before[-1:]
+            and before[-1] in _OPERATOR_CHARS
+            and not (before[-1] == "x" and before[:-1].isalpha())
+        ):
             continue
         if _CHAIN_RE.match(text, match.end()):
             continue
