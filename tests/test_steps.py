@@ -65,3 +65,21 @@ def test_steps_cover_the_rationale_modulo_whitespace(rationale: str) -> None:
 def test_never_splits_inside_a_decimal(values) -> None:
     rationale = " ".join(f"Then we pay {v} dollars." for v in values)
     assert len(split_steps(rationale)) == len(values)
+
+
+def test_first_missing_step_finds_where_a_generation_departs_from_the_reference() -> None:
+    from kpod.data.steps import first_missing_step
+
+    steps = [
+        "He has 40 apples.",
+        "He buys 3 * 4 = 12 more.",
+        "Then 40 + 12 = 1,052 in all.",
+        "Half: 1052 / 2 = 526.",
+    ]
+    assert first_missing_step(steps, "40 apples, 12 more, 1052.0 in all, 526 each") is None  # any form
+    assert first_missing_step(steps, "40 and 3 * 4 = 12, then 40 + 12 = 52.") == 2
+    assert first_missing_step(steps, "He has 40, buys 3 * 5 = 15.") == 1
+    # A slash is a division, not the fraction 1052/2 = 526: the last result is not written.
+    assert first_missing_step(steps, "40, 12, 1,052, then 1052 / 2 = 520") == 3
+    # A step without a number is passed over.
+    assert first_missing_step(["Let T be the tube.", "So T = 50."], "T is 50") is None

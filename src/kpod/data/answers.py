@@ -325,6 +325,16 @@ def _eq_value(token: str) -> Fraction:
     return Fraction(re.sub(r"[^\d.]", "", token))
 
 
+_PLAIN_NUMBER_RE = re.compile(rf"(?<![\w.,]){_EQ_NUMBER}(?![\d])")
+
+
+def plain_numbers(text: str) -> list[Fraction]:
+    """The values of the unsigned numbers ``text`` writes, a slash between two of them being a
+    division (two numbers), not a fraction as in :func:`find_numbers`: what a rationale computes
+    with."""
+    return [_eq_value(m.group(0)) for m in _PLAIN_NUMBER_RE.finditer(text)]
+
+
 def _evaluate_expression(text: str) -> Fraction | None:
     """``text`` (numbers and operators only) with * and / before + and -; ``None`` on a division by 0."""
     terms: list[Fraction] = []

@@ -19,7 +19,9 @@ steps gives back the rationale modulo whitespace.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
+from kpod.data.answers import plain_numbers
 from kpod.data.schema import Step
 
 ABBREVIATIONS = frozenset(
@@ -77,3 +79,21 @@ def _add(steps: list[Step], text: str, start: int, end: int) -> None:
     lead = len(chunk) - len(chunk.lstrip())
     s = start + lead
     steps.append(Step(text=stripped, start=s, end=s + len(stripped)))
+
+
+def first_missing_step(steps: Sequence[str], generated: str) -> int | None:
+    """The index of the first reference step whose result ``generated`` never writes, or ``None``
+    when it writes every one: where a student's rationale first departs from the reference's.
+
+    A step's result is its last number (gsm_symbolic's and the teachers' steps end on what they
+    compute); a step without a number is passed over. "Writes" means the value appears anywhere in
+    the generated text, in any form (``1,000``, ``1000.0``), so a value that also appears by chance
+    (in a restated question, say) counts as written: the index is where the departure is seen, at
+    or after where it happened. A diagnostic of the in-rationale curriculum, which trains the last
+    steps longest: its students should depart earlier, if anywhere."""
+    written = set(plain_numbers(generated))
+    for index, step in enumerate(steps):
+        numbers = plain_numbers(step)
+        if numbers and numbers[-1] not in written:
+            return index
+    return None
