@@ -391,6 +391,18 @@ def arithmetic(predictions: list[dict]) -> dict:
     }
 
 
+def first_missing_steps(predictions: list[dict], test_file: Path) -> dict[str, int | None]:
+    """Per test question, the first reference step whose result the generation never writes
+    (:func:`kpod.data.steps.first_missing_step`; ``None``: it writes them all). The in-rationale
+    curriculum trains the last steps longest, so its students should depart from the reference
+    earlier, if anywhere."""
+    from kpod.data.loaders import load_examples
+    from kpod.data.steps import first_missing_step
+
+    steps = {e.qid: [s.text for s in e.steps] for e in load_examples(test_file, "kpod")[0]}
+    return {p["qid"]: first_missing_step(steps[p["qid"]], p.get("generated") or "") for p in predictions}
+
+
 def predictions_folder(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> Path:
     """Where a run's test predictions are: its method's training folder, or the untrained
     evaluation's."""
@@ -398,22 +410,27 @@ def predictions_folder(suite: str, dataset: str, method: str, seed: int, tag: st
     return run_dir / ("eval-untrained" if method == "untrained" else f"train-{method}")
 
 
-def backfill(path: Path, folder: Path) -> bool:
-    """Add the figures computed from a finished run's saved predictions (``arithmetic``) to its
-    result file where it lacks them (runs recorded before they existed); False when the file has
-    them already or the predictions are not on this machine."""
+def backfill(path: Path, folder: Path, test_file: Path) -> list[str]:
+    """Add the figures computed from a finished run's saved predictions (``arithmetic``,
+    ``first_missing_step``) to its result file where it lacks them (runs recorded before they
+    existed); returns the keys added, none when the file has them or the predictions are not on
+    this machine."""
     result = json.loads(path.read_text())
     predictions_file = folder / "test_predictions.jsonl"
-    if "arithmetic" in result or not predictions_file.exists():
-        return False
+    missing = [k for k in ("arithmetic", "first_missing_step") if k not in result]
+    if not missing or not predictions_file.exists():
+        return []
     predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
     if {p["qid"] for p in predictions} != set(result["per_question"]):
         raise SystemExit(f"{predictions_file} is not the run recorded in {path}: its questions differ")
-    result["arithmetic"] = arithmetic(predictions)
+    if "arithmetic" in missing:
+        result["arithmetic"] = arithmetic(predictions)
+    if "first_missing_step" in missing:
+        result["first_missing_step"] = first_missing_steps(predictions, test_file)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)
-    return True
+    return missing
 
 
 def _weights_metrics(method: str, manifest: dict) -> dict | None:
@@ -500,6 +517,8 @@ def run_one(
         "answer_rules": dict(Counter(p.get("rule") or "none" for p in predictions)),
         # The test generations' written equations and how many are wrong.
         "arithmetic": arithmetic(predictions),
+        # Per test question, the first reference step whose result the generation never writes.
+        "first_missing_step": first_missing_steps(predictions, Path(config.run_dir) / "data" / "test.jsonl"),
         # Solution steps (and template) of each test question, for accuracy by number of steps.
         "questions": question_info(Path(config.run_dir) / "data" / "test.jsonl"),
         # The kept model on templates never trained on (suites with an ``ood`` set).
@@ -559,8 +578,8 @@ def main() -> None:
     parser.add_argument(
         "--backfill",
         action="store_true",
-        help="add figures computed from saved predictions (arithmetic) to finished runs' results "
-        "that lack them, from their run folders; runs nothing",
+        help="add figures computed from saved predictions (arithmetic, first_missing_step) to "
+        "finished runs' results that lack them, from their run folders; runs nothing",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument(
@@ -584,8 +603,9 @@ def main() -> None:
         done = path.exists()
         if args.backfill:
             folder = predictions_folder(args.suite, dataset, method, seed, args.tag)
-            if done and backfill(path, folder):
-                print(f"{path.name}: added arithmetic from {folder}")
+            added = backfill(path, folder, folder.parent / "data" / "test.jsonl") if done else []
+            if added:
+                print(f"{path.name}: added {', '.join(added)} from {folder}")
             continue
         if args.list:
             extra = f"{json.loads(path.read_text())['accuracy']:.2f} %" if done else "missing"

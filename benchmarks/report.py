@@ -469,6 +469,53 @@ def _arithmetic(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     return out
 
 
+DEPARTURES = ("first", "middle", "last", "none")
+
+
+def departures(runs: list[dict]) -> dict[str, int]:
+    """Questions by where the generation first departs from the reference (the runs'
+    ``first_missing_step``, positioned by the results' own ``questions``): at its first step, a
+    middle one, its last one, or none (every step's result written), pooled over the runs."""
+    counts = dict.fromkeys(DEPARTURES, 0)
+    for r in runs:
+        for qid, index in r["first_missing_step"].items():
+            steps = r["questions"][qid]["steps"]
+            place = (
+                "none"
+                if index is None
+                else "first"
+                if index == 0
+                else "last"
+                if index == steps - 1
+                else "middle"
+            )
+            counts[place] += 1
+    return counts
+
+
+def _departures(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """Where each method's generations first leave the reference solution: the in-rationale
+    curriculum trains the last steps longest, so its students should depart earlier, if anywhere."""
+    rows = [m for m in names if all(r.get("first_missing_step") and r.get("questions") for r in methods[m])]
+    if not rows:
+        return []
+    out = [
+        "\nWhere the generations first depart from the reference solution: the first reference step whose"
+        " result (its last number) the generation never writes, % of questions pooled over seeds:\n",
+        "| method | seeds | first step | a middle step | last step | none (every result written) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        counts = departures(methods[m])
+        total = sum(counts.values())
+        out.append(
+            f"| {m} | {len(methods[m])} | "
+            + " | ".join(f"{100 * counts[k] / total:.1f} ({counts[k]})" for k in DEPARTURES)
+            + " |"
+        )
+    return out
+
+
 def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]] | None = None) -> str:
     groups = group(results)
     questions = questions or {}
@@ -512,6 +559,7 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
         out.extend(_steps(methods, names) or _quantities(methods, names, questions.get((suite, dataset))))
         out.extend(_ood(methods, names))
         out.extend(_arithmetic(methods, names))
+        out.extend(_departures(methods, names))
         out.extend(_weights(methods, names))
         out.append("")
     return "\n".join(out)

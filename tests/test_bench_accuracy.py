@@ -119,14 +119,31 @@ def test_powered_suites_pin_the_generation_precision(accuracy, monkeypatch, tiny
         assert precision.resolve("auto", model, 128) == "bf16" and measured == []
 
 
-def test_backfill_adds_the_written_equations_of_a_finished_run_once(accuracy, tmp_path):
-    """A result recorded before ``arithmetic`` existed gets it from the run's saved predictions,
-    once; predictions of other questions are refused rather than mixed in."""
+def _kpod_row(qid: str, steps: list[str], answer: str) -> dict:
+    rationale, spans = "", []
+    for text in steps:
+        start = len(rationale) + (1 if rationale else 0)
+        rationale = f"{rationale}\n{text}" if rationale else text
+        spans.append({"text": text, "start": start, "end": start + len(text)})
+    return {"qid": qid, "question": "?", "rationale": rationale, "steps": spans, "answer": answer}
+
+
+def test_backfill_adds_the_figures_from_a_finished_runs_predictions_once(accuracy, tmp_path):
+    """A result recorded before ``arithmetic`` and ``first_missing_step`` existed gets them from
+    the run's saved predictions, once; predictions of other questions are refused rather than
+    mixed in."""
     import json
 
+    test_file = tmp_path / "test.jsonl"
+    rows = [
+        _kpod_row("a", ["He buys 3 * 4 = 12 apples.", "Then 12 + 6 = 18."], "18"),
+        _kpod_row("b", ["So 10 - 4 = 6.", "Each gets 6 / 4 = 1.5."], "1.5"),
+        _kpod_row("c", ["T + 3 = 5.", "So T = 2."], "2"),
+    ]
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     predictions = [
         {"qid": "a", "generated": "He has 3 * 4 = 12 apples and 12 + 5 = 18. Therefore, the answer is 18."},
-        {"qid": "b", "generated": "So 10 - 4 = 6 and 6 / 4 = 1.5 in all."},
+        {"qid": "b", "generated": "So 10 - 4 = 7 and 7 / 4 = 1.75 in all."},  # departs at the first step
         {"qid": "c", "generated": "T + 3 = 5, so the answer is 2."},
     ]
     folder = tmp_path / "train-kpod"
@@ -134,15 +151,18 @@ def test_backfill_adds_the_written_equations_of_a_finished_run_once(accuracy, tm
     (folder / "test_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
     path = tmp_path / "result.json"
     path.write_text(json.dumps({"accuracy": 1.0, "per_question": {"a": False, "b": True, "c": True}}))
-    assert accuracy.backfill(path, folder)
+    assert accuracy.backfill(path, folder, test_file) == ["arithmetic", "first_missing_step"]
     result = json.loads(path.read_text())
-    assert result["arithmetic"] == {"equations": 4, "wrong": 1, "questions_with_slip": 1, "questions": 3}
+    # Four equations read (c's T + 3 = 5 is not): a's 12 + 5 = 18 and b's 10 - 4 = 7 are wrong.
+    assert result["arithmetic"] == {"equations": 4, "wrong": 2, "questions_with_slip": 2, "questions": 3}
+    # a writes both results (12 and 18); b never writes 6; c writes 5 and 2.
+    assert result["first_missing_step"] == {"a": None, "b": 0, "c": None}
     assert result["accuracy"] == 1.0  # the rest as it was
-    assert not accuracy.backfill(path, folder)  # already there
+    assert accuracy.backfill(path, folder, test_file) == []  # already there
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"per_question": {"a": True, "z": True}}))
     with pytest.raises(SystemExit, match="questions differ"):
-        accuracy.backfill(other, folder)
+        accuracy.backfill(other, folder, test_file)
     assert (
         accuracy.predictions_folder("cpu-multistep", "gsm-symbolic", "untrained", 0).name == "eval-untrained"
     )

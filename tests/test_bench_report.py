@@ -294,6 +294,26 @@ def test_written_arithmetic_pools_the_seeds_and_skips_runs_without_it(report):
     assert "| kpod-no-weights | 1 | " not in text.split("Written arithmetic")[1]
 
 
+def test_departures_place_each_question_by_its_own_number_of_steps(report):
+    steps = {
+        "q0": {"steps": 3},
+        "q1": {"steps": 3},
+        "q2": {"steps": 5},
+        "q3": {"steps": 5},
+        "q4": {"steps": 2},
+    }
+    std = {**_result("std-cot", 0, {0}), "questions": steps}
+    std["first_missing_step"] = {"q0": None, "q1": 2, "q2": 2, "q3": 4, "q4": 1}
+    kpod = {**_result("kpod", 0, {0}), "questions": steps}
+    kpod["first_missing_step"] = {"q0": 0, "q1": 1, "q2": 0, "q3": None, "q4": 0}
+    # q1 (3 steps) at 2 and q3 (5 steps) at 4 are last steps; q2 (5 steps) at 2 a middle one.
+    assert report.departures([std]) == {"first": 0, "middle": 1, "last": 3, "none": 1}
+    assert report.departures([kpod]) == {"first": 3, "middle": 1, "last": 0, "none": 1}
+    text = report.tables([std, kpod])
+    assert "| std-cot | 1 | 0.0 (0) | 20.0 (1) | 60.0 (3) | 20.0 (1) |" in text
+    assert "| kpod | 1 | 60.0 (3) | 20.0 (1) | 0.0 (0) | 20.0 (1) |" in text
+
+
 def test_planned_pairs_follow_the_pilot_discordance(load_benchmark, tmp_path, monkeypatch):
     """Before the pilot pair: the minimum; after it: the pairs the pooled McNemar test needs for 2
     points at the pilot's discordance, within [min, max]; the suite's list grows to match."""
