@@ -322,12 +322,30 @@ def _last_epoch(test_last: dict | None) -> dict | None:
     }
 
 
-def question_info(test_path: Path) -> dict[str, dict]:
-    """Per test question: its number of solution steps, and its template where it has one."""
+def test_examples(test_path: Path) -> list:
+    """A run's test questions with their reference steps (its ``data/test.jsonl``)."""
     from kpod.data.loaders import load_examples
 
+    return load_examples(test_path, "kpod")[0]
+
+
+def read_predictions(folder: Path) -> list[dict]:
+    """A run's test predictions, as its evaluation recorded them."""
+    return [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
+
+
+def write_result(path: Path, result: dict) -> None:
+    """A result file, replaced whole (never left half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def question_info(examples: list) -> dict[str, dict]:
+    """Per test question: its number of solution steps, and its template where it has one."""
     info = {}
-    for example in load_examples(test_path, "kpod")[0]:
+    for example in examples:
         row = {"steps": len(example.steps)}
         template = example.provenance.get("template")
         if template is not None:
@@ -391,15 +409,14 @@ def arithmetic(predictions: list[dict]) -> dict:
     }
 
 
-def first_missing_steps(predictions: list[dict], test_file: Path) -> dict[str, int | None]:
+def first_missing_steps(predictions: list[dict], examples: list) -> dict[str, int | None]:
     """Per test question, the first reference step whose result the generation never writes
     (:func:`kpod.data.steps.first_missing_step`; ``None``: it writes them all). The in-rationale
     curriculum trains the last steps longest, so its students should depart from the reference
     earlier, if anywhere."""
-    from kpod.data.loaders import load_examples
     from kpod.data.steps import first_missing_step
 
-    steps = {e.qid: [s.text for s in e.steps] for e in load_examples(test_file, "kpod")[0]}
+    steps = {e.qid: [s.text for s in e.steps] for e in examples}
     return {p["qid"]: first_missing_step(steps[p["qid"]], p.get("generated") or "") for p in predictions}
 
 
@@ -416,20 +433,19 @@ def backfill(path: Path, folder: Path, test_file: Path) -> list[str]:
     existed); returns the keys added, none when the file has them or the predictions are not on
     this machine."""
     result = json.loads(path.read_text())
-    predictions_file = folder / "test_predictions.jsonl"
     missing = [k for k in ("arithmetic", "first_missing_step") if k not in result]
-    if not missing or not predictions_file.exists():
+    if not missing or not (folder / "test_predictions.jsonl").exists():
         return []
-    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    predictions = read_predictions(folder)
     if {p["qid"] for p in predictions} != set(result["per_question"]):
-        raise SystemExit(f"{predictions_file} is not the run recorded in {path}: its questions differ")
+        raise SystemExit(
+            f"{folder / 'test_predictions.jsonl'} is not the run recorded in {path}: its questions differ"
+        )
     if "arithmetic" in missing:
         result["arithmetic"] = arithmetic(predictions)
     if "first_missing_step" in missing:
-        result["first_missing_step"] = first_missing_steps(predictions, test_file)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+        result["first_missing_step"] = first_missing_steps(predictions, test_examples(test_file))
+    write_result(path, result)
     return missing
 
 
@@ -485,7 +501,8 @@ def run_one(
             ood = score_ood(SUITES[suite]["ood"], config, model_dir, folder)
     manifest = json.loads((Path(config.run_dir) / "manifest.json").read_text())
     stage_seconds = {k: v.get("seconds") for k, v in manifest["stages"].items()}
-    predictions = [json.loads(line) for line in (folder / "test_predictions.jsonl").read_text().splitlines()]
+    predictions = read_predictions(folder)
+    examples = test_examples(Path(config.run_dir) / "data" / "test.jsonl")
     result = {
         **started,
         "suite": suite,
@@ -518,20 +535,16 @@ def run_one(
         # The test generations' written equations and how many are wrong.
         "arithmetic": arithmetic(predictions),
         # Per test question, the first reference step whose result the generation never writes.
-        "first_missing_step": first_missing_steps(predictions, Path(config.run_dir) / "data" / "test.jsonl"),
+        "first_missing_step": first_missing_steps(predictions, examples),
         # Solution steps (and template) of each test question, for accuracy by number of steps.
-        "questions": question_info(Path(config.run_dir) / "data" / "test.jsonl"),
+        "questions": question_info(examples),
         # The kept model on templates never trained on (suites with an ``ood`` set).
         "ood": ood,
         # The token weights this run trained with (methods that read them): the weights step's
         # metrics, contrast included.
         "weights": _weights_metrics(method, manifest),
     }
-    path = result_path(suite, dataset, method, seed, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    write_result(result_path(suite, dataset, method, seed, tag), result)
     clock.reset()
     return result
 

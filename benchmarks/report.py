@@ -476,20 +476,18 @@ def departures(runs: list[dict]) -> dict[str, int]:
     """Questions by where the generation first departs from the reference (the runs'
     ``first_missing_step``, positioned by the results' own ``questions``): at its first step, a
     middle one, its last one, or none (every step's result written), pooled over the runs."""
+
+    def place(index: int | None, steps: int) -> str:
+        if index is None:
+            return "none"
+        if index == 0:
+            return "first"
+        return "last" if index == steps - 1 else "middle"
+
     counts = dict.fromkeys(DEPARTURES, 0)
     for r in runs:
         for qid, index in r["first_missing_step"].items():
-            steps = r["questions"][qid]["steps"]
-            place = (
-                "none"
-                if index is None
-                else "first"
-                if index == 0
-                else "last"
-                if index == steps - 1
-                else "middle"
-            )
-            counts[place] += 1
+            counts[place(index, r["questions"][qid]["steps"])] += 1
     return counts
 
 

@@ -497,6 +497,15 @@ def training_ratios(result: dict) -> dict:
     return out
 
 
+def store_part(key: str, value: dict) -> None:
+    """``value`` under ``key`` of results/throughput.json, the rest of the file as it was (the
+    partial runs: --baselines, --eval-rows, --train-rows)."""
+    path = RESULTS / "throughput.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result[key] = value
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -566,11 +575,9 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(args.out, ignore_errors=True)
-        path = RESULTS / "throughput.json"
-        result = json.loads(path.read_text()) if path.exists() else {}
-        result["baselines"] = {**started, **baselines(args)}
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({k: v for k, v in result["baselines"].items() if "_over_" in k}))
+        measured = {**started, **baselines(args)}
+        store_part("baselines", measured)
+        print(json.dumps({k: v for k, v in measured.items() if "_over_" in k}))
         return
     if args.eval_only:  # only the evaluation rows, added to the existing results file
         from kpod.models import load_tokenizer
@@ -581,12 +588,11 @@ def main() -> None:
             questions = load_examples(args.eval_file)[0][: args.eval_n]
         else:
             questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
+        if args.eval_rows:  # a comparison of some rows: kept apart from the full evaluation's figures
+            store_part("eval_rows", {**started, **evaluation(args, questions)})
+            return
         path = RESULTS / "throughput.json"
         result = json.loads(path.read_text()) if path.exists() else {}
-        if args.eval_rows:  # a comparison of some rows: kept apart from the full evaluation's figures
-            result["eval_rows"] = {**started, **evaluation(args, questions)}
-            path.write_text(json.dumps(result, indent=1) + "\n")
-            return
         if "eval" in result and result["eval"].get("student", args.student) == args.student:
             result["eval_untrained"] = result["eval"]  # the untrained student's rows, kept beside
         ev = result["eval"] = {**started, **evaluation(args, questions)}
@@ -643,10 +649,7 @@ def main() -> None:
     result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
     result.update(training_ratios(result))
     if args.train_rows:  # a partial comparison: kept apart from the full run's figures
-        path = RESULTS / "throughput.json"
-        whole = json.loads(path.read_text()) if path.exists() else {}
-        whole["train_rows"] = result
-        path.write_text(json.dumps(whole, indent=1) + "\n")
+        store_part("train_rows", result)
         print(json.dumps({k: v for k, v in result.items() if "_over_" in k or k.startswith("mfu")}))
         return
     if not args.skip_trl:

@@ -291,12 +291,13 @@ def split_answer_phrase(text: str) -> tuple[str, str | None]:
 # Written arithmetic: numbers as above but unsigned (a minus is an operator here), with an optional
 # currency symbol; an operator is one of + - * x × / ÷ (x only between spaces or digits).
 _EQ_NUMBER = r"(?:[$\u20ac\u00a3\u00a5]\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_EQ_OPERATOR = r"\s*[-+*/\u00d7\u00f7x\u2212]\s*"
+_EQ_OPERATORS = "-+*/\u00d7\u00f7x\u2212"  # in a character class, "-" first
+_EQ_OPERATOR = rf"\s*[{_EQ_OPERATORS}]\s*"
 _EQUATION_RE = re.compile(
     rf"(?<![\w.,])(?P<lhs>{_EQ_NUMBER}(?:{_EQ_OPERATOR}{_EQ_NUMBER})+)\s*=\s*(?P<rhs>{_EQ_NUMBER})(?P<percent>\s?%)?(?!\d|\.\d)"
 )
-_EQ_TOKEN_RE = re.compile(rf"({_EQ_NUMBER})|([-+*/\u00d7\u00f7x\u2212])")
-_OPERATOR_CHARS = "-+*/\u00d7\u00f7x\u2212(^"
+_EQ_TOKEN_RE = re.compile(rf"({_EQ_NUMBER})|([{_EQ_OPERATORS}])")
+_OPERATOR_CHARS = _EQ_OPERATORS + "(^"
 _CHAIN_RE = re.compile(r"\s*(?:[-+*/\u00d7\u00f7\u2212^]|x(?=\s*[\d$]))")
 
 
