@@ -39,6 +39,11 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     python = platform.python_version()
     text = f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, Python {python}"
+    # Since session 18: name a thread count below the cores (OMP_NUM_THREADS=1 to run two suite runs
+    # side by side): it changes speed and the order of bf16 sums, so a run's figures by a few questions.
+    threads = torch.get_num_threads()
+    if threads < (os.cpu_count() or threads):
+        text += f", {threads} torch thread{'s' if threads > 1 else ''}"
     # Since session 8: name a preloaded allocator (it changes CPU speed, not results; kpod.allocator).
     allocator = current_allocator()
     return text if allocator == "system" else f"{text}, {allocator}"
