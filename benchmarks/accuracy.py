@@ -24,6 +24,14 @@ own run folder and result file (``...-kpod+minmax-s0.json``) and appears as its 
 
     .venv/bin/python benchmarks/accuracy.py --dataset asdiv --method kpod --seed 0 \
         --set weighting.rescale=minmax --tag minmax
+
+On a CPU, ``--streams 2`` runs the missing runs as two processes side by side, each with
+cores / 2 torch threads (one each on two cores: 1.17-1.23x the training tokens/s of one
+two-thread process, BENCHMARKS.md "Issue #23, session 18"). Runs that share a run folder (the
+methods of one dataset and seed) stay in one stream, in the suite's order; each child is the
+one-run command above, its output in ``runs/bench/logs/``. The thread count is in each result's
+``machine`` line: it changes the order of bf16 sums, so a run's figures by a few questions, as a
+seed does.
 """
 
 from __future__ import annotations
@@ -577,6 +585,86 @@ def pin_generation_precision(suite: str) -> str | None:
     return precision
 
 
+def stream_groups(suite: str, runs: list[tuple[str, str, int]], tag: str | None = None) -> list[list]:
+    """The runs grouped by their run folder, groups and runs in the given order: runs that share a
+    folder (one dataset and seed: data, weights and schedule made once) must not run side by side,
+    since `kpod run` holds its folder for as long as it runs."""
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run_config(suite, *run, tag)["name"], []).append(run)
+    return list(groups.values())
+
+
+def run_streams(groups: list[list], streams: int, launch) -> list[tuple[tuple, int]]:
+    """Run ``groups`` in ``streams`` workers side by side: each worker takes the next group in
+    order and runs its runs one after another with ``launch(run) -> exit code``. Returns each
+    run's exit code, in the order they finished; a failed run (or a launch that raises: -1) does not
+    stop its stream."""
+    import threading
+
+    pending = list(groups)
+    finished: list[tuple[tuple, int]] = []
+    guard = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with guard:
+                if not pending:
+                    return
+                group = pending.pop(0)
+            for run in group:
+                try:
+                    code = launch(run)
+                except Exception as error:  # noqa: BLE001 - a launch that raises fails its run, not its stream
+                    print(f"== {run}: {type(error).__name__}: {error}", flush=True)
+                    code = -1
+                with guard:
+                    finished.append((run, code))
+
+    workers = [threading.Thread(target=worker) for _ in range(max(1, streams))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return finished
+
+
+def launch_child(
+    suite: str,
+    overrides: list[str],
+    tag: str | None,
+    threads: int,
+    redo: bool = False,
+    logs: Path | None = None,
+):
+    """A function that runs one run as its own process (the one-run command line) with ``threads``
+    torch threads, its output appended to ``<logs>/<suite>-<dataset>-<method>-s<seed>.log``
+    (``runs/bench/logs`` by default)."""
+    import subprocess
+
+    logs = logs or ROOT / "runs" / "bench" / "logs"
+
+    def launch(run: tuple[str, str, int]) -> int:
+        dataset, method, seed = run
+        command = [sys.executable, str(Path(__file__).resolve()), "--suite", suite]
+        command += ["--dataset", dataset, "--method", method, "--seed", str(seed)]
+        command += [f"--set={o}" for o in overrides] + ([f"--tag={tag}"] if tag else [])
+        command += ["--redo"] if redo else []
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{suite}-{dataset}-{method}{_suffix(tag)}-s{seed}.log"
+        print(f"== start {suite} {dataset} {method} seed {seed} ({threads} thread(s); log {log})", flush=True)
+        with log.open("a") as out:
+            code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(
+            f"== {'done' if code == 0 else f'FAILED (exit {code})'}: {dataset} {method} seed {seed}",
+            flush=True,
+        )
+        return code
+
+    return launch
+
+
 def main() -> None:
     _under_fast_allocator()
     parser = argparse.ArgumentParser(
@@ -600,7 +688,16 @@ def main() -> None:
         type=lambda t: t if t.replace("-", "").replace("_", "").isalnum() else parser.error(f"bad tag {t!r}"),
         help="name of a variant run (with --set): its own run folder, result file and table row",
     )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="run the missing runs as this many processes side by side, cores / streams torch threads "
+        "each (runs of one dataset and seed stay in one stream)",
+    )
     args = parser.parse_args()
+    if args.streams < 1:
+        parser.error(f"--streams must be 1 or more, got {args.streams}")
     pin_generation_precision(args.suite)
     runs = [
         r
@@ -611,6 +708,17 @@ def main() -> None:
     ]
     if args.dataset and args.method and args.seed is not None and not runs:
         runs = [(args.dataset, args.method, args.seed)]  # a run outside the suite's list
+    if args.streams > 1 and not (args.list or args.backfill):
+        missing = [r for r in runs if args.redo or not result_path(args.suite, *r, args.tag).exists()]
+        threads = max(1, (os.cpu_count() or 1) // args.streams)
+        launch = launch_child(args.suite, args.set, args.tag, threads, args.redo)
+        finished = run_streams(stream_groups(args.suite, missing, args.tag), args.streams, launch)
+        failed = [run for run, code in finished if code != 0]
+        print(
+            f"== {len(finished) - len(failed)} of {len(missing)} runs done"
+            + (f"; failed: {failed}" if failed else "")
+        )
+        sys.exit(1 if failed else 0)
     for dataset, method, seed in runs:
         path = result_path(args.suite, dataset, method, seed, args.tag)
         done = path.exists()

@@ -166,3 +166,77 @@ def test_backfill_adds_the_figures_from_a_finished_runs_predictions_once(accurac
     assert (
         accuracy.predictions_folder("cpu-multistep", "gsm-symbolic", "untrained", 0).name == "eval-untrained"
     )
+
+
+def test_streams_keep_a_run_folders_runs_together_and_in_order(accuracy):
+    """Runs of one dataset and seed share a run folder that `kpod run` holds while it runs, so
+    ``--streams`` must never put them side by side; scotd's several-rationale data is a folder of
+    its own."""
+    runs = [
+        ("asdiv", "std-cot", 2),
+        ("asdiv", "kpod", 2),
+        ("asdiv", "std-cot", 3),
+        ("asdiv", "scotd", 2),
+        ("asdiv", "kpod-no-weights", 2),
+    ]
+    assert accuracy.stream_groups("cpu-asdiv", runs) == [
+        [("asdiv", "std-cot", 2), ("asdiv", "kpod", 2), ("asdiv", "kpod-no-weights", 2)],
+        [("asdiv", "std-cot", 3)],
+        [("asdiv", "scotd", 2)],
+    ]
+
+
+def test_run_streams_runs_groups_side_by_side_and_each_group_in_turn(accuracy):
+    """Two streams: the first runs of two groups run at the same time (each waits to see the other
+    start), a group's runs never overlap and keep their order, and a failed run does not stop its
+    stream."""
+    import threading
+    import time
+
+    started = {run: threading.Event() for run in ("a1", "a2", "b1", "c1")}
+    spans: dict[str, tuple[float, float]] = {}
+    partner = {"a1": "b1", "b1": "a1"}
+
+    def launch(run):
+        begin = time.monotonic()
+        started[run].set()
+        if run in partner and not started[partner[run]].wait(timeout=10):
+            raise AssertionError(f"{run} ran alone")
+        time.sleep(0.05)
+        spans[run] = (begin, time.monotonic())
+        return 3 if run == "a1" else 0
+
+    finished = accuracy.run_streams([["a1", "a2"], ["b1"], ["c1"]], 2, launch)
+    assert sorted(finished) == [("a1", 3), ("a2", 0), ("b1", 0), ("c1", 0)]
+    assert spans["a1"][1] <= spans["a2"][0]  # a2 after a1, although a1 failed
+    assert spans["a1"][0] < spans["b1"][1] and spans["b1"][0] < spans["a1"][1]  # side by side
+    # One stream: strictly one run after another, in order.
+    order: list[str] = []
+    assert accuracy.run_streams([["x", "y"], ["z"]], 1, lambda r: order.append(r) or 0) == [
+        ("x", 0),
+        ("y", 0),
+        ("z", 0),
+    ]
+    assert order == ["x", "y", "z"]
+
+
+def test_a_stream_child_is_the_one_run_command_with_its_threads(accuracy, monkeypatch, tmp_path):
+    import subprocess
+
+    calls = []
+
+    def fake_run(command, env, stdout, stderr):
+        calls.append((command, env["OMP_NUM_THREADS"]))
+        stdout.write("child output\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    launch = accuracy.launch_child("cpu-multistep", ["train.lr=1e-4"], "lr", 1, redo=True, logs=tmp_path)
+    assert launch(("gsm-symbolic", "kpod", 3)) == 0
+    ((command, threads),) = calls
+    assert threads == "1"
+    assert command[2:] == [
+        "--suite", "cpu-multistep", "--dataset", "gsm-symbolic", "--method", "kpod", "--seed", "3",
+        "--set=train.lr=1e-4", "--tag=lr", "--redo",
+    ]  # fmt: skip
+    assert (tmp_path / "cpu-multistep-gsm-symbolic-kpod+lr-s3.log").read_text() == "child output\n"
