@@ -445,3 +445,39 @@ def test_precision_timing_runs_kpods_decoding_loop_for_every_token(
     seq2seq = load_model(str(tiny_seq2seq), trainable=False).model
     assert precision.time_generation(seq2seq, 2, new_tokens=3, prompt_tokens=5) > 0
     assert len(lengths) == 2
+
+
+def test_paired_comparison_counts_the_discordant_questions_of_the_shared_ones(tmp_path):
+    """A vs B on the questions both answered: 9 solved only by A, 3 only by B, 40 shared (a 41st
+    answered by A alone is left out); the run report reads the same from saved predictions."""
+    from kpod.report import paired_comparisons, paired_verdict
+    from kpod.stats import mcnemar_detectable_gap, mcnemar_exact, paired_comparison
+
+    qs = [f"q{i}" for i in range(40)]
+    a = {q: i < 20 or 30 <= i < 34 for i, q in enumerate(qs)}  # 24 right
+    b = {q: 11 <= i < 26 for i, q in enumerate(qs)}  # 15 right: 11-19 both, 20-25 only B
+    a["extra"] = True
+    c = paired_comparison(a, b)
+    # Only A: 0-10 and 30-33 (15); only B: 20-25 (6).
+    assert (c["n"], c["a_only"], c["b_only"]) == (40, 15, 6)
+    assert c["gap"] == pytest.approx((24 - 15) / 40)
+    assert c["p"] == mcnemar_exact(15, 6)
+    assert c["detectable"] == pytest.approx(mcnemar_detectable_gap(21 / 40, 40))
+    assert c["ci95"][0] < c["gap"] < c["ci95"][1]
+    same = paired_comparison(b, dict(b))
+    assert same["detectable"] is None and same["p"] == 1.0 and same["gap"] == 0
+    with pytest.raises(ValueError, match="share no test question"):
+        paired_comparison({"x": True}, {"y": True})
+
+    for method, right in (("std-cot", b), ("kpod", a), ("kpod-no-weights", b)):
+        folder = tmp_path / f"train-{method}"
+        folder.mkdir()
+        rows = [{"qid": q, "correct": ok} for q, ok in right.items()]
+        (folder / "test_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = {r["method"]: r for r in paired_comparisons(tmp_path)}
+    assert set(rows) == {"kpod", "kpod-no-weights"}
+    assert (rows["kpod"]["a_only"], rows["kpod"]["b_only"]) == (15, 6)
+    assert "kpod - std-cot: +22.5 points" in paired_verdict(rows["kpod"])
+    assert "not distinguishable" in paired_verdict(rows["kpod"])  # p = 0.078
+    assert "answered every question alike" in paired_verdict(rows["kpod-no-weights"])
+    assert paired_comparisons(tmp_path, baseline="scotd") == []

@@ -93,6 +93,8 @@ def test_rerun_skips_and_a_changed_setting_reruns_only_downstream(finished_run, 
     run = tmp / "run"
     assert main(["run", str(config)]) == 0
     assert not any(stages_run(run).values())  # nothing to do
+    printed = capsys.readouterr().out
+    assert "kpod - std-cot:" in printed and "McNemar p =" in printed  # the paired line after the accuracies
     assert main(["run", str(config), "schedule.beta=3.0"]) == 0
     ran = stages_run(run)
     assert ran == {
@@ -323,6 +325,7 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     assert main(["report", str(tmp / "run")]) == 0
     page = report.read_text()
     assert "untrained" in page and "std-cot" in page and "kpod" in page and page.count("<img") >= 3
+    assert "<h2>Paired with std-cot</h2>" in page and "kpod - std-cot:" in page
     assert main(["report", str(tmp)]) == 2  # not a run directory
     assert "no manifest.json" in capsys.readouterr().err
 

@@ -487,6 +487,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if r:
             lo, hi = r["ci95"]
             print(f"  {name:<26} {r['accuracy']:6.2f} %  [{lo:5.1f}, {hi:5.1f}]  ({r['correct']}/{r['n']})")
+    from kpod.report import paired_comparisons, paired_verdict
+
+    for comparison in paired_comparisons(config.directory):
+        print(f"  {paired_verdict(comparison)}")
     print(f"report: {out['report']}")
     return 0
 

@@ -3,7 +3,8 @@
 ``write_report`` turns a ``kpod run`` directory into ``report.html`` (one self-contained file: the
 plots are embedded as base64 PNG, the styles inline, no script, nothing fetched) and leaves the
 PNG files beside it: the config and data statistics, keypoint heat-maps, the schedule, training
-loss per stage, every method's test accuracy with its 95 % interval, and example predictions.
+loss per stage, every method's test accuracy with its 95 % interval and paired with std-cot (McNemar),
+and example predictions.
 """
 
 from __future__ import annotations
@@ -168,6 +169,47 @@ pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; white-space: pre-w
 """
 
 
+def paired_comparisons(run_dir: Path, baseline: str = "std-cot") -> list[dict[str, Any]]:
+    """Every trained method of a run against ``baseline`` on the same test questions, from their
+    saved predictions (``train-<method>/test_predictions.jsonl``): a gap between two accuracies
+    with overlapping intervals can still be real, and one inside them can be noise; the paired view
+    (:func:`kpod.stats.paired_comparison`) says which. Empty when the baseline was not trained."""
+    from kpod.stats import paired_comparison
+
+    def correct(method: str) -> dict[str, bool]:
+        rows = _read_jsonl(Path(run_dir) / f"train-{method}" / "test_predictions.jsonl")
+        return {r["qid"]: bool(r["correct"]) for r in rows}
+
+    base = correct(baseline)
+    if not base:
+        return []
+    out = []
+    for path in sorted(Path(run_dir).glob("train-*/test_predictions.jsonl")):
+        method = path.parent.name.removeprefix("train-")
+        other = correct(method)
+        if method != baseline and set(other) & set(base):
+            out.append({"method": method, "baseline": baseline, **paired_comparison(other, base)})
+    return out
+
+
+def paired_verdict(c: dict[str, Any]) -> str:
+    """One line in plain words for a :func:`paired_comparisons` row."""
+    gap, (low, high) = 100 * c["gap"], (100 * c["ci95"][0], 100 * c["ci95"][1])
+    method, baseline = c["method"], c["baseline"]
+    head = (
+        f"{method} - {baseline}: {gap:+.1f} points [{low:+.1f}, {high:+.1f}] on {c['n']} questions "
+        f"({c['a_only']} solved only by {method}, {c['b_only']} only by {baseline}; McNemar p = {c['p']:.3f})"
+    )
+    if c["p"] < 0.05:
+        return f"{head}: a difference at the 5 % level (one seed: other seeds may differ)"
+    if c["detectable"] is None:
+        return f"{head}: the two answered every question alike"
+    return (
+        f"{head}: not distinguishable; this test set detects gaps of {100 * c['detectable']:.1f} points or "
+        "more (80 % power), more seeds or questions for smaller ones"
+    )
+
+
 def write_report(run_dir: Path, config: Any, results: dict[str, dict[str, Any] | None]) -> Path:
     """``run_dir/report.html`` and its PNGs from a finished (or partly finished) ``kpod run``."""
     import re
@@ -195,6 +237,29 @@ def write_report(run_dir: Path, config: Any, results: dict[str, dict[str, Any] |
     if acc_rows:
         parts.append(_img(plot_accuracy(results, out / "accuracy.png"), "test accuracy per method"))
         parts.append(_table(acc_rows, ["method", "accuracy %", "95 % CI", "correct"]))
+    paired = paired_comparisons(run_dir)
+    if paired:
+        parts.append("<h2>Paired with std-cot</h2>")
+        parts.append(
+            "<p>Each method against std-cot on the same test questions: the questions only one of the "
+            "two solved decide the comparison (exact McNemar test); the interval resamples questions "
+            "(one seed).</p>"
+        )
+        rows = [
+            [
+                c["method"],
+                f"{100 * c['gap']:+.2f}",
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]",
+                c["a_only"],
+                c["b_only"],
+                f"{c['p']:.3f}",
+                "-" if c["detectable"] is None else f"{100 * c['detectable']:.1f}",
+            ]
+            for c in paired
+        ]
+        header = ["method", "gap (points)", "95 % CI", "only it", "only std-cot", "McNemar p"]
+        parts.append(_table(rows, [*header, "detectable gap"]))
+        parts.append("".join(f"<p>{html.escape(paired_verdict(c))}.</p>" for c in paired))
     stats_path = run_dir / "data" / "stats.json"
     manifest_path = run_dir / "manifest.json"
     if stats_path.exists():

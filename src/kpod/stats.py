@@ -2,7 +2,8 @@
 methods scored on the same questions, and how many seed pairs a comparison needs (its power).
 
 Pure functions of counts, no model or data: :mod:`kpod.evaluate` reports the interval of every
-accuracy, and ``benchmarks/report.py`` compares methods with the rest.
+accuracy, the run report (:func:`kpod.report.paired_comparisons`) and ``benchmarks/report.py`` compare
+methods with the rest.
 """
 
 from __future__ import annotations
@@ -109,3 +110,27 @@ def paired_gap_interval(
     tail = (1 - level) / 2
     low, high = np.quantile(replicates, [tail, 1 - tail])
     return gap, float(low), float(high)
+
+
+def paired_comparison(a: dict[str, bool], b: dict[str, bool], alpha: float = 0.05) -> dict[str, float | int]:
+    """Method A against method B on the test questions both answered (``qid -> correct``): how many
+    only A solved (``a_only``) and only B (``b_only``), the accuracy gap A - B with its 95 % interval
+    over questions (:func:`paired_gap_interval`, one seed pair), the exact McNemar p-value, and the
+    gap this many questions at this discordance detect with 80 % power (``detectable``; ``None``
+    when no question is discordant). Fractions, not points."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("the two methods share no test question")
+    a_only = sum(a[q] and not b[q] for q in common)
+    b_only = sum(b[q] and not a[q] for q in common)
+    gap, low, high = paired_gap_interval([(a, b)])
+    discordant = (a_only + b_only) / len(common)
+    return {
+        "n": len(common),
+        "a_only": a_only,
+        "b_only": b_only,
+        "gap": gap,
+        "ci95": (low, high),
+        "p": mcnemar_exact(a_only, b_only),
+        "detectable": mcnemar_detectable_gap(discordant, len(common), alpha) if discordant else None,
+    }
