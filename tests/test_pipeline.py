@@ -326,6 +326,7 @@ def test_report_command_rebuilds_the_report(finished_run, capsys):
     page = report.read_text()
     assert "untrained" in page and "std-cot" in page and "kpod" in page and page.count("<img") >= 3
     assert "<h2>Paired with std-cot</h2>" in page and "kpod - std-cot:" in page
+    assert "input steps" in page and "first step is generated in" in page  # the schedule's table
     assert main(["report", str(tmp)]) == 2  # not a run directory
     assert "no manifest.json" in capsys.readouterr().err
 

@@ -245,7 +245,45 @@ def test_schedule_cli_plans_and_plots(tiny_causal, tmp_path, capsys) -> None:
     assert (out / "schedule.png").stat().st_size > 10_000
     capsys.readouterr()
     assert main(["schedule", "show", str(out)]) == 0
-    assert "budget/B" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "budget/B" in shown and "input steps" in shown and "first step is generated in" in shown
+    # A schedule written before schedules recorded their step counts: read from difficulty.jsonl.
+    del plan["n_steps"]
+    (out / "schedule.json").write_text(json.dumps(plan))
+    assert main(["schedule", "show", str(out)]) == 0
+    assert capsys.readouterr().out == shown
+    (out / "difficulty.jsonl").unlink()
+    assert main(["schedule", "show", str(out)]) == 0
+    assert "input steps" not in capsys.readouterr().out  # nothing to read them from: the old table
+
+
+def test_schedule_exposure_by_hand() -> None:
+    """Three rationales of 3, 2 and 4 steps over stages 0..2: the share of all 9 steps given as
+    input per stage, the share generated whole, and how often the first step is generated."""
+    from kpod.progressive.schedule import Schedule
+    from kpod.report import schedule_table
+
+    schedule = Schedule(
+        c=np.array([[2, 1, 0], [1, 0, 0], [3, 1, 0]]),
+        budget=[1.0, 2.0, 3.0],
+        achieved=[1.0, 2.0, 3.0],
+        advanced=[3, 2, 2],
+        cluster_counts=[[3], [2], [2]],
+        total_difficulty=3.0,
+        config=ScheduleConfig(stages=2),
+        n_steps=[3, 2, 4],
+    )
+    exposure = schedule.exposure()
+    assert exposure["input_share"] == pytest.approx([6 / 9, 2 / 9, 0.0])
+    assert exposure["whole_share"] == pytest.approx([0.0, 1 / 3, 1.0])
+    # First steps generated at stages 1..2: row 0 at 2 only, row 1 at both, row 2 at 2 only.
+    assert exposure["first_step_share"] == pytest.approx(4 / 6)
+    assert "first step is generated in 67 % of stages 1..2" in schedule_table(schedule)
+    assert Schedule.from_dict(schedule.to_dict()).n_steps == [3, 2, 4]
+    plan = plan_schedule([[1.0, 2.0, 0.5], [3.0, 1.0]], [0, 1], ScheduleConfig(stages=3))
+    assert plan.n_steps == [3, 2]
+    with pytest.raises(ValueError, match="step counts"):
+        Schedule.from_dict({**schedule.to_dict(), "n_steps": []}).exposure()
 
 
 def test_schedule_cli_passes_the_weight_rescaling(tiny_causal, tmp_path, monkeypatch) -> None:

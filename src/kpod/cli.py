@@ -364,7 +364,18 @@ def cmd_schedule_show(args: argparse.Namespace) -> int:
     path = args.schedule / "schedule.json" if args.schedule.is_dir() else args.schedule
     if not path.is_file():
         raise KpodError(f"no schedule at {path}; make one with `kpod schedule plan`")
-    schedule = Schedule.from_dict(json.loads(path.read_text()))
+    plan = json.loads(path.read_text())
+    schedule = Schedule.from_dict(plan)
+    scored = path.parent / "difficulty.jsonl"
+    if not schedule.n_steps and "keys" in plan and scored.is_file():
+        # Written before schedules recorded their step counts: the difficulty scores beside have them.
+        import dataclasses
+
+        from kpod.progressive.difficulty import read_difficulties
+
+        steps = {key: len(d) for key, d in read_difficulties(scored).items()}
+        if all(key in steps for key in plan["keys"]):
+            schedule = dataclasses.replace(schedule, n_steps=[steps[key] for key in plan["keys"]])
     print(schedule_table(schedule))
     print(f"plot in {plot_schedule(schedule, path.with_suffix('.png'))}")
     return 0

@@ -50,13 +50,26 @@ def plot_schedule(schedule: Schedule, path: Path) -> Path:
 
 
 def schedule_table(schedule: Schedule) -> str:
-    """One line per stage: budget, achieved difficulty, questions advanced, cluster spread."""
+    """One line per stage: budget, achieved difficulty, questions advanced, cluster spread, and
+    (where the schedule records its step counts) the share of steps given as input and of
+    rationales generated whole, then how often the first steps are trained."""
     total = schedule.total_difficulty or 1.0
-    lines = ["stage  budget/B  achieved/B  advanced  by cluster"]
+    exposure = schedule.exposure() if len(schedule.n_steps) == len(schedule.c) else None
+    extra = "  input steps  whole" if exposure else ""
+    lines = [f"stage  budget/B  achieved/B  advanced{extra}  by cluster"]
     for t, (b, a, n, counts) in enumerate(
         zip(schedule.budget, schedule.achieved, schedule.advanced, schedule.cluster_counts, strict=True)
     ):
-        lines.append(f"{t:5d}  {b / total:8.3f}  {a / total:10.3f}  {n:8d}  {counts}")
+        shares = ""
+        if exposure:
+            shares = f"  {exposure['input_share'][t]:11.2f}  {exposure['whole_share'][t]:5.2f}"
+        lines.append(f"{t:5d}  {b / total:8.3f}  {a / total:10.3f}  {n:8d}{shares}  {counts}")
+    if exposure:
+        lines.append(
+            f"a rationale's first step is generated in {100 * exposure['first_step_share']:.0f} % of stages "
+            f"1..{len(schedule.budget) - 1} (epochs 1..T), its last in every one; each epoch after T trains "
+            "whole rationales"
+        )
     return "\n".join(lines)
 
 
@@ -292,6 +305,10 @@ def write_report(run_dir: Path, config: Any, results: dict[str, dict[str, Any] |
             "<p>Budget D(t) against the difficulty reached, and rationales advanced per stage by "
             "question cluster.</p>" + _img(target, "schedule")
         )
+        plan = sched.parent / "schedule.json"
+        if plan.is_file():
+            table = schedule_table(Schedule.from_dict(json.loads(plan.read_text())))
+            parts.append(f"<pre>{html.escape(table)}</pre>")
     logs = {
         p.parent.name.removeprefix("train-"): _read_jsonl(p)
         for p in sorted(run_dir.glob("train-*/train_log.jsonl"))

@@ -32,7 +32,9 @@ from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokeniz
 from kpod.weighting.weights import rationale_key, rendered_token_weights
 
 
-def _read_cache(path: Path) -> dict[str, list[float]]:
+def read_difficulties(path: Path) -> dict[str, list[float]]:
+    """The per-step difficulties a scoring run wrote to ``path`` (``difficulty.jsonl``), by
+    rationale key; a last line cut short by a crash is skipped."""
     out: dict[str, list[float]] = {}
     if not path.exists():
         return out
@@ -62,7 +64,7 @@ def score_difficulties(
     rows of ``weights.jsonl`` by key, or ``None`` for uniform weights.
     """
     fmt = fmt or PromptFormat()
-    done = _read_cache(cache) if cache is not None else {}
+    done = read_difficulties(cache) if cache is not None else {}
     todo = [e for e in examples if e.steps and rationale_key(e) not in done]
     model, tok = student.model, student.tokenizer
     model.eval()

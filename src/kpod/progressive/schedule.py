@@ -83,7 +83,10 @@ class DifficultyConfig:
 
 @dataclass
 class Schedule:
-    """c[i, t] for t = 0 .. T (column T is all zeros), with per-stage facts for reports."""
+    """c[i, t] for t = 0 .. T (column T is all zeros), with per-stage facts for reports.
+
+    ``n_steps``: each row's number of steps (empty for schedules written before it was recorded),
+    which says what share of the rationales a stage gives as input (:meth:`exposure`)."""
 
     c: np.ndarray
     budget: list[float]
@@ -93,6 +96,24 @@ class Schedule:
     total_difficulty: float
     config: ScheduleConfig
     clusters: list[int] = field(default_factory=list)
+    n_steps: list[int] = field(default_factory=list)
+
+    def exposure(self) -> dict[str, list[float] | float]:
+        """What the curriculum withholds from training, for reports: per stage the share of all
+        steps given as input (``input_share``) and the share of rationales generated whole
+        (``whole_share``), and ``first_step_share``, the share of stages 1..T in which a
+        rationale's first step is generated (mean over rationales; 1 for std-cot). The first step
+        is the one the curriculum trains least: it is output only once c_i(t) reaches 0. The
+        epochs after T train every step. Needs ``n_steps``."""
+        if len(self.n_steps) != len(self.c):
+            raise ValueError("this schedule does not record its rationales' step counts")
+        total = max(1, int(np.sum(self.n_steps)))
+        whole = self.c == 0
+        return {
+            "input_share": (self.c.sum(axis=0) / total).tolist(),
+            "whole_share": whole.mean(axis=0).tolist(),
+            "first_step_share": float(whole[:, 1:].mean()) if self.c.shape[1] > 1 else 1.0,
+        }
 
     def stage_inputs(self, keys: Sequence[str]) -> StageInputs:
         """c_i(t) of the schedule's rationales, ``keys[i]`` naming row i."""
@@ -108,6 +129,7 @@ class Schedule:
             "total_difficulty": self.total_difficulty,
             "config": asdict(self.config),
             "clusters": self.clusters,
+            "n_steps": self.n_steps,
         }
 
     @classmethod
@@ -121,6 +143,7 @@ class Schedule:
             total_difficulty=d["total_difficulty"],
             config=ScheduleConfig(**d["config"]),
             clusters=d.get("clusters", []),
+            n_steps=d.get("n_steps", []),
         )
 
 
@@ -218,6 +241,7 @@ def plan_schedule(
         total_difficulty=total,
         config=config,
         clusters=clusters_arr.tolist(),
+        n_steps=n_steps.tolist(),
     )
 
 
