@@ -656,10 +656,8 @@ def launch_child(
         print(f"== start {suite} {dataset} {method} seed {seed} ({threads} thread(s); log {log})", flush=True)
         with log.open("a") as out:
             code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-        print(
-            f"== {'done' if code == 0 else f'FAILED (exit {code})'}: {dataset} {method} seed {seed}",
-            flush=True,
-        )
+        outcome = "done" if code == 0 else f"FAILED (exit {code})"
+        print(f"== {outcome}: {dataset} {method} seed {seed}", flush=True)
         return code
 
     return launch

@@ -59,11 +59,9 @@ def load_results() -> list[dict]:
 
 
 def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
-    from kpod.stats import mcnemar_exact
+    from kpod.stats import discordant, mcnemar_exact
 
-    common = sorted(set(a) & set(b))
-    only_a = sum(a[q] and not b[q] for q in common)
-    only_b = sum(b[q] and not a[q] for q in common)
+    only_a, only_b, _ = discordant(a, b)
     return only_a, only_b, mcnemar_exact(only_a, only_b)
 
 

@@ -199,8 +199,10 @@ def paired_comparisons(run_dir: Path, baseline: str = "std-cot") -> list[dict[st
     out = []
     for path in sorted(Path(run_dir).glob("train-*/test_predictions.jsonl")):
         method = path.parent.name.removeprefix("train-")
+        if method == baseline:
+            continue
         other = correct(method)
-        if method != baseline and set(other) & set(base):
+        if set(other) & set(base):
             out.append({"method": method, "baseline": baseline, **paired_comparison(other, base)})
     return out
 

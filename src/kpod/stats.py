@@ -112,25 +112,32 @@ def paired_gap_interval(
     return gap, float(low), float(high)
 
 
+def discordant(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, int]:
+    """Of the questions both methods answered (``qid -> correct``): how many only A solved, how
+    many only B, and how many they share (the counts McNemar's test reads)."""
+    common = set(a) & set(b)
+    only_a = sum(a[q] and not b[q] for q in common)
+    only_b = sum(b[q] and not a[q] for q in common)
+    return only_a, only_b, len(common)
+
+
 def paired_comparison(a: dict[str, bool], b: dict[str, bool], alpha: float = 0.05) -> dict[str, float | int]:
     """Method A against method B on the test questions both answered (``qid -> correct``): how many
     only A solved (``a_only``) and only B (``b_only``), the accuracy gap A - B with its 95 % interval
     over questions (:func:`paired_gap_interval`, one seed pair), the exact McNemar p-value, and the
     gap this many questions at this discordance detect with 80 % power (``detectable``; ``None``
     when no question is discordant). Fractions, not points."""
-    common = sorted(set(a) & set(b))
-    if not common:
+    a_only, b_only, n = discordant(a, b)
+    if not n:
         raise ValueError("the two methods share no test question")
-    a_only = sum(a[q] and not b[q] for q in common)
-    b_only = sum(b[q] and not a[q] for q in common)
     gap, low, high = paired_gap_interval([(a, b)])
-    discordant = (a_only + b_only) / len(common)
+    share = (a_only + b_only) / n
     return {
-        "n": len(common),
+        "n": n,
         "a_only": a_only,
         "b_only": b_only,
         "gap": gap,
         "ci95": (low, high),
         "p": mcnemar_exact(a_only, b_only),
-        "detectable": mcnemar_detectable_gap(discordant, len(common), alpha) if discordant else None,
+        "detectable": mcnemar_detectable_gap(share, n, alpha) if share else None,
     }
