@@ -9,7 +9,9 @@ time. Then kpod against std-cot on the same test questions: McNemar's exact test
 independent replications), the paired gap with its 95 % interval over questions and seeds and
 what it says about the +2-point target (met, ruled out, or not yet decided), also for the last
 epoch's models, and the gap that pooled test can detect (power); whether each ablation
-lies between std-cot and kpod (the issue's target); the dev accuracy after each epoch and the epoch
+lies between std-cot and kpod (the issue's target); every method paired with std-cot and kpod
+paired with every other method (ablations, baselines), each as a pooled McNemar test and a paired
+gap with its interval; the dev accuracy after each epoch and the epoch
 kept (model selection); accuracy by the number of steps of the reference solution where the
 results record it (else by the number of quantities written in the question, a proxy that needs
 the test file named in the results' config), pooled over seeds; the out-of-distribution set where
@@ -312,6 +314,51 @@ def test_questions(results: list[dict]) -> dict[tuple[str, str], dict[str, str]]
     return out
 
 
+def comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """The pairs (A, B) the report compares on the same questions: every trained method against
+    std-cot, then kpod against every other trained method (its ablations and the baselines), so
+    that an ablation's cost or a baseline's standing reads as a paired gap with its interval."""
+    trained = [m for m in names if m not in ("untrained", "std-cot")]
+    against_std = [(m, "std-cot") for m in trained] if "std-cot" in names else []
+    against_kpod = [("kpod", m) for m in trained if m != "kpod"] if "kpod" in names else []
+    return against_std + against_kpod
+
+
+def _comparisons(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """One row per comparison (:func:`comparisons`) over the seeds both methods ran: the questions
+    only A or only B solved, pooled over those seed pairs, the pooled exact McNemar p, and the
+    paired gap A - B with its 95 % interval over questions and seed pairs
+    (:func:`kpod.stats.paired_gap_interval`)."""
+    from kpod.stats import mcnemar_exact, paired_gap_interval
+
+    rows = []
+    for a, b in comparisons(names):
+        ours = {r["seed"]: r["per_question"] for r in methods[a]}
+        theirs = {r["seed"]: r["per_question"] for r in methods[b]}
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        pairs = [(ours[s], theirs[s]) for s in seeds]
+        only_a = only_b = 0
+        for x, y in pairs:
+            n_a, n_b, _ = mcnemar(x, y)
+            only_a, only_b = only_a + n_a, only_b + n_b
+        gap, low, high = (100 * v for v in paired_gap_interval(pairs))
+        rows.append(
+            f"| {a} - {b} | {', '.join(map(str, seeds))} | {only_a} | {only_b} | "
+            f"{mcnemar_exact(only_a, only_b):.3g} | **{gap:+.2f}** [{low:+.2f}, {high:+.2f}] |"
+        )
+    if not rows:
+        return []
+    return [
+        "\nEvery comparison on the same questions, over the seeds both ran (paired gap in points with its "
+        "95 % bootstrap interval over questions and seed pairs; McNemar exact, pooled over the pairs):\n",
+        "| A - B | seeds | A right, B wrong | B right, A wrong | pooled p | paired gap [95 % interval] |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _ablations(methods: dict[str, list[dict]]) -> list[str]:
     """Target: each ablation's mean lies between std-cot's and kpod's (the paper's ordering)."""
     if "std-cot" not in methods or "kpod" not in methods:
@@ -550,6 +597,7 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
         for name in contenders if "std-cot" in methods else []:
             out.extend(_paired(name, methods[name], methods["std-cot"]))
         out.extend(_ablations(methods))
+        out.extend(_comparisons(methods, names))
         out.extend(_selection(methods, names))
         # By solution steps where the results record them, else by the quantities proxy.
         out.extend(_steps(methods, names) or _quantities(methods, names, questions.get((suite, dataset))))

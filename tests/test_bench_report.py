@@ -339,3 +339,33 @@ def test_planned_pairs_follow_the_pilot_discordance(load_benchmark, tmp_path, mo
     assert runs[-1][1] == "kpod-no-progressive"  # the ablations after the seed pairs
     write("kpod", set(range(350, 750)))  # 700 discordant: 13.7, capped at 12
     assert accuracy.planned_pairs(suite) == 12
+
+
+def test_every_comparison_pairs_only_the_seeds_both_ran(report):
+    """Rows: each trained method against std-cot, kpod against each other trained method; counts and
+    gap pooled over the seeds the two share (kpod-no-weights ran seed 0 only, so its rows use seed 0)."""
+    results = [
+        _result("untrained", 0, set()),
+        _result("std-cot", 0, {0, 1, 2}),
+        _result("std-cot", 1, {0, 6, 7}),
+        _result("kpod", 0, {0, 1, 3, 4, 5}),  # against std-cot: 3 only kpod, 1 only std-cot
+        _result("kpod", 1, {0, 6, 8}),  # against std-cot: 1 and 1
+        _result("kpod-no-weights", 0, {1, 2}),  # against std-cot s0: 0 and 1; kpod s0: 0 and 4
+    ]
+    assert report.comparisons(["untrained", "std-cot", "kpod-no-weights", "kpod"]) == [
+        ("kpod-no-weights", "std-cot"),
+        ("kpod", "std-cot"),
+        ("kpod", "kpod-no-weights"),
+    ]
+    text = report.tables(results)
+    rows = {
+        cells[1].strip(): [c.strip() for c in cells[2:-1]]
+        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| ")) if " - " in cells[1]
+    }
+    assert rows["kpod - std-cot"][:4] == ["0, 1", "4", "2", f"{mcnemar_exact(4, 2):.3g}"]
+    assert rows["kpod - std-cot"][4].startswith("**+10.00**")  # (5 - 3 + 3 - 3) / 2 of 10 questions
+    assert rows["kpod-no-weights - std-cot"][:3] == ["0", "0", "1"]
+    assert rows["kpod-no-weights - std-cot"][4].startswith("**-10.00**")
+    assert rows["kpod - kpod-no-weights"][:3] == ["0", "4", "1"]
+    assert rows["kpod - kpod-no-weights"][4].startswith("**+30.00**")
+    assert not any(name.startswith("untrained") or name.endswith("untrained") for name in rows)
