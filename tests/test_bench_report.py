@@ -360,7 +360,8 @@ def test_every_comparison_pairs_only_the_seeds_both_ran(report):
     text = report.tables(results)
     rows = {
         cells[1].strip(): [c.strip() for c in cells[2:-1]]
-        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| ")) if " - " in cells[1]
+        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| "))
+        if " - " in cells[1]
     }
     assert rows["kpod - std-cot"][:4] == ["0, 1", "4", "2", f"{mcnemar_exact(4, 2):.3g}"]
     assert rows["kpod - std-cot"][4].startswith("**+10.00**")  # (5 - 3 + 3 - 3) / 2 of 10 questions
