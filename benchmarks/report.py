@@ -14,7 +14,8 @@ paired with every other method (ablations, baselines), each as a pooled McNemar 
 gap with its interval; the dev accuracy after each epoch and the epoch
 kept (model selection); accuracy by the number of steps of the reference solution where the
 results record it (else by the number of quantities written in the question, a proxy that needs
-the test file named in the results' config), pooled over seeds; the out-of-distribution set where
+the test file named in the results' config), pooled over seeds, and each comparison's paired gap
+by the number of steps; the out-of-distribution set where
 a suite has one; the token weights' contrast of each weighted run. ``results/accuracy.png``:
 every seed's accuracy with its 95 % interval beside the mean's bar, one panel per (suite, dataset).
 The section of BENCHMARKS.md between the markers ``<!-- accuracy:begin -->`` and
@@ -248,6 +249,49 @@ def _steps(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
             + " |"
         )
     return out
+
+
+def _steps_paired(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
+    """Each comparison (:func:`comparisons`) within each number of solution steps: the paired gap
+    with its 95 % interval on the questions of that many steps, over the seeds both methods ran.
+    The in-rationale curriculum withholds more of a longer rationale, so where it costs or helps
+    should show by length."""
+    from kpod.stats import paired_gap_interval
+
+    if not all(r.get("questions") for m in names for r in methods[m]):
+        return []
+    info = next(iter(methods.values()))[0]["questions"]
+    steps = sorted({v["steps"] for v in info.values()})
+    rows = []
+    for a, b in comparisons(names):
+        ours = {r["seed"]: r["per_question"] for r in methods[a]}
+        theirs = {r["seed"]: r["per_question"] for r in methods[b]}
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        cells = []
+        for k in steps:
+            keep = {q for q, v in info.items() if v["steps"] == k}
+            pairs = [
+                (
+                    {q: v for q, v in ours[s].items() if q in keep},
+                    {q: v for q, v in theirs[s].items() if q in keep},
+                )
+                for s in seeds
+            ]
+            gap, low, high = (100 * v for v in paired_gap_interval(pairs))
+            cells.append(f"{gap:+.1f} [{low:+.1f}, {high:+.1f}]")
+        rows.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    counts = {k: sum(v["steps"] == k for v in info.values()) for k in steps}
+    return [
+        "\nPaired gap in points by the number of steps in the reference solution, with its 95 % interval "
+        "(over questions and the seeds both ran):\n",
+        "| A - B | seeds | " + " | ".join(f"{k} steps ({counts[k]} q)" for k in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+        *rows,
+    ]
 
 
 def _ood(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
@@ -601,6 +645,7 @@ def tables(results: list[dict], questions: dict[tuple[str, str], dict[str, str]]
         out.extend(_selection(methods, names))
         # By solution steps where the results record them, else by the quantities proxy.
         out.extend(_steps(methods, names) or _quantities(methods, names, questions.get((suite, dataset))))
+        out.extend(_steps_paired(methods, names))
         out.extend(_ood(methods, names))
         out.extend(_arithmetic(methods, names))
         out.extend(_departures(methods, names))

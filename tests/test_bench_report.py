@@ -263,6 +263,9 @@ def test_steps_ood_and_weights_tables(report):
     assert "| 3 steps (6 q) | 5 steps (4 q) |" in text
     assert "| std-cot | 33.3 (2/6) | 25.0 (1/4) |" in text and "| kpod | 50.0 (3/6) | 50.0 (2/4) |" in text
     assert "quantities" not in text  # the proxy is only for results without step counts
+    # paired by steps: 3 steps kpod +q2 of 6 questions, 5 steps kpod +q7 of 4
+    row = next(line for line in text.splitlines() if line.startswith("| kpod - std-cot | 0 | +16.7 ["))
+    assert "| +25.0 [" in row
     assert "Out of distribution: 4 problems of 2 templates never trained on (7, 8)" in text
     assert "| kpod | 1 | 75.00 |" in text and "| std-cot | 1 | 25.00 |" in text
     assert "kpod - std-cot out of distribution: Paired gap +50.00 points" in text
