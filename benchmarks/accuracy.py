@@ -16,8 +16,13 @@ Same budget for every method of a suite: same data, epochs, batch, learning rate
 evaluation. The seed changes the adapters' initialisation and the data order (and the token
 weighting's sampling); the data split and the test questions stay fixed.
 
-Suites: ``cpu-small`` (SmolLM2-135M-Instruct with LoRA, sized for 2 CPU cores, each run within about
-an hour) and ``gpu-7b`` (the paper's setting, for a GPU machine). Any config key can be changed for
+Suites (SmolLM2-135M-Instruct with LoRA on 2 CPU cores, each run about an hour, except ``gpu-7b``):
+``cpu-multistep`` (issue #23's powered suite: gsm_symbolic templates with 3-5 step solutions, 8 epochs
+with T = 4, 1,000 test questions and 500 of unseen templates, as many kpod / std-cot seed pairs as
+the pilot pair's discordance asks for, at least 5), ``cpu-asdiv`` (ASDiv with the same epochs and
+stages, the paper's baselines ``scotd`` and ``mcc-kd`` beside kpod and std-cot), ``cpu-small`` (the
+first suite: 4 epochs, ASDiv and GSM8K, kept as it was run) and ``gpu-7b`` (the paper's setting, for
+a GPU machine). Any config key can be changed for
 a run with ``--set key=value`` (recorded in the result); give such a run a ``--tag`` so it keeps its
 own run folder and result file (``...-kpod+minmax-s0.json``) and appears as its own row
 (``kpod+minmax``) beside the suite's runs:
