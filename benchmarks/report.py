@@ -264,22 +264,14 @@ def _steps_paired(methods: dict[str, list[dict]], names: list[str]) -> list[str]
     steps = sorted({v["steps"] for v in info.values()})
     rows = []
     for a, b in comparisons(names):
-        ours = {r["seed"]: r["per_question"] for r in methods[a]}
-        theirs = {r["seed"]: r["per_question"] for r in methods[b]}
-        seeds = sorted(set(ours) & set(theirs))
+        seeds, pairs = seed_pairs(methods, a, b)
         if not seeds:
             continue
         cells = []
         for k in steps:
             keep = {q for q, v in info.items() if v["steps"] == k}
-            pairs = [
-                (
-                    {q: v for q, v in ours[s].items() if q in keep},
-                    {q: v for q, v in theirs[s].items() if q in keep},
-                )
-                for s in seeds
-            ]
-            gap, low, high = (100 * v for v in paired_gap_interval(pairs))
+            subset = [({q: x[q] for q in keep & set(x)}, {q: y[q] for q in keep & set(y)}) for x, y in pairs]
+            gap, low, high = (100 * v for v in paired_gap_interval(subset))
             cells.append(f"{gap:+.1f} [{low:+.1f}, {high:+.1f}]")
         rows.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     if not rows:
@@ -368,6 +360,14 @@ def comparisons(names: list[str]) -> list[tuple[str, str]]:
     return against_std + against_kpod
 
 
+def seed_pairs(methods: dict[str, list[dict]], a: str, b: str) -> tuple[list[int], list[tuple[dict, dict]]]:
+    """The seeds both ``a`` and ``b`` ran, and each seed's (a's, b's) per-question correctness."""
+    ours = {r["seed"]: r["per_question"] for r in methods[a]}
+    theirs = {r["seed"]: r["per_question"] for r in methods[b]}
+    seeds = sorted(set(ours) & set(theirs))
+    return seeds, [(ours[s], theirs[s]) for s in seeds]
+
+
 def _comparisons(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     """One row per comparison (:func:`comparisons`) over the seeds both methods ran: the questions
     only A or only B solved, pooled over those seed pairs, the pooled exact McNemar p, and the
@@ -377,12 +377,9 @@ def _comparisons(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
 
     rows = []
     for a, b in comparisons(names):
-        ours = {r["seed"]: r["per_question"] for r in methods[a]}
-        theirs = {r["seed"]: r["per_question"] for r in methods[b]}
-        seeds = sorted(set(ours) & set(theirs))
+        seeds, pairs = seed_pairs(methods, a, b)
         if not seeds:
             continue
-        pairs = [(ours[s], theirs[s]) for s in seeds]
         only_a = only_b = 0
         for x, y in pairs:
             n_a, n_b, _ = mcnemar(x, y)
