@@ -68,6 +68,16 @@ def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[int, int, float]:
     return only_a, only_b, mcnemar_exact(only_a, only_b)
 
 
+def pooled_mcnemar(pairs: list[tuple[dict, dict]]) -> tuple[int, int, float]:
+    """McNemar's exact test pooled over seed pairs: the questions only A and only B solved, summed
+    over the pairs (each seed pair an independent replication), and the p-value of those sums."""
+    from kpod.stats import mcnemar_exact
+
+    counts = [mcnemar(a, b)[:2] for a, b in pairs]
+    only_a, only_b = sum(n for n, _ in counts), sum(n for _, n in counts)
+    return only_a, only_b, mcnemar_exact(only_a, only_b)
+
+
 def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     """McNemar's exact test of ``name`` against std-cot per shared seed and pooled, and the mean gap."""
     from kpod.stats import mcnemar_exact
@@ -104,10 +114,9 @@ def gap_verdict(pairs: list[tuple[dict, dict]], target: float = 2.0) -> str:
     at least ``target`` points with the pooled McNemar p < 0.05 (met), an interval below ``target``
     (a null with power: the method does not add ``target`` points here), or neither (not enough
     seed pairs)."""
-    from kpod.stats import mcnemar_exact, paired_gap_interval
+    from kpod.stats import paired_gap_interval
 
-    counts = [mcnemar(a, b)[:2] for a, b in pairs]
-    pooled_p = mcnemar_exact(sum(b for b, _ in counts), sum(c for _, c in counts))
+    pooled_p = pooled_mcnemar(pairs)[2]
     gap, low, high = (100 * v for v in paired_gap_interval(pairs))
     over = "questions only (one seed pair)" if len(pairs) == 1 else f"questions and {len(pairs)} seed pairs"
     if gap >= target and pooled_p < 0.05:
@@ -373,21 +382,18 @@ def _comparisons(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     only A or only B solved, pooled over those seed pairs, the pooled exact McNemar p, and the
     paired gap A - B with its 95 % interval over questions and seed pairs
     (:func:`kpod.stats.paired_gap_interval`)."""
-    from kpod.stats import mcnemar_exact, paired_gap_interval
+    from kpod.stats import paired_gap_interval
 
     rows = []
     for a, b in comparisons(names):
         seeds, pairs = seed_pairs(methods, a, b)
         if not seeds:
             continue
-        only_a = only_b = 0
-        for x, y in pairs:
-            n_a, n_b, _ = mcnemar(x, y)
-            only_a, only_b = only_a + n_a, only_b + n_b
+        only_a, only_b, p = pooled_mcnemar(pairs)
         gap, low, high = (100 * v for v in paired_gap_interval(pairs))
         rows.append(
             f"| {a} - {b} | {', '.join(map(str, seeds))} | {only_a} | {only_b} | "
-            f"{mcnemar_exact(only_a, only_b):.3g} | **{gap:+.2f}** [{low:+.2f}, {high:+.2f}] |"
+            f"{p:.3g} | **{gap:+.2f}** [{low:+.2f}, {high:+.2f}] |"
         )
     if not rows:
         return []
