@@ -192,7 +192,8 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         progress=False,
     )
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    first_step_s, rows = rows[0]["step_s"], rows[1:]  # the first step warms up (and compiles)
+    first, rows = rows[0], rows[1:]  # the first step warms up (and compiles)
+    first_step_s = first["step_s"]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
     per_token, per_label = flops_per_step(args.student, out)
     labelled = sum(r["targets"] for r in rows)
@@ -205,6 +206,7 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         "seconds": round(seconds, 2),
         "steps": len(rows),
         "first_step_s": round(first_step_s, 2),
+        **({"first_step_compile": first["compile"]} if "compile" in first else {}),
     }
 
 

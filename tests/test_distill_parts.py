@@ -223,14 +223,18 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_cau
 def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny_causal) -> None:
     """``train.compile``: the compiled forward (dynamic shapes) gives eager's loss and adapter
     gradients to fp32 rounding on padded batches of two different lengths and sizes, with weights
-    that differ at every token; outside the block the model runs its own forward again."""
+    that differ at every token; outside the block the model runs its own forward again.
+    ``compile_stats`` says what the compilation did: its phases' seconds, the graphs made, and
+    inductor's cache answering for them (a hit or a miss, by whether an earlier test compiled the
+    same graph)."""
     from kpod.distill.batches import collate
-    from kpod.models import StudentConfig, compiled_forward, forward_replaced, inner_model
+    from kpod.models import StudentConfig, compile_stats, compiled_forward, forward_replaced, inner_model
 
     torch.manual_seed(0)
     student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8).load()
     model, tokenizer = student.model.eval(), student.tokenizer
     compiled = compiled_forward(model)
+    before = compile_stats()
     examples = []
     for k, steps in enumerate([0, 1, 2]):
         ex = build_stage_example(EXAMPLE, steps, tokenizer)
@@ -247,6 +251,16 @@ def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny
         for name, grad in eager.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert "forward" not in vars(inner_model(model))
+    stats = compile_stats(since=before)
+    assert stats["unique_graphs"] >= 1 and sum(stats["seconds"].values()) > 0
+    inductor = {k: n for k, n in stats["caches"].items() if k.startswith("inductor.fxgraph_cache_")}
+    assert sum(inductor.values()) >= 2  # the forward's graph and the backward's, each looked up
+    assert compile_stats(since=compile_stats()) == {
+        "seconds": {},
+        "caches": {},
+        "unique_graphs": 0,
+        "graph_breaks": 0,
+    }  # nothing compiled in between
 
 
 @pytest.mark.parametrize("from_hidden", [False, True])

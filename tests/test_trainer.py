@@ -485,6 +485,12 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     assert run("plain") == plain
     compiled = run("compiled", compile=True)
     assert len(made) == 1  # made once, for every epoch
+    # The first step (where compilation happens) logs what torch.compile did, no other step does.
+    log = [json.loads(x) for x in (tmp_path / "compiled" / "train_log.jsonl").read_text().splitlines()]
+    assert set(log[0]["compile"]) == {"seconds", "caches", "unique_graphs", "graph_breaks"}
+    assert not any("compile" in row for row in log[1:])
+    plain_log = (tmp_path / "plain" / "train_log.jsonl").read_text()
+    assert '"compile"' not in plain_log
     assert calls == {"train": 4, "eval": 0}  # 2 epochs x 2 steps of one micro-batch; generation eager
     assert compiled == pytest.approx(plain, rel=1e-6)
     assert "compile" not in key_data(TrainConfig()) and key_data(TrainConfig(compile=True))["compile"] is True

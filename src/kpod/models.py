@@ -231,6 +231,38 @@ def compiled_forward(model: Any) -> Any:
     return torch.compile(inner_model(model).forward, dynamic=True)
 
 
+def compile_stats(since: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``torch.compile`` has done in this process (since the stats ``since``, when given):
+    seconds per compilation phase (dynamo's timed functions, summed over graphs: tracing,
+    AOTAutograd, inductor's lowering and C++ builds, cache loads), inductor's and AOTAutograd's
+    cache hits, misses and bypasses, and the graphs and graph breaks dynamo made. The trainer logs
+    it with a compiled run's first step, where compilation happens, so that a slow first step says
+    which phase took its time and whether the caches answered. Reads torch internals
+    (``torch._dynamo.utils``); where they have moved, an empty dict."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+    except ImportError:
+        return {}
+    now = {
+        "seconds": {name: sum(times) for name, times in compilation_time_metrics.items() if times},
+        "caches": {
+            f"{group}.{name}": count
+            for group in ("inductor", "aot_autograd")
+            for name, count in counters[group].items()
+            if "cache" in name and count
+        },
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+    before = since or {}
+    for part in ("seconds", "caches"):
+        earlier = before.get(part, {})
+        now[part] = {k: v - earlier.get(k, 0) for k, v in now[part].items() if v != earlier.get(k, 0)}
+    for part in ("unique_graphs", "graph_breaks"):
+        now[part] -= before.get(part, 0)
+    return now
+
+
 @contextlib.contextmanager
 def forward_replaced(model: Any, forward: Any) -> Iterator[None]:
     """Within the block, the transformers model inside ``model``'s wrappers runs ``forward``

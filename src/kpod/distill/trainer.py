@@ -61,7 +61,13 @@ from kpod.distill.stages import StageExample
 from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
-from kpod.models import compile_unavailable, compiled_forward, forward_replaced, frozen_linears_in
+from kpod.models import (
+    compile_stats,
+    compile_unavailable,
+    compiled_forward,
+    forward_replaced,
+    frozen_linears_in,
+)
 from kpod.prompt import PromptFormat
 
 
@@ -372,10 +378,11 @@ class DistillRecipe:
         # Made once, so that its compiled graphs serve every epoch (torch.compile is lazy: the
         # first step compiles).
         self.compiled_forward = compiled_forward(self.model) if config.compile else None
+        self.compile_before = compile_stats() if config.compile else None  # logged at the first step
         if config.compile and accelerator.is_main_process and state["step"] < self.total_steps:
             print(
-                "train.compile: the first step compiles the model (minutes on a CPU the first time, "
-                "seconds once inductor's cache holds it)",
+                "train.compile: the first step compiles the model (minutes on a CPU, fewer once "
+                "inductor's cache holds it; train_log.jsonl's first row says where they went)",
                 file=sys.stderr,
             )
 
@@ -490,6 +497,10 @@ class DistillRecipe:
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - self.start_time,
             }
+            if self.compile_before is not None and batch:
+                # This run's first step in this process compiled the model: say where that time went.
+                row["compile"] = compile_stats(since=self.compile_before)
+                self.compile_before = None
             self.log.write(row)
             self.bar.update(1)
             self.bar.set_postfix(
