@@ -78,6 +78,12 @@ def pooled_mcnemar(pairs: list[tuple[dict, dict]]) -> tuple[int, int, float]:
     return only_a, only_b, mcnemar_exact(only_a, only_b)
 
 
+def _p(p: float) -> str:
+    """A p-value for the per-seed tables: three decimals, or "< 0.001" (which three decimals
+    would print as 0.000)."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     """McNemar's exact test of ``name`` against std-cot per shared seed and pooled, and the mean gap."""
     from kpod.stats import mcnemar_exact
@@ -92,9 +98,9 @@ def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     for s in pairs:
         b, c, p = mcnemar(ours[s]["per_question"], std[s]["per_question"])
         tot_b, tot_c = tot_b + b, tot_c + c
-        out.append(f"| {s} | {b} | {c} | {p:.3f} |")
+        out.append(f"| {s} | {b} | {c} | {_p(p)} |")
     if len(pairs) > 1:
-        out.append(f"| pooled | {tot_b} | {tot_c} | {mcnemar_exact(tot_b, tot_c):.3f} |")
+        out.append(f"| pooled | {tot_b} | {tot_c} | {_p(mcnemar_exact(tot_b, tot_c))} |")
     gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
     if pairs:
