@@ -225,10 +225,24 @@ def compiled_forward(model: Any) -> Any:
     (:func:`inner_model`), with dynamic shapes: one compilation serves every batch length and size
     (inductor fuses the element-wise work around the matrix products: norms, rotary embeddings,
     activations, LoRA's additions, in the backward pass too). Lazy: the first call compiles.
-    Install it with :func:`forward_replaced` where it should run."""
-    import torch
+    Install it with :func:`forward_replaced` where it should run.
 
-    return torch.compile(inner_model(model).forward, dynamic=True)
+    Python floats (LoRA's scaling, the norms' epsilon, attention's dropout probability) are
+    compiled as the constants they are (dynamo's ``specialize_float``): left symbolic, as
+    dynamic shapes make them by default, attention's dropout probability gets specialised at the
+    backend anyway, and dynamo then restarts its whole analysis, tracing the model and its
+    backward a second time (about 130 of a first step's 168 s here, BENCHMARKS.md "Issue #21,
+    session 20"). The floats are fixed for a model, so nothing is lost."""
+    import torch
+    from torch._dynamo import config as dynamo_config
+
+    compiled = torch.compile(inner_model(model).forward, dynamic=True)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with dynamo_config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def compile_stats(since: dict[str, Any] | None = None) -> dict[str, Any]:
