@@ -86,31 +86,29 @@ def _p(p: float) -> str:
 
 def _paired(name: str, runs: list[dict], baseline: list[dict]) -> list[str]:
     """McNemar's exact test of ``name`` against std-cot per shared seed and pooled, and the mean gap."""
-    from kpod.stats import mcnemar_exact
-
     ours = {r["seed"]: r for r in runs}
     std = {r["seed"]: r for r in baseline}
     pairs = sorted(set(ours) & set(std))
+    questions = [(ours[s]["per_question"], std[s]["per_question"]) for s in pairs]
     out = [f"\n{name} against std-cot on the same questions (McNemar, exact, two-sided):\n"]
     out.append(f"| seed | {name} right, std-cot wrong | std-cot right, {name} wrong | p |")
     out.append("|---|---|---|---|")
-    tot_b = tot_c = 0
-    for s in pairs:
-        b, c, p = mcnemar(ours[s]["per_question"], std[s]["per_question"])
-        tot_b, tot_c = tot_b + b, tot_c + c
-        out.append(f"| {s} | {b} | {c} | {_p(p)} |")
+    for s, (a, b) in zip(pairs, questions, strict=True):
+        only_a, only_b, p = mcnemar(a, b)
+        out.append(f"| {s} | {only_a} | {only_b} | {_p(p)} |")
+    pooled_a, pooled_b, pooled_p = pooled_mcnemar(questions)
     if len(pairs) > 1:
-        out.append(f"| pooled | {tot_b} | {tot_c} | {_p(mcnemar_exact(tot_b, tot_c))} |")
+        out.append(f"| pooled | {pooled_a} | {pooled_b} | {_p(pooled_p)} |")
     gap = _mean(runs) - _mean(baseline)
     out.append(f"\nMean gap {name} - std-cot: **{gap:+.2f} points** (target: >= +2).")
     if pairs:
-        out.append(gap_verdict([(ours[s]["per_question"], std[s]["per_question"]) for s in pairs]))
+        out.append(gap_verdict(questions))
         last = [(ours[s].get("last_epoch"), std[s].get("last_epoch")) for s in pairs]
         if all(a and b and set(a["per_question"]) & set(b["per_question"]) for a, b in last):
             last_pairs = [(a["per_question"], b["per_question"]) for a, b in last]
             out.append("Last epoch's models (no selection): " + gap_verdict(last_pairs))
-    if pairs and tot_b + tot_c:
-        out.append(_power(tot_b + tot_c, [len(ours[s]["per_question"]) for s in pairs]))
+    if pairs and pooled_a + pooled_b:
+        out.append(_power(pooled_a + pooled_b, [len(ours[s]["per_question"]) for s in pairs]))
     return out
 
 
