@@ -48,12 +48,12 @@ def test_paired_counts_per_seed_and_pooled(report):
     # 2 points need (2.8016 * sqrt(0.3 / 10) / 0.02)^2 = 588.8 -> 589 pairs of 10 questions
     assert "30.0 % of the questions are solved by only one" in text
     assert "detects a gap of 34.3 points with 80 % power from 2 seed pair(s) of 10 questions" in text
+    assert "a 2-point gap needs 589 seed pairs" in text
     # A pooled p below 0.001 reads as such, not as 0.000: 12 questions to kpod, none to std-cot.
     lopsided = [_result("std-cot", 0, set(), n=12), _result("kpod", 0, set(range(12)), n=12)]
     lopsided += [_result("std-cot", 1, set(), n=12), _result("kpod", 1, set(range(12)), n=12)]
     assert mcnemar_exact(24, 0) < 0.001
     assert "| pooled | 24 | 0 | < 0.001 |" in report.tables(lopsided)
-    assert "a 2-point gap needs 589 seed pairs" in text
 
 
 def test_variants_get_their_own_row_and_paired_block(report):
