@@ -378,3 +378,34 @@ def test_every_comparison_pairs_only_the_seeds_both_ran(report):
     assert rows["kpod - kpod-no-weights"][:3] == ["0", "4", "1"]
     assert rows["kpod - kpod-no-weights"][4].startswith("**+30.00**")
     assert not any(name.startswith("untrained") or name.endswith("untrained") for name in rows)
+
+
+def test_table1_ordering_is_read_against_the_papers(report):
+    """With the baselines run, the paper's Table 1 methods (and std-cot) are ordered by mean accuracy
+    and the order of the paper's methods is compared with the paper's; without a baseline, no line."""
+
+    def ordering(results):
+        return next(x for x in report.tables(results).splitlines() if x.startswith("Table 1's ordering"))
+
+    results = [
+        _result("std-cot", 0, {0, 1, 2, 3}),
+        _result("scotd", 0, {0, 1, 2, 3, 4, 5}),
+        _result("scotd", 1, {0, 1}),  # scotd's mean: 40.0
+        _result("mcc-kd", 0, {0, 1, 2}),  # 30.0
+        _result("kpod", 0, {0, 1, 2, 3, 4}),  # 50.0
+    ]
+    line = ordering(results)
+    assert line == (
+        "Table 1's ordering: here kpod 50.00 > scotd 40.00 > std-cot 40.00 > mcc-kd 30.00; the paper "
+        "(LLaMA-7B) kpod 71.02 > mcc-kd 65.76 > scotd 63.38 (a different order of its methods)."
+    )
+    results[3] = _result("mcc-kd", 0, {0, 1, 2, 3, 4, 5, 6, 7, 8})  # 90.0: above kpod
+    line = ordering(results)
+    assert line.startswith("Table 1's ordering: here mcc-kd 90.00 > kpod 50.00")
+    assert line.endswith("(a different order of its methods).")
+    results[3] = _result("mcc-kd", 0, {0, 1, 2, 3, 4, 5, 6})  # 70.0
+    results[4] = _result("kpod", 0, set(range(8)))  # 80.0 > 70.0 > 40.0, the paper's order
+    line = ordering(results)
+    assert line.endswith("(the same order of its methods).")
+    without = [r for r in results if r["method"] not in ("scotd", "mcc-kd")]
+    assert "Table 1's ordering" not in report.tables(without)
