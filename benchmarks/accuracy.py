@@ -119,8 +119,9 @@ OOD_TEMPLATES = (3, 12, 18, 31, 34, 41, 47, 51, 57, 67, 71, 76, 78, 84, 90, 93)
 # T..8 for every method, so that std-cot and kpod choose among the same epochs and pay the same dev
 # evaluations. Generation in batches of 128 (refilled as sequences end): evaluation is most of a
 # run's time, and 128 decodes about twice as fast as 32 here (BENCHMARKS.md, "Issue #21, session 13").
-# Training steps compiled (`train.compile`): 1.26-1.38x the eager loop here, paid once (about six
-# minutes, then seconds from inductor's cache; BENCHMARKS.md "Issue #21, session 14"); every run of
+# Training steps compiled (`train.compile`): 1.26-1.38x the eager loop here, paid in each run's
+# first step (about five minutes cold, half a minute from inductor's cache; BENCHMARKS.md "Issue
+# #21, sessions 14 and 20"); every run of
 # the suites trains this way (the eager std-cot seed 0 of session 14 was set aside, not mixed in).
 _COMMON_CPU_8_EPOCHS = _merge(
     _COMMON_CPU,

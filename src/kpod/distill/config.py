@@ -66,10 +66,10 @@ class TrainConfig:
         compile: run the student's forward and backward passes of training steps through
             ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
             dev and test generation stay eager). The first step pays the compilation (on a
-            2-core CPU 2-8 minutes, about 2 with inductor's cache warm; ``train_log.jsonl``'s
-            first row says which phase took them); the losses equal the eager ones up to the fused
-            kernels' rounding. Off by default; see BENCHMARKS.md "Issue #21, session 14" for what
-            it buys.
+            2-core CPU about 5 minutes, half a minute with inductor's cache warm;
+            ``train_log.jsonl``'s first row says which phase took them); the losses equal the
+            eager ones up to the fused kernels' rounding. Off by default; see BENCHMARKS.md
+            "Issue #21, session 14" for what it buys.
     """
 
     # Added after results were keyed; at their default they do what ran before (kpod.config.key_data).
