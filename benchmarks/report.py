@@ -440,7 +440,8 @@ def _ablations(methods: dict[str, list[dict]]) -> list[str]:
 def _ordering(methods: dict[str, list[dict]], dataset: str) -> list[str]:
     """The paper's Table 1 methods that ran here, ordered by mean accuracy over their seeds, beside
     the paper's order of the same methods (LLaMA-7B). Only where a baseline (scotd, mcc-kd) ran:
-    the ordering is what the paper's table claims, the paired rows above say how sure each step is."""
+    the ordering is what the paper's table claims, the paired rows below say how sure each step is.
+    Equal means (to two decimals) read "=", not ">"."""
     paper = PAPER_TABLE1.get(dataset, {})
     ours = [m for m in paper if m in methods]
     with_std = ours + (["std-cot"] if "std-cot" in methods else [])
@@ -449,11 +450,13 @@ def _ordering(methods: dict[str, list[dict]], dataset: str) -> list[str]:
     here = sorted(with_std, key=lambda m: -_mean(methods[m]))
     theirs = sorted(ours, key=lambda m: -paper[m])
     same = [m for m in here if m in paper] == theirs
+    means = [f"{_mean(methods[m]):.2f}" for m in here]
+    ranked = f"{here[0]} {means[0]}"
+    for i in range(1, len(here)):
+        ranked += f" {'=' if means[i] == means[i - 1] else '>'} {here[i]} {means[i]}"
     return [
         "",
-        "Table 1's ordering: here "
-        + " > ".join(f"{m} {_mean(methods[m]):.2f}" for m in here)
-        + "; the paper (LLaMA-7B) "
+        f"Table 1's ordering: here {ranked}; the paper (LLaMA-7B) "
         + " > ".join(f"{m} {paper[m]}" for m in theirs)
         + (" (the same order of its methods)." if same else " (a different order of its methods)."),
     ]
