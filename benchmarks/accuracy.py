@@ -357,10 +357,11 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def question_info(examples: list) -> dict[str, dict]:
-    """Per test question: its number of solution steps, and its template where it has one."""
+    """Per test question: its number of solution steps where it has a reference solution (ASDiv's
+    test set has answers only), and its template where it has one."""
     info = {}
     for example in examples:
-        row = {"steps": len(example.steps)}
+        row = {"steps": len(example.steps)} if example.steps else {}
         template = example.provenance.get("template")
         if template is not None:
             row["template"] = str(template)
@@ -425,13 +426,17 @@ def arithmetic(predictions: list[dict]) -> dict:
 
 def first_missing_steps(predictions: list[dict], examples: list) -> dict[str, int | None]:
     """Per test question, the first reference step whose result the generation never writes
-    (:func:`kpod.data.steps.first_missing_step`; ``None``: it writes them all). The in-rationale
-    curriculum trains the last steps longest, so its students should depart from the reference
-    earlier, if anywhere."""
+    (:func:`kpod.data.steps.first_missing_step`; ``None``: it writes them all); questions without a
+    reference solution are left out. The in-rationale curriculum trains the last steps longest, so
+    its students should depart from the reference earlier, if anywhere."""
     from kpod.data.steps import first_missing_step
 
-    steps = {e.qid: [s.text for s in e.steps] for e in examples}
-    return {p["qid"]: first_missing_step(steps[p["qid"]], p.get("generated") or "") for p in predictions}
+    steps = {e.qid: [s.text for s in e.steps] for e in examples if e.steps}
+    return {
+        p["qid"]: first_missing_step(steps[p["qid"]], p.get("generated") or "")
+        for p in predictions
+        if p["qid"] in steps
+    }
 
 
 def predictions_folder(suite: str, dataset: str, method: str, seed: int, tag: str | None = None) -> Path:

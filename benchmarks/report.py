@@ -235,15 +235,22 @@ def _quantities(
     return out
 
 
+def reference_steps(run: dict) -> dict[str, int]:
+    """qid -> number of steps of the test question's reference solution (the result's own
+    ``questions``), for the questions that have one: ASDiv's test set has answers only, recorded
+    as 0 steps, and says nothing about steps."""
+    return {q: v["steps"] for q, v in (run.get("questions") or {}).items() if v.get("steps")}
+
+
 def by_steps(runs: list[dict]) -> dict[int, tuple[int, int]]:
-    """(right, scored) per number of solution steps of the test question (the results' own
-    ``questions``), pooled over the runs (seeds)."""
+    """(right, scored) per number of solution steps of the test question (:func:`reference_steps`),
+    pooled over the runs (seeds)."""
     counts: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for r in runs:
-        info = r.get("questions") or {}
+        info = reference_steps(r)
         for qid, right in r["per_question"].items():
             if qid in info:
-                cell = counts[info[qid]["steps"]]
+                cell = counts[info[qid]]
                 cell[0] += bool(right)
                 cell[1] += 1
     return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
@@ -251,7 +258,7 @@ def by_steps(runs: list[dict]) -> dict[int, tuple[int, int]]:
 
 def _steps(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     """Accuracy by the number of steps of the reference solution (suites whose results record it)."""
-    if not all(r.get("questions") for m in names for r in methods[m]):
+    if not all(reference_steps(r) for m in names for r in methods[m]):
         return []
     sizes = by_steps([next(iter(methods.values()))[0]])  # (right, scored) of one run: scored = size
     steps = list(sizes)
@@ -280,10 +287,10 @@ def _steps_paired(methods: dict[str, list[dict]], names: list[str]) -> list[str]
     should show by length."""
     from kpod.stats import paired_gap_interval
 
-    if not all(r.get("questions") for m in names for r in methods[m]):
+    if not all(reference_steps(r) for m in names for r in methods[m]):
         return []
-    info = next(iter(methods.values()))[0]["questions"]
-    steps = sorted({v["steps"] for v in info.values()})
+    info = reference_steps(next(iter(methods.values()))[0])
+    steps = sorted(set(info.values()))
     rows = []
     for a, b in comparisons(names):
         seeds, pairs = seed_pairs(methods, a, b)
@@ -291,14 +298,14 @@ def _steps_paired(methods: dict[str, list[dict]], names: list[str]) -> list[str]
             continue
         cells = []
         for k in steps:
-            keep = {q for q, v in info.items() if v["steps"] == k}
+            keep = {q for q, v in info.items() if v == k}
             subset = [({q: x[q] for q in keep & set(x)}, {q: y[q] for q in keep & set(y)}) for x, y in pairs]
             gap, low, high = (100 * v for v in paired_gap_interval(subset))
             cells.append(f"{gap:+.1f} [{low:+.1f}, {high:+.1f}]")
         rows.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    counts = {k: sum(v["steps"] == k for v in info.values()) for k in steps}
+    counts = {k: sum(v == k for v in info.values()) for k in steps}
     return [
         "\nPaired gap in points by the number of steps in the reference solution, with its 95 % interval "
         "(over questions and the seeds both ran):\n",
@@ -604,8 +611,9 @@ DEPARTURES = ("first", "middle", "last", "none")
 
 def departures(runs: list[dict]) -> dict[str, int]:
     """Questions by where the generation first departs from the reference (the runs'
-    ``first_missing_step``, positioned by the results' own ``questions``): at its first step, a
-    middle one, its last one, or none (every step's result written), pooled over the runs."""
+    ``first_missing_step``, positioned by :func:`reference_steps`; questions without a reference
+    solution are left out): at its first step, a middle one, its last one, or none (every step's
+    result written), pooled over the runs."""
 
     def place(index: int | None, steps: int) -> str:
         if index is None:
@@ -616,15 +624,17 @@ def departures(runs: list[dict]) -> dict[str, int]:
 
     counts = dict.fromkeys(DEPARTURES, 0)
     for r in runs:
+        steps = reference_steps(r)
         for qid, index in r["first_missing_step"].items():
-            counts[place(index, r["questions"][qid]["steps"])] += 1
+            if qid in steps:
+                counts[place(index, steps[qid])] += 1
     return counts
 
 
 def _departures(methods: dict[str, list[dict]], names: list[str]) -> list[str]:
     """Where each method's generations first leave the reference solution: the in-rationale
     curriculum trains the last steps longest, so its students should depart earlier, if anywhere."""
-    rows = [m for m in names if all(r.get("first_missing_step") and r.get("questions") for r in methods[m])]
+    rows = [m for m in names if all(r.get("first_missing_step") and reference_steps(r) for r in methods[m])]
     if not rows:
         return []
     out = [

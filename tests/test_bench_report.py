@@ -409,3 +409,34 @@ def test_table1_ordering_is_read_against_the_papers(report):
     assert line.endswith("(the same order of its methods).")
     without = [r for r in results if r["method"] not in ("scotd", "mcc-kd")]
     assert "Table 1's ordering" not in report.tables(without)
+
+
+def test_questions_without_a_reference_solution_say_nothing_about_steps(report, load_benchmark):
+    """ASDiv's test set has answers only: the results record no steps there (older ones: 0 steps and
+    no departure), and the report leaves those questions out of the tables by steps and departures
+    instead of showing a "0 steps" column and 100 % "every result written"."""
+    old = {f"q{i}": {"steps": 0} for i in range(10)}  # as the first cpu-asdiv result recorded it
+    std = {**_result("std-cot", 0, {0, 1}), "questions": old, "first_missing_step": dict.fromkeys(old)}
+    kpod = {**_result("kpod", 0, {0, 1, 2}), "questions": old, "first_missing_step": dict.fromkeys(old)}
+    assert report.reference_steps(std) == {}
+    assert report.by_steps([std]) == {}
+    assert report.departures([std]) == {"first": 0, "middle": 0, "last": 0, "none": 0}
+    text = report.tables([std, kpod])
+    assert "0 steps" not in text and "by the number of steps" not in text
+    assert "first depart from the reference" not in text
+    # Questions that have a reference solution are still counted beside ones that do not.
+    mixed = {**old, "q0": {"steps": 3}, "q1": {"steps": 4}}
+    assert report.by_steps([{**std, "questions": mixed}]) == {3: (1, 1), 4: (1, 1)}
+
+    from kpod.data.schema import Example
+    from kpod.data.steps import split_steps
+
+    accuracy = load_benchmark("accuracy")
+    rationale = "Ann has 3 + 4 = 7 apples.\nShe eats 2, so 7 - 2 = 5 are left."
+    with_steps = Example(qid="a", question="?", rationale=rationale, steps=split_steps(rationale), answer="5")
+    answer_only = Example(qid="b", question="?", rationale="", steps=(), answer="5")
+    assert accuracy.question_info([with_steps, answer_only]) == {"a": {"steps": 2}, "b": {}}
+    predictions = [{"qid": "a", "generated": "3 + 4 = 7. 7 - 2 = 5."}, {"qid": "b", "generated": "5"}]
+    assert accuracy.first_missing_steps(predictions, [with_steps, answer_only]) == {"a": None}
+    predictions[0]["generated"] = "3 + 4 = 8. Then 6."  # never writes 7: departs at the first step
+    assert accuracy.first_missing_steps(predictions, [with_steps, answer_only]) == {"a": 0}
