@@ -59,12 +59,10 @@ def by_steps(c: np.ndarray, n_steps: np.ndarray, epochs: int) -> dict[int, dict[
 def _steps_from_difficulty(folder: Path, schedule: dict) -> list[int]:
     """Step counts of a schedule written before it recorded them: the number of per-step
     difficulties of each of its rationales in the ``difficulty.jsonl`` beside it."""
-    steps = {}
-    with open(folder / "difficulty.jsonl", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            steps[row["key"]] = len(row["difficulty"])
-    return [steps[key] for key in schedule["keys"]]
+    from kpod.progressive.difficulty import read_difficulties
+
+    difficulties = read_difficulties(folder / "difficulty.jsonl")
+    return [len(difficulties[key]) for key in schedule["keys"]]
 
 
 def main() -> None:
