@@ -448,7 +448,9 @@ def _ordering(methods: dict[str, list[dict]], dataset: str) -> list[str]:
     """The paper's Table 1 methods that ran here, ordered by mean accuracy over their seeds, beside
     the paper's order of the same methods (LLaMA-7B). Only where a baseline (scotd, mcc-kd) ran:
     the ordering is what the paper's table claims, the paired rows below say how sure each step is.
-    Equal means (to two decimals) read "=", not ">"."""
+    Equal means (to two decimals) read "=", not ">". While the methods have run different numbers of
+    seeds (a suite half done), each mean says over how many: a one-seed mean beside a three-seed one
+    is a weaker reading."""
     paper = PAPER_TABLE1.get(dataset, {})
     ours = [m for m in paper if m in methods]
     with_std = ours + (["std-cot"] if "std-cot" in methods else [])
@@ -458,9 +460,14 @@ def _ordering(methods: dict[str, list[dict]], dataset: str) -> list[str]:
     theirs = sorted(ours, key=lambda m: -paper[m])
     same = [m for m in here if m in paper] == theirs
     means = [f"{_mean(methods[m]):.2f}" for m in here]
-    ranked = f"{here[0]} {means[0]}"
+    seeds = [len(methods[m]) for m in here]
+    counted = [
+        f"{m} {a}" + (f" ({n} seed{'s' if n > 1 else ''})" if len(set(seeds)) > 1 else "")
+        for m, a, n in zip(here, means, seeds, strict=True)
+    ]
+    ranked = counted[0]
     for i in range(1, len(here)):
-        ranked += f" {'=' if means[i] == means[i - 1] else '>'} {here[i]} {means[i]}"
+        ranked += f" {'=' if means[i] == means[i - 1] else '>'} {counted[i]}"
     return [
         "",
         f"Table 1's ordering: here {ranked}; the paper (LLaMA-7B) "

@@ -396,17 +396,25 @@ def test_table1_ordering_is_read_against_the_papers(report):
     ]
     line = ordering(results)
     assert line == (
-        "Table 1's ordering: here kpod 50.00 > scotd 40.00 = std-cot 40.00 > mcc-kd 30.00; the paper "
+        "Table 1's ordering: here kpod 50.00 (1 seed) > scotd 40.00 (2 seeds) = std-cot 40.00 (1 seed) > "
+        "mcc-kd 30.00 (1 seed); the paper "
         "(LLaMA-7B) kpod 71.02 > mcc-kd 65.76 > scotd 63.38 (a different order of its methods)."
     )
     results[3] = _result("mcc-kd", 0, {0, 1, 2, 3, 4, 5, 6, 7, 8})  # 90.0: above kpod
     line = ordering(results)
-    assert line.startswith("Table 1's ordering: here mcc-kd 90.00 > kpod 50.00")
+    assert line.startswith("Table 1's ordering: here mcc-kd 90.00 (1 seed) > kpod 50.00 (1 seed)")
     assert line.endswith("(a different order of its methods).")
     results[3] = _result("mcc-kd", 0, {0, 1, 2, 3, 4, 5, 6})  # 70.0
     results[4] = _result("kpod", 0, set(range(8)))  # 80.0 > 70.0 > 40.0, the paper's order
     line = ordering(results)
     assert line.endswith("(the same order of its methods).")
+    results.append(_result("std-cot", 1, {0, 1, 2, 3}))  # every method two seeds: no counts
+    results.append(_result("mcc-kd", 1, {0, 1, 2, 3, 4, 5, 6}))
+    results.append(_result("kpod", 1, set(range(8))))
+    assert ordering(results) == (
+        "Table 1's ordering: here kpod 80.00 > mcc-kd 70.00 > scotd 40.00 = std-cot 40.00; the paper "
+        "(LLaMA-7B) kpod 71.02 > mcc-kd 65.76 > scotd 63.38 (the same order of its methods)."
+    )
     without = [r for r in results if r["method"] not in ("scotd", "mcc-kd")]
     assert "Table 1's ordering" not in report.tables(without)
 
