@@ -233,7 +233,13 @@ def test_gap_verdict_says_met_ruled_out_or_inconclusive(report):
     whose interval lies below +2 (ruled out), and a small sample around +2 (inconclusive)."""
     n = 400
     better = [({f"q{i}": i < 200 for i in range(n)}, {f"q{i}": i < 120 for i in range(n)})]
-    assert "target met" in report.gap_verdict(better)
+    assert "target met" in report.gap_verdict(better) and "includes 0" not in report.gap_verdict(better)
+    # two seed pairs that disagree: +10 points on one (40 discordant questions, all A's), -3 on the other;
+    # pooled 40 against 12 is p < 0.001, but a resample of the seeds can draw the second pair twice
+    up = ({f"q{i}": i < 40 for i in range(n)}, {f"q{i}": False for i in range(n)})
+    down = ({f"q{i}": False for i in range(n)}, {f"q{i}": i < 12 for i in range(n)})
+    text = report.gap_verdict([up, down])
+    assert "target met" in text and "the interval over seeds includes 0" in text
     # 50 discordant each way on 2000 questions (4 identical pairs): gap 0, interval about +-1.4
     same = [({f"q{i}": i < 500 for i in range(2000)}, {f"q{i}": 50 <= i < 550 for i in range(2000)})] * 4
     text = report.gap_verdict(same)
