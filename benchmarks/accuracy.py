@@ -34,7 +34,8 @@ On a CPU, ``--streams 2`` runs the missing runs as two processes side by side, e
 cores / 2 torch threads (one each on two cores: 1.17-1.23x the training tokens/s of one
 two-thread process, BENCHMARKS.md "Issue #23, session 18"). Runs that share a run folder (the
 methods of one dataset and seed) stay in one stream, in the suite's order; each child is the
-one-run command above, its output in ``runs/bench/logs/``. The thread count is in each result's
+one-run command above, its output in ``runs/bench/logs/``; with fewer groups of runs missing than
+streams, fewer streams start, each with more threads. The thread count is in each result's
 ``machine`` line: it changes the order of bf16 sums, so a run's figures by a few questions, as a
 seed does.
 """
@@ -606,6 +607,14 @@ def stream_groups(suite: str, runs: list[tuple[str, str, int]], tag: str | None 
     return list(groups.values())
 
 
+def stream_threads(cores: int, streams: int, groups: int) -> tuple[int, int]:
+    """How many streams to start and the torch threads of each child: no more streams than groups
+    of runs (a last group left alone gets every core, not ``cores / streams`` of them while the
+    other cores idle), and ``cores // streams`` threads each, at least one."""
+    streams = max(1, min(streams, groups))
+    return streams, max(1, cores // streams)
+
+
 def run_streams(groups: list[list], streams: int, launch) -> list[tuple[tuple, int]]:
     """Run ``groups`` in ``streams`` workers side by side: each worker takes the next group in
     order and runs its runs one after another with ``launch(run) -> exit code``. Returns each
@@ -719,9 +728,10 @@ def main() -> None:
         runs = [(args.dataset, args.method, args.seed)]  # a run outside the suite's list
     if args.streams > 1 and not (args.list or args.backfill):
         missing = [r for r in runs if args.redo or not result_path(args.suite, *r, args.tag).exists()]
-        threads = max(1, (os.cpu_count() or 1) // args.streams)
+        groups = stream_groups(args.suite, missing, args.tag)
+        streams, threads = stream_threads(os.cpu_count() or 1, args.streams, len(groups))
         launch = launch_child(args.suite, args.set, args.tag, threads, args.redo)
-        finished = run_streams(stream_groups(args.suite, missing, args.tag), args.streams, launch)
+        finished = run_streams(groups, streams, launch)
         failed = [run for run, code in finished if code != 0]
         print(
             f"== {len(finished) - len(failed)} of {len(missing)} runs done"

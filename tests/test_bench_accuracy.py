@@ -220,6 +220,16 @@ def test_run_streams_runs_groups_side_by_side_and_each_group_in_turn(accuracy):
     assert order == ["x", "y", "z"]
 
 
+def test_stream_threads_never_leave_cores_idle_for_streams_with_nothing_to_run(accuracy):
+    """Two streams on two cores share them, one thread each; a last group alone gets both cores;
+    more streams than cores still give each child a thread; nothing missing starts one stream."""
+    assert accuracy.stream_threads(2, 2, 3) == (2, 1)
+    assert accuracy.stream_threads(2, 2, 1) == (1, 2)
+    assert accuracy.stream_threads(16, 4, 2) == (2, 8)
+    assert accuracy.stream_threads(2, 3, 5) == (3, 1)
+    assert accuracy.stream_threads(4, 2, 0) == (1, 4)
+
+
 def test_a_stream_child_is_the_one_run_command_with_its_threads(accuracy, monkeypatch, tmp_path):
     import subprocess
 
