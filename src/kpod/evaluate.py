@@ -10,7 +10,6 @@ comes with a 95 % Wilson score interval, and every prediction is written to JSON
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 import time
 import warnings
@@ -27,7 +26,7 @@ from kpod.data.schema import Example
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
-from kpod.models import inner_model, last_positions
+from kpod.models import cache_keyword, last_positions
 from kpod.prompt import PromptFormat, render_prompt
 from kpod.stats import wilson_interval
 
@@ -126,9 +125,7 @@ def _greedy_compacting(
     ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
     total = ids_all.shape[0]
     batch_size = batch_size or total
-    # transformers 5 renames forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
-    forward = inspect.signature(inner_model(model).forward).parameters
-    key = "cache" if "cache" in forward else "past_key_values"
+    key = cache_keyword(model)
     tokens: list[list[int]] = [[] for _ in range(total)]
     queued = 0  # rows of ``enc`` not yet admitted
     rows: list[int] = []  # the row of ``enc`` of each live sequence

@@ -393,6 +393,15 @@ def inner_model(model: Any) -> Any:
     return model
 
 
+def cache_keyword(model: Any) -> str:
+    """The name of ``model.forward``'s key/value cache argument: transformers 5 renames
+    ``past_key_values`` to ``cache`` (the old name is deprecated)."""
+    import inspect
+
+    parameters = inspect.signature(inner_model(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def last_positions(length: int, keep: int, device: Any = None) -> Any:
     """``logits_to_keep`` for the last ``keep`` of ``length`` positions, as indices rather than a
     count: transformers slices the hidden states with a count (``h[:, -keep:]``), a strided view
