@@ -352,3 +352,16 @@ def test_an_edited_data_file_reruns_the_data_stage(tmp_path):
     runner = Runner(config, {}, echo=lambda _: None)
     assert run_data_step(runner, config)["train"] == 5  # 10 - 2 dev - 3 test
     assert not runner.manifest["stages"]["data"]["skipped"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_untrained_evaluation_generates_in_the_trained_students_precision(tmp_path, precision) -> None:
+    from tiny_models import build_causal
+
+    from kpod.pipeline import data_step, eval_untrained_step
+
+    model = build_causal(tmp_path / "model", hidden=32, layers=2)
+    config = load_pipeline_config(tiny_config(tmp_path, model, train={"eval_precision": precision}))
+    data_step(config.data, tmp_path / "data")
+    result = eval_untrained_step(config, tmp_path / "data" / "test.jsonl", tmp_path / "eval")
+    assert result["test"]["precision"] == precision and result["test"]["n"] == 8

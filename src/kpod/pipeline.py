@@ -466,6 +466,9 @@ def schedule_step(
 
 
 def eval_untrained_step(config: PipelineConfig, test_path: Path, folder: Path) -> dict[str, Any]:
+    """The student before distillation on the test split, generated in the precision and batch the
+    trained students' test scoring uses (``train.eval_precision``, ``train.eval_batch_size``), so
+    the three figures of a run are scored alike (before session 26 it generated in fp32 always)."""
     from kpod.evaluate import evaluate
     from kpod.models import load_model
     from kpod.prompt import PromptFormat
@@ -480,6 +483,7 @@ def eval_untrained_step(config: PipelineConfig, test_path: Path, folder: Path) -
         batch_size=config.train.eval_batch_size,
         max_new_tokens=config.train.eval_max_new_tokens,
         out=folder / "test_predictions.jsonl",
+        precision=config.train.eval_precision,  # as the trained students' test scoring
     )
     return {"test": result.summary()}
 
@@ -628,7 +632,11 @@ def run_pipeline(
         )
     results: dict[str, Any] = {}
     if config.eval_untrained:
-        eval_settings = {"student": config.student, "max_new_tokens": config.train.eval_max_new_tokens}
+        eval_settings = {
+            "student": config.student,
+            "max_new_tokens": config.train.eval_max_new_tokens,
+            "precision": config.train.eval_precision,
+        }
         out = runner.step(
             "eval-untrained",
             eval_settings,

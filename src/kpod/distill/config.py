@@ -51,7 +51,8 @@ class TrainConfig:
             SmolLM2-135M 32 to 128 by length and precision, fewer for larger models); a number
             fixes it.
         eval_precision: ``auto`` (the faster of fp32 and bf16 for generating on this machine,
-            measured once and cached: :mod:`kpod.precision`), ``fp32`` or ``bf16``.
+            measured once and cached: :mod:`kpod.precision`), ``fp32`` or ``bf16``. `kpod run`'s
+            evaluation of the untrained student uses it too (and ``eval_batch_size``).
         merge_lora: save the student with LoRA merged into its weights (loads without peft).
         loss_from_hidden: compute the loss from the hidden states of the labelled positions, the
             output projection applied ``loss_chunk`` positions at a time, instead of from the
