@@ -357,3 +357,57 @@ def test_a_target_keep_ratio_holds_the_weights_at_it(tiny_causal, tmp_path) -> N
         WeightingConfig(target_keep=1.0)
     assert WeightingConfig().target_keep == 0.5  # the default (README: where we depart)
     assert collapse_warning(0.5, WeightingConfig()) is None
+
+
+def test_questions_read_once_give_the_same_answer_losses(tiny_causal) -> None:
+    """The shared-question path (each question read once into a key/value cache that its masked
+    rationales continue) against one padded row per sequence, in fp32: questions of different
+    lengths (left padding in the cache), an empty prefix, prefix scales, uneven groups."""
+    import random
+
+    from kpod.models import load_model
+
+    loaded = load_model(str(tiny_causal), trainable=False)
+    predictor = AnswerPredictor(loaded, loaded.model.get_input_embeddings().weight.shape[1])
+    batch = _encode(arithmetic_examples(5, seed=3), loaded.tokenizer, loaded.tokenizer, 256)
+    batch[1].question_ids = batch[1].question_ids * 3  # a much longer question
+    rng = random.Random(0)
+    prefixes = [[(len(b.rationale_ids), 1.0), (rng.randrange(len(b.rationale_ids)), 2.5)] for b in batch]
+    prefixes[2][1] = (0, 2.5)  # the answer straight after the question
+    longest = max(len(b.rationale_ids) for b in batch)
+    torch.manual_seed(1)
+    hidden = loaded.model.get_input_embeddings().weight.shape[1]
+    versions = [torch.randn(len(batch), longest, hidden) for _ in range(3)]
+    with torch.no_grad():
+        assert predictor.shares_questions()
+        rows = _answer_losses(predictor, batch, versions, prefixes, share_questions=False)
+        for chunk in (6, 16, 10_000):  # one example per call, two, all five
+            shared = _answer_losses(predictor, batch, versions, prefixes, chunk=chunk)
+            assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-5), (chunk, shared - rows)
+    assert not predictor.shares_questions()  # gradients wanted: one row per sequence
+
+
+def test_bf16_training_stores_the_frozen_predictor_in_bf16_with_the_same_history(tiny_causal, monkeypatch):
+    """Under bf16 on a CPU the loop holds the frozen predictor's weights in bf16 (autocast would
+    cast them at every forward pass); the rounding is the same, so the history is too."""
+    import contextlib
+
+    import kpod.weighting.train as weighting_train
+
+    examples = arithmetic_examples(16, seed=5)
+    config = dataclasses.replace(_tiny_config(tiny_causal, batch_size=8, target_keep=0.5), precision="bf16")
+    seen = []
+    real = weighting_train.frozen_linears_in
+
+    @contextlib.contextmanager
+    def spy(model, dtype):
+        with real(model, dtype) as n:
+            seen.append(n)
+            yield n
+
+    monkeypatch.setattr(weighting_train, "frozen_linears_in", spy)
+    _, stored = train_weighting(examples, config, progress=False)
+    assert seen and seen[0] > 0  # the predictor's projections were converted
+    monkeypatch.setattr(weighting_train, "frozen_linears_in", lambda model, dtype: contextlib.nullcontext(0))
+    _, cast = train_weighting(examples, config, progress=False)
+    assert stored == cast

@@ -32,6 +32,7 @@ the predictor runs without gradients).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -47,12 +48,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kpod.batching import pad_embeddings, pad_ids
+from kpod.chunked_loss import bypassed_head, head_bypass_supported
 from kpod.data.answers import ANSWER_PHRASE
 from kpod.data.schema import Example
 from kpod.errors import ConfigError
 from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
-from kpod.models import LoraSettings, autocast, last_positions, load_model
+from kpod.models import (
+    LoraSettings,
+    autocast,
+    cache_keyword,
+    frozen_linears_in,
+    last_positions,
+    load_model,
+)
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.config import WeightingConfig
 from kpod.weighting.maths import (
@@ -128,6 +137,72 @@ class AnswerPredictor(nn.Module):
             use_cache=False,
         )
         return _summed_nll(out.logits[:, :-1, :], labels)  # position t predicts token t + 1
+
+    def shares_questions(self) -> bool:
+        """Whether :meth:`shared_question_nll` can stand in for :meth:`answer_nll` here: a causal
+        predictor whose output projection can be bypassed, with no gradient wanted (the default
+        score-function estimator with a frozen predictor; the paths that train through the
+        predictor keep one sequence per row)."""
+        return self.kind == "causal" and not torch.is_grad_enabled() and head_bypass_supported(self.model)
+
+    def shared_question_nll(
+        self,
+        questions: list[list[int]],
+        owner: list[int],
+        rationales: list[torch.Tensor],
+        answers: list[list[int]],
+        scored: list[int],
+    ) -> torch.Tensor:
+        """:meth:`answer_nll` of sequences that share questions, each question read once: sequence
+        ``j`` is ``questions[owner[j]]`` followed by ``rationales[j]`` and ``answers[j]``.
+
+        The questions run first (left-padded) into a key/value cache, which is copied to every
+        sequence that continues them; the continuations (right-padded) run on it. A question was
+        58 % of the predictor's tokens on the quickstart's rationales, and each one is read by
+        ``samples x n_prefixes`` sequences (8 by default). Same losses as :meth:`answer_nll` up to
+        float rounding (tested)."""
+        from transformers import DynamicCache
+
+        device = self.model.get_input_embeddings().weight.device
+        qbatch, qmask = pad_embeddings([self.embed(q) for q in questions], left=True)
+        cache = DynamicCache(config=self.model.config)
+        keyword = cache_keyword(self.model)
+        self.model(
+            inputs_embeds=qbatch,
+            attention_mask=qmask,
+            position_ids=(qmask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            **{keyword: cache},
+            logits_to_keep=last_positions(qbatch.shape[1], 1, device),
+        )
+        rows = torch.tensor(owner, device=device)
+        cache.batch_select_indices(rows)  # one copy of its question's keys and values per sequence
+        conts = [torch.cat([self.proj(r), self.embed(a)]) for r, a in zip(rationales, answers, strict=True)]
+        cbatch, cmask = pad_embeddings(conts)
+        positions = qmask.sum(-1)[rows, None] + torch.arange(cbatch.shape[1], device=device)
+        with bypassed_head(self.model) as projection:
+            hidden = self.model(
+                inputs_embeds=cbatch,
+                attention_mask=torch.cat([qmask[rows], cmask], dim=1),
+                position_ids=positions,
+                use_cache=True,
+                **{keyword: cache},
+            ).logits
+        # The scored answer tokens of sequence j end its continuation; position t predicts t + 1.
+        pick_row, pick_pos, targets, owner_of = [], [], [], []
+        for j, (c, a, k) in enumerate(zip(conts, answers, scored, strict=True)):
+            n = c.shape[0]
+            pick_row += [j] * k
+            pick_pos += range(n - k - 1, n - 1)
+            targets += a[len(a) - k :]
+            owner_of += [j] * k
+        h = hidden[torch.tensor(pick_row, device=device), torch.tensor(pick_pos, device=device)]
+        nll = nn.functional.cross_entropy(
+            nn.functional.linear(h, projection).float(),
+            torch.tensor(targets, device=device),
+            reduction="none",
+        )
+        return torch.zeros(len(conts), device=device).index_add(0, torch.tensor(owner_of, device=device), nll)
 
     def _seq2seq_nll(self, questions, rationales, answers, scored) -> torch.Tensor:
         # The encoder reads question, rationale and the template phrase; the decoder writes the answer.
@@ -239,13 +314,22 @@ def _answer_losses(
     batch: list[_Encoded],
     masked: list[torch.Tensor],
     prefixes: list[list[tuple[int, float]]],
-    chunk: int = 16,
+    chunk: int | None = None,
+    share_questions: bool = True,
 ) -> torch.Tensor:
     """L_p (Eq. 5) of every example for each masked version of the batch, shape ``[len(masked), batch]``.
 
     The sequences of all versions and prefixes go through the predictor sorted by length, ``chunk``
-    at a time, so a short prefix is not padded to the longest full rationale (half the time on 1000
-    GSM8K rationales with 4 masks x 2 prefixes; the losses are the same up to float rounding)."""
+    at a time (default 16), so a short prefix is not padded to the longest full rationale (half the
+    time on 1000 GSM8K rationales with 4 masks x 2 prefixes; the losses are the same up to float
+    rounding). With ``share_questions`` where the predictor allows it
+    (:meth:`AnswerPredictor.shares_questions`), the sequences go by example instead, about ``chunk``
+    at a time (default 32: the questions' own pass is short, so fewer, larger calls pay; measured
+    in BENCHMARKS.md "Issue #21, session 26"), each example's question read once for all its
+    sequences (:meth:`AnswerPredictor.shared_question_nll`)."""
+    if share_questions and predictor.shares_questions():
+        return _shared_question_losses(predictor, batch, masked, prefixes, chunk or 32)
+    chunk = chunk or 16
     questions, rationales, answers, scored, owner, scale = [], [], [], [], [], []
     for v, version in enumerate(masked):
         for i, b in enumerate(batch):
@@ -275,6 +359,40 @@ def _answer_losses(
         0, torch.tensor([owner[i] for i in order], device=nll.device), nll
     )
     return out.view(len(masked), len(batch))
+
+
+def _shared_question_losses(
+    predictor: AnswerPredictor,
+    batch: list[_Encoded],
+    masked: list[torch.Tensor],
+    prefixes: list[list[tuple[int, float]]],
+    chunk: int,
+) -> torch.Tensor:
+    """:func:`_answer_losses` with each example's question read once: examples sorted by question
+    length, as many per predictor call as keep the call near ``chunk`` sequences."""
+    per_example = len(masked) * max(len(p) for p in prefixes)
+    group = max(1, chunk // per_example)
+    order = sorted(range(len(batch)), key=lambda i: len(batch[i].question_ids))
+    out = torch.zeros(len(masked), len(batch))
+    for start in range(0, len(order), group):
+        examples = order[start : start + group]
+        owner, rationales, answers, scored, slots, scale = [], [], [], [], [], []
+        for q, i in enumerate(examples):
+            b = batch[i]
+            for v, version in enumerate(masked):
+                for k, f in prefixes[i]:
+                    owner.append(q)
+                    rationales.append(version[i, :k])
+                    answers.append(b.answer_ids)
+                    scored.append(b.n_scored)
+                    slots.append((v, i))
+                    scale.append(f)
+        nll = predictor.shared_question_nll(
+            [batch[i].question_ids for i in examples], owner, rationales, answers, scored
+        ).float()
+        for (v, i), f, x in zip(slots, scale, nll.cpu().tolist(), strict=True):
+            out[v, i] += f * x
+    return out.to(masked[0].device)
 
 
 @holds_lock("out_dir", directory=True)
@@ -333,73 +451,78 @@ def train_weighting(
     bar = tqdm(total=n_steps, desc="token weighting", unit="step", disable=not progress)
     start_time = time.perf_counter()
     model.weighter.train()
-    for epoch in range(config.epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            if step >= n_steps:
-                break
-            batch = [encoded[i] for i in order[start : start + config.batch_size]]
-            tau = x.tau
-            if x.tau_final is not None and n_steps > 1:
-                tau = x.tau + (x.tau_final - x.tau) * step / (n_steps - 1)
-            ids, mask = _pad(batch)
-            ids, mask = ids.to(config.device), mask.to(config.device)
-            valid = mask.float()
-            # The prefix lengths of each rationale (the full one first), shared by all its samples.
-            prefixes = [_prefix_lengths(len(b.rationale_ids), rng, config) for b in batch]
-            with autocast(config.device.split(":")[0], config.precision):
-                w = model.weighter(ids, mask, config.target_keep)
-                embedded = model.weighter.embeddings(ids)
-                if x.estimator == "straight-through":
-                    keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
-                    masked = apply_mask(embedded, keep, model.weighter.mask_embedding)
-                    answer_loss = _answer_losses(predictor, batch, [masked], prefixes)[0]
-                    answer_term = answer_loss
-                    mask_loss = mask_ratio_loss(keep, valid, x.normalize_mask_loss, x.kept_budget)
-                else:
-                    # K exact Bernoulli(w) masks (Eq. 4's hard samples), scored without a gradient path
-                    # through the embeddings; the mask embedding stays fixed (a trained one turns
-                    # into a soft prompt that makes masking look free).
-                    keeps = [
-                        (binary_gumbel_mask(w.detach().float(), tau=tau, hard=False) > 0.5).float() * valid
-                        for _ in range(x.samples)
-                    ]
-                    mask_emb = model.weighter.mask_embedding.detach()
-                    with torch.set_grad_enabled(predictor_trains):
-                        losses = _answer_losses(
-                            predictor, batch, [apply_mask(embedded, k, mask_emb) for k in keeps], prefixes
-                        )
-                    log_probs = torch.stack([bernoulli_log_prob(k, w.float(), valid) for k in keeps])
-                    answer_term = score_function_surrogate(losses, log_probs)
-                    if predictor_trains:  # a trainable predictor learns from the masked rationales
-                        answer_term = answer_term + losses.mean(dim=0)
-                    answer_loss = losses.detach().mean(dim=0)
-                    # E_m[L_m] = L_m(w): exact for Eq. 6 (linear in m), the usual relaxation for the hinge.
-                    mask_loss = mask_ratio_loss(w.float(), valid, x.normalize_mask_loss, x.kept_budget)
-            loss = keypoint_objective(answer_term, mask_loss, sparsity).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
-            history.append(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": float(loss.detach()),
-                    "answer_loss": float(answer_loss.detach().mean()),
-                    "mask_loss": float(mask_loss.detach().mean()),
-                    "kept_ratio": kept_ratio,
-                    "sparsity": sparsity,
-                    "tau": tau,
-                }
-            )
-            step += 1
-            if on_step is not None:
-                on_step(step, model)
-                model.weighter.train()
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.2f}", kept=f"{kept_ratio:.2f}")
+    with contextlib.ExitStack() as stack:
+        if config.precision == "bf16" and config.device.split(":")[0] == "cpu":
+            # The frozen predictor's weights in bf16 for the loop: autocast would cast them again at
+            # every forward pass (the same rounding; kpod.models.frozen_linears_in).
+            stack.enter_context(frozen_linears_in(predictor.model, torch.bfloat16))
+        for epoch in range(config.epochs):
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            for start in range(0, len(order), config.batch_size):
+                if step >= n_steps:
+                    break
+                batch = [encoded[i] for i in order[start : start + config.batch_size]]
+                tau = x.tau
+                if x.tau_final is not None and n_steps > 1:
+                    tau = x.tau + (x.tau_final - x.tau) * step / (n_steps - 1)
+                ids, mask = _pad(batch)
+                ids, mask = ids.to(config.device), mask.to(config.device)
+                valid = mask.float()
+                # The prefix lengths of each rationale (the full one first), shared by all its samples.
+                prefixes = [_prefix_lengths(len(b.rationale_ids), rng, config) for b in batch]
+                with autocast(config.device.split(":")[0], config.precision):
+                    w = model.weighter(ids, mask, config.target_keep)
+                    embedded = model.weighter.embeddings(ids)
+                    if x.estimator == "straight-through":
+                        keep = binary_gumbel_mask(w.float(), tau=tau, hard=True) * mask
+                        masked = apply_mask(embedded, keep, model.weighter.mask_embedding)
+                        answer_loss = _answer_losses(predictor, batch, [masked], prefixes)[0]
+                        answer_term = answer_loss
+                        mask_loss = mask_ratio_loss(keep, valid, x.normalize_mask_loss, x.kept_budget)
+                    else:
+                        # K exact Bernoulli(w) masks (Eq. 4's hard samples), scored without a gradient path
+                        # through the embeddings; the mask embedding stays fixed (a trained one turns
+                        # into a soft prompt that makes masking look free).
+                        probs = w.detach().float()
+                        draws = [binary_gumbel_mask(probs, tau=tau, hard=False) for _ in range(x.samples)]
+                        keeps = [(draw > 0.5).float() * valid for draw in draws]
+                        mask_emb = model.weighter.mask_embedding.detach()
+                        with torch.set_grad_enabled(predictor_trains):
+                            losses = _answer_losses(
+                                predictor, batch, [apply_mask(embedded, k, mask_emb) for k in keeps], prefixes
+                            )
+                        log_probs = torch.stack([bernoulli_log_prob(k, w.float(), valid) for k in keeps])
+                        answer_term = score_function_surrogate(losses, log_probs)
+                        if predictor_trains:  # a trainable predictor learns from the masked rationales
+                            answer_term = answer_term + losses.mean(dim=0)
+                        answer_loss = losses.detach().mean(dim=0)
+                        # E_m[L_m] = L_m(w): exact for Eq. 6 (linear in m), the usual relaxation for
+                        # the hinge.
+                        mask_loss = mask_ratio_loss(w.float(), valid, x.normalize_mask_loss, x.kept_budget)
+                loss = keypoint_objective(answer_term, mask_loss, sparsity).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                kept_ratio = float((w.detach().float() * valid).sum() / valid.sum())
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(loss.detach()),
+                        "answer_loss": float(answer_loss.detach().mean()),
+                        "mask_loss": float(mask_loss.detach().mean()),
+                        "kept_ratio": kept_ratio,
+                        "sparsity": sparsity,
+                        "tau": tau,
+                    }
+                )
+                step += 1
+                if on_step is not None:
+                    on_step(step, model)
+                    model.weighter.train()
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[-1]['loss']:.2f}", kept=f"{kept_ratio:.2f}")
     bar.close()
     warning = collapse_warning(history[-1]["kept_ratio"], config)
     if warning is not None:
