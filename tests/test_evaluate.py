@@ -369,8 +369,14 @@ def test_auto_precision_is_measured_once_per_machine_and_cached(tiny_causal, tmp
     rates[torch.bfloat16] = 10.0
     assert precision.choose(model, 16) == "bf16" and len(calls) == 2  # from the cache: not measured again
     assert precision.choose(model, 4) == "fp32" and len(calls) == 4  # another batch size: measured
+    # A large batch is timed with MAX_TIMED_ROWS rows, and every larger batch reads that answer.
+    assert precision.choose(model, 128) == "fp32"
+    assert calls[-2:] == [(torch.float32, 32), (torch.bfloat16, 32)]
+    rates[torch.bfloat16] = 90.0
+    assert precision.choose(model, 64) == "fp32" and len(calls) == 6  # cached under 32 rows
+    assert precision.choose(model, 33) == "fp32" and precision.choose(model, 32) == "fp32" and len(calls) == 6
     monkeypatch.setenv("KPOD_GENERATION_PRECISION", "fp32")
-    assert precision.choose(model, 32) == "fp32" and len(calls) == 4  # the environment decides
+    assert precision.choose(model, 32) == "fp32" and len(calls) == 6  # the environment decides
     monkeypatch.setenv("KPOD_GENERATION_PRECISION", "fp8")
     with pytest.raises(Exception, match="fp32 or bf16"):
         precision.choose(model, 32)

@@ -8,6 +8,11 @@ precisions, at the batch size it will use, and keeps the faster one; the answer 
 processor, torch version, model shape and batch size in ``$KPOD_CACHE/generation-precision.json``,
 so the measurement runs once per machine. On a GPU ``auto`` is bf16 where the GPU supports it.
 
+The measurement times at most :data:`MAX_TIMED_ROWS` rows, whatever the batch (a batch of 128
+is timed with 32 rows, and every batch from 32 up shares that answer): timed at the full batch it
+cost more than the small dev evaluations it chose for, and the faster precision at 32 rows was
+the faster one at 128 (BENCHMARKS.md, "Issue #21, session 26").
+
 ``KPOD_GENERATION_PRECISION=fp32`` (or ``bf16``) in the environment stands in for the measurement
 (the test suite sets it, so its greedy outputs do not depend on the machine).
 
@@ -41,6 +46,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+MAX_TIMED_ROWS = 32
+
+
+def timed_rows(batch_size: int) -> int:
+    """The rows the measurement for ``batch_size`` times (and the batch size its answer is cached
+    under): the batch itself up to :data:`MAX_TIMED_ROWS`, which stands in for larger ones."""
+    return max(1, min(batch_size, MAX_TIMED_ROWS))
+
+
 def cache_key(model: Any, batch_size: int) -> str:
     """Processor, threads, torch, model shape and batch size: what the answer depends on."""
     import torch
@@ -49,9 +63,9 @@ def cache_key(model: Any, batch_size: int) -> str:
     shape = [
         getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
     ]
-    # "v3": the timing method (a change of it must not reuse answers measured the old way; v3 times
-    # kpod's decoding loop instead of model.generate)
-    return f"v3|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
+    # "v4": the timing method (a change of it must not reuse answers measured the old way; v3 timed
+    # kpod's decoding loop instead of model.generate, v4 at most MAX_TIMED_ROWS rows)
+    return f"v4|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
 
 
 def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_tokens: int = 128) -> float:
@@ -111,7 +125,8 @@ def bf16_copy(model: Any) -> Any:
 
 
 def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
-    """``fp32`` or ``bf16``: the faster greedy generation of ``model`` here (module docstring)."""
+    """``fp32`` or ``bf16``: the faster greedy generation of ``model`` here at ``batch_size`` rows
+    (timed with at most :data:`MAX_TIMED_ROWS` of them; module docstring)."""
     import os
 
     import torch
@@ -130,7 +145,8 @@ def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     path = cache_dir() / CACHE_FILE
-    key = cache_key(model, batch_size)
+    rows = timed_rows(batch_size)
+    key = cache_key(model, rows)
     known: dict[str, Any] = {}
     if cache and path.exists():
         with contextlib.suppress(ValueError, OSError):
@@ -139,9 +155,9 @@ def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
             return known[key]["choice"]
     was_training = model.training
     model.eval()
-    fp32 = time_generation(model, batch_size) if next(model.parameters()).dtype == torch.float32 else None
+    fp32 = time_generation(model, rows) if next(model.parameters()).dtype == torch.float32 else None
     low = bf16_copy(model)
-    bf16 = time_generation(low, batch_size)
+    bf16 = time_generation(low, rows)
     del low
     model.train(was_training)
     choice = "bf16" if fp32 is None or bf16 > fp32 else "fp32"
