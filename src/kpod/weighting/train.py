@@ -157,10 +157,10 @@ class AnswerPredictor(nn.Module):
         ``j`` is ``questions[owner[j]]`` followed by ``rationales[j]`` and ``answers[j]``.
 
         The questions run first (left-padded) into a key/value cache, which is copied to every
-        sequence that continues them; the continuations (right-padded) run on it. A question was
-        58 % of the predictor's tokens on the quickstart's rationales, and each one is read by
-        ``samples x n_prefixes`` sequences (8 by default). Same losses as :meth:`answer_nll` up to
-        float rounding (tested)."""
+        sequence that continues them; the continuations (right-padded) run on it. Each question is
+        read by ``samples x n_prefixes`` sequences (8 by default) and is most of a sequence's
+        tokens on short rationales (BENCHMARKS.md, "Issue #21, session 26"). Same losses as
+        :meth:`answer_nll` up to float rounding (tested)."""
         from transformers import DynamicCache
 
         device = self.model.get_input_embeddings().weight.device
@@ -324,9 +324,9 @@ def _answer_losses(
     time on 1000 GSM8K rationales with 4 masks x 2 prefixes; the losses are the same up to float
     rounding). With ``share_questions`` where the predictor allows it
     (:meth:`AnswerPredictor.shares_questions`), the sequences go by example instead, about ``chunk``
-    at a time (default 32: the questions' own pass is short, so fewer, larger calls pay; measured
-    in BENCHMARKS.md "Issue #21, session 26"), each example's question read once for all its
-    sequences (:meth:`AnswerPredictor.shared_question_nll`)."""
+    at a time (default 32: each call's question pass is short, so fewer, larger calls; chosen by a
+    rough timing of 16, 32 and 64), each example's question read once for all its sequences
+    (:meth:`AnswerPredictor.shared_question_nll`)."""
     if share_questions and predictor.shares_questions():
         return _shared_question_losses(predictor, batch, masked, prefixes, chunk or 32)
     chunk = chunk or 16
