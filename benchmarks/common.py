@@ -49,6 +49,14 @@ def machine() -> str:
     return text if allocator == "system" else f"{text}, {allocator}"
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, all) jiffies of the machine so far (/proc/stat): on a shared VM the hypervisor's
+    steal is time the guest's threads wanted and did not get. Two readings around a timing give
+    its steal share."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields)
+
+
 def provenance() -> dict[str, str]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

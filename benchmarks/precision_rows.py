@@ -25,17 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance  # noqa: E402
+from common import RESULTS, cpu_times, provenance  # noqa: E402
 
 from kpod.models import DEFAULT_STUDENT, load_model  # noqa: E402
 from kpod.precision import _cpu_name, bf16_copy, time_generation  # noqa: E402
-
-
-def cpu_times() -> tuple[int, int]:
-    """(steal, all) jiffies of the machine so far (/proc/stat): on a shared VM the hypervisor's
-    steal is time the guest's threads wanted and did not get."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7], sum(fields)
 
 
 def measure(model, rows: int, new_tokens: int, prompt_tokens: int) -> dict:

@@ -31,8 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, provenance  # noqa: E402
-from precision_rows import cpu_times  # noqa: E402
+from common import RESULTS, ROOT, cpu_times, provenance  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +44,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from kpod.data.loaders import load_examples
-    from kpod.models import autocast, frozen_linears_in
+    from kpod.models import autocast, frozen_linears_in, load_model
     from kpod.pipeline import data_step, load_pipeline_config
+    from kpod.weighting.maths import apply_mask
     from kpod.weighting.train import AnswerPredictor, _answer_losses, _encode, _prefix_lengths
 
     started = provenance()
@@ -55,8 +55,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_step(config.data, Path(tmp))
         examples = load_examples(Path(tmp) / "train.jsonl", "kpod")[0]
-    from kpod.models import load_model
-
     loaded = load_model(wcfg.student, trainable=False)
     loaded.model.requires_grad_(False).eval()
     predictor = AnswerPredictor(loaded, loaded.model.get_input_embeddings().weight.shape[1])
@@ -76,8 +74,7 @@ def main() -> None:
         mask_emb = torch.zeros_like(embedded[0, 0])
         versions = []
         for _ in range(wcfg.experimental.samples):
-            keep = (torch.rand(ids.shape) < 0.5).float()[..., None]
-            versions.append(embedded * keep + mask_emb * (1 - keep))
+            versions.append(apply_mask(embedded, (torch.rand(ids.shape) < 0.5).float(), mask_emb))
         prefixes = [_prefix_lengths(len(e.rationale_ids), rng, wcfg) for e in batch]
         batches.append((batch, versions, prefixes))
 

@@ -189,20 +189,20 @@ class AnswerPredictor(nn.Module):
                 **{keyword: cache},
             ).logits
         # The scored answer tokens of sequence j end its continuation; position t predicts t + 1.
-        pick_row, pick_pos, targets, owner_of = [], [], [], []
+        pick_row, pick_pos, targets = [], [], []
         for j, (c, a, k) in enumerate(zip(conts, answers, scored, strict=True)):
             n = c.shape[0]
             pick_row += [j] * k
             pick_pos += range(n - k - 1, n - 1)
             targets += a[len(a) - k :]
-            owner_of += [j] * k
-        h = hidden[torch.tensor(pick_row, device=device), torch.tensor(pick_pos, device=device)]
+        sequence = torch.tensor(pick_row, device=device)
+        h = hidden[sequence, torch.tensor(pick_pos, device=device)]
         nll = nn.functional.cross_entropy(
             nn.functional.linear(h, projection).float(),
             torch.tensor(targets, device=device),
             reduction="none",
         )
-        return torch.zeros(len(conts), device=device).index_add(0, torch.tensor(owner_of, device=device), nll)
+        return torch.zeros(len(conts), device=device).index_add(0, sequence, nll)
 
     def _seq2seq_nll(self, questions, rationales, answers, scored) -> torch.Tensor:
         # The encoder reads question, rationale and the template phrase; the decoder writes the answer.
@@ -373,26 +373,26 @@ def _shared_question_losses(
     per_example = len(masked) * max(len(p) for p in prefixes)
     group = max(1, chunk // per_example)
     order = sorted(range(len(batch)), key=lambda i: len(batch[i].question_ids))
-    out = torch.zeros(len(masked), len(batch))
+    out = torch.zeros(len(masked) * len(batch), device=masked[0].device)
     for start in range(0, len(order), group):
         examples = order[start : start + group]
-        owner, rationales, answers, scored, slots, scale = [], [], [], [], [], []
+        question, rationales, answers, scored, slot, scale = [], [], [], [], [], []
         for q, i in enumerate(examples):
             b = batch[i]
             for v, version in enumerate(masked):
                 for k, f in prefixes[i]:
-                    owner.append(q)
+                    question.append(q)
                     rationales.append(version[i, :k])
                     answers.append(b.answer_ids)
                     scored.append(b.n_scored)
-                    slots.append((v, i))
+                    slot.append(v * len(batch) + i)  # as in _answer_losses
                     scale.append(f)
         nll = predictor.shared_question_nll(
-            [batch[i].question_ids for i in examples], owner, rationales, answers, scored
+            [batch[i].question_ids for i in examples], question, rationales, answers, scored
         ).float()
-        for (v, i), f, x in zip(slots, scale, nll.cpu().tolist(), strict=True):
-            out[v, i] += f * x
-    return out.to(masked[0].device)
+        nll = nll * torch.tensor(scale, device=nll.device)
+        out.index_add_(0, torch.tensor(slot, device=out.device), nll.to(out.device))
+    return out.view(len(masked), len(batch))
 
 
 @holds_lock("out_dir", directory=True)
