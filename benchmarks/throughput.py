@@ -44,8 +44,9 @@ from common import RESULTS, ROOT, provenance  # noqa: E402
 
 # The former settings, kept so the ratios are measured side by side on the same machine.
 VARIANTS = {
-    "old": {"loss_from_hidden": False, "lora_dropout": 0.05},
+    "old": {"loss_from_hidden": False, "lora_dropout": 0.05, "attention": "sdpa"},
     "new": {},  # the library's defaults
+    "new-sdpa": {"attention": "sdpa"},  # PyTorch's flash attention in every step (before session 27)
     "new-dropout0.05": {"lora_dropout": 0.05},  # LoRA dropout's own cost, today's code otherwise
     "new-packing": {"packing": True},  # packed rows instead of length-grouped padded batches
     "new-compile": {"compile": True},  # torch.compile of the training forward (train.compile)

@@ -265,15 +265,93 @@ def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny
     }  # nothing compiled in between
 
 
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_eager_attention_gives_the_loss_and_gradients_of_sdpa(
+    kind, tmp_path, tiny_seq2seq, monkeypatch
+) -> None:
+    """``train.attention``: a LoRA student switched to eager attention for a step gives sdpa's
+    loss and adapter gradients to fp32 rounding, on a padded batch of a model with grouped
+    key/value heads (4 query heads share 2), with weights that differ at every token; inside the
+    block the model attends with ``eager``, afterwards with ``sdpa`` again."""
+    from tiny_models import build_causal
+
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig, attention_implementation, inner_model
+
+    path = build_causal(tmp_path / "gqa", heads=4, kv_heads=2) if kind == "causal" else tiny_seq2seq
+    torch.manual_seed(0)
+    student = StudentConfig(name=str(path), lora_r=4, lora_alpha=8).load()
+    model, tokenizer = student.model.eval(), student.tokenizer
+    config = inner_model(model).config
+    assert config._attn_implementation == "sdpa"
+    short = make_example(qid="q2", question="What is 3+4?", rationale="3+4 = 7.\nSo 7.", answer="7")
+    examples = []
+    for k, (example, steps) in enumerate([(EXAMPLE, 0), (short, 1), (EXAMPLE, 2)]):
+        ex = build_stage_example(example, steps, tokenizer, kind=kind)
+        examples.append(
+            dataclasses.replace(ex, weights=[0.1 + ((j * 7 + k) % 11) / 11 for j in range(len(ex.labels))])
+        )
+    batch = collate(examples, tokenizer.pad_token_id, kind)
+    assert int((batch["attention_mask"] == 0).sum()) > 0  # padded rows: the mask reaches both
+    sdpa_loss, sdpa = _loss_and_grads(model, batch, kind, from_hidden=True)
+    calls = []
+    if kind == "causal":  # the eager function itself runs (not only the config's name changes)
+        from transformers.models.llama import modeling_llama
+
+        eager = modeling_llama.eager_attention_forward
+        monkeypatch.setattr(
+            modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k)
+        )
+    with attention_implementation(model, "eager"):
+        assert config._attn_implementation == "eager"
+        loss, grads = _loss_and_grads(model, batch, kind, from_hidden=True)
+    assert config._attn_implementation == "sdpa"
+    assert len(calls) == (2 if kind == "causal" else 0)  # one per layer
+    assert loss.item() == pytest.approx(sdpa_loss.item(), rel=1e-5)
+    assert grads.keys() == sdpa.keys() and all("lora" in k for k in grads) and grads
+    for name, grad in sdpa.items():
+        scale = max(1.0, float(grad.abs().max()))
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    if kind == "seq2seq":  # the encoder attends both ways: without its mask, padded rows' losses move
+        unmasked = dict(batch, attention_mask=torch.ones_like(batch["attention_mask"]))
+        with attention_implementation(model, "eager"):
+            leaky, _ = _loss_and_grads(model, unmasked, kind, from_hidden=True)
+        assert leaky.item() != pytest.approx(sdpa_loss.item(), rel=1e-5)
+
+
+def test_training_attention_is_eager_only_for_short_cpu_batches() -> None:
+    from kpod.errors import ModelError
+    from kpod.models import EAGER_ATTENTION_MAX_LENGTH, training_attention
+
+    short, long = EAGER_ATTENTION_MAX_LENGTH, EAGER_ATTENTION_MAX_LENGTH + 1
+    assert training_attention("auto", short, "cpu", compiled=False) == "eager"
+    assert training_attention("auto", long, "cpu", compiled=False) is None
+    assert training_attention("auto", short, "cuda", compiled=False) is None
+    assert training_attention("auto", short, "cpu", compiled=True) is None
+    assert training_attention("sdpa", short, "cpu", compiled=False) == "sdpa"
+    assert training_attention("eager", long, "cuda", compiled=True) == "eager"
+    with pytest.raises(ModelError, match="attention must be one of"):
+        training_attention("flash", short, "cpu", compiled=False)
+
+
+@pytest.mark.parametrize("attention", [None, "eager"])
 @pytest.mark.parametrize("from_hidden", [False, True])
-def test_packed_examples_do_not_attend_to_each_other(tiny_causal, from_hidden) -> None:
+def test_packed_examples_do_not_attend_to_each_other(tiny_causal, from_hidden, attention) -> None:
     """Each example's loss in a packed row equals its loss alone (fp32), so no example sees
-    another; and packing wastes no position on padding between examples."""
-    from kpod.distill.batches import collate, collate_packed
-    from kpod.distill.loss import sequence_nll
-    from kpod.models import load_model
+    another; and packing wastes no position on padding between examples. With the model's own
+    attention (sdpa) and with eager (``train.attention``)."""
+    from kpod.models import attention_implementation, inner_model, load_model
 
     student = load_model(str(tiny_causal))
+    with attention_implementation(student.model, attention):
+        assert inner_model(student.model).config._attn_implementation == (attention or "sdpa")
+        _check_packed(student, from_hidden)
+
+
+def _check_packed(student, from_hidden) -> None:
+    from kpod.distill.batches import collate, collate_packed
+    from kpod.distill.loss import sequence_nll
+
     model = student.model.eval()
     pad = student.tokenizer.pad_token_id
     examples = [build_stage_example(EXAMPLE, c, student.tokenizer) for c in (0, 1, 2, 0)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -619,3 +620,65 @@ def test_a_new_method_with_its_own_loss_is_one_class_and_one_registration(tiny_c
         assert sum(method.calls) == sum(b.n_targets for b in built)
     finally:
         del METHODS["last-step-only"]
+
+
+def test_training_steps_attend_eagerly_on_a_cpu_and_generation_keeps_sdpa(tiny_causal, tmp_path, monkeypatch):
+    """``train.attention: auto`` (the default): on a CPU every training forward of a batch up to
+    EAGER_ATTENTION_MAX_LENGTH tokens attends with ``eager``, longer ones (the tiny tokenizer makes
+    some) and dev and test generation with the model's own ``sdpa``; the losses are a run with
+    ``sdpa``'s (fp32). A checkpoint written before the option existed ran with sdpa: it resumes
+    under ``attention: sdpa`` and is refused under ``auto``, naming it."""
+    from transformers.models.llama import modeling_llama
+
+    import kpod.distill.trainer as trainer
+    from kpod.models import EAGER_ATTENTION_MAX_LENGTH, inner_model
+
+    chosen, seen, calls = [], [], []
+    own_choice, own_switch = trainer.training_attention, trainer.attention_implementation
+    eager = modeling_llama.eager_attention_forward
+
+    def choosing(setting, length, device_type, compiled):
+        chosen.append((length, own_choice(setting, length, device_type, compiled)))
+        return chosen[-1][1]
+
+    @contextlib.contextmanager
+    def switching(model, name):
+        with own_switch(model, name):
+            seen.append(inner_model(model).config._attn_implementation)
+            yield
+
+    def counting(module, *args, **kwargs):
+        calls.append("train" if module.training else "eval")
+        return eager(module, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_attention", choosing)
+    monkeypatch.setattr(trainer, "attention_implementation", switching)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", counting)
+    examples = arithmetic_examples(4, seed=3)
+
+    def run(name: str, **settings):
+        train_tiny_std_cot(
+            tiny_causal, examples, tmp_path / name, 2, 6, dev=examples[:2], test=examples[:2], **settings
+        )
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    auto = run("auto")
+    assert len(chosen) == 4  # 2 epochs x 2 steps of one micro-batch
+    assert [name for _, name in chosen] == [
+        "eager" if length <= EAGER_ATTENTION_MAX_LENGTH else None for length, _ in chosen
+    ]
+    n_eager = sum(name == "eager" for _, name in chosen)
+    assert 0 < n_eager < 4  # both kinds of batch occur here
+    assert seen == [name or "sdpa" for _, name in chosen]
+    assert calls == ["train"] * n_eager * 2  # two layers; no generation went through eager
+    chosen.clear(), seen.clear()
+    assert run("sdpa", attention="sdpa") == pytest.approx(auto, rel=1e-5)
+    assert seen == ["sdpa"] * 4 and len(calls) == n_eager * 2
+    # A checkpoint from before the option: no "attention" in its stored config.
+    state_file = latest_checkpoint(tmp_path / "sdpa" / "checkpoints") / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["attention"]
+    state_file.write_text(json.dumps(state))
+    assert run("sdpa", attention="sdpa") == pytest.approx(auto, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"different settings \(attention\)"):
+        run("sdpa")

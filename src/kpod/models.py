@@ -293,6 +293,52 @@ def forward_replaced(model: Any, forward: Any) -> Iterator[None]:
             inner.forward = before
 
 
+ATTENTION_CHOICES = ("auto", "sdpa", "eager")
+EAGER_ATTENTION_MAX_LENGTH = 224
+
+
+def training_attention(setting: str, length: int, device_type: str, compiled: bool) -> str | None:
+    """The attention implementation a training forward pass of a batch ``length`` tokens long
+    should use, or ``None`` for the model's own (what it was loaded with).
+
+    ``sdpa`` or ``eager`` is that implementation whatever the batch. ``auto``: on a CPU, without
+    ``torch.compile``, transformers' ``eager`` attention (explicit products and a float32 softmax)
+    for batches up to :data:`EAGER_ATTENTION_MAX_LENGTH` tokens, the model's own (``sdpa``) for
+    longer ones; elsewhere the model's own. Why: PyTorch's CPU flash-attention *backward* is slow
+    at short lengths (fwd+bwd of one layer's attention at 8 x 9 heads x 100 tokens: 37 ms against
+    eager's 12), while its forward is the faster one, so generation and scoring keep ``sdpa``;
+    eager's advantage is gone by about 224-320 tokens, and its memory grows with the length's
+    square (BENCHMARKS.md, "Issue #21, session 27"). On a GPU the fused kernels win; under
+    ``compile`` a switch per batch would recompile. The two differ by bf16 rounding only (eager
+    rounds the attention scores to bf16 before its float32 softmax): equal in float32 (a test).
+    """
+    if setting not in ATTENTION_CHOICES:
+        raise ModelError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{setting}'")
+    if setting != "auto":
+        return setting
+    if device_type != "cpu" or compiled:
+        return None
+    return "eager" if length <= EAGER_ATTENTION_MAX_LENGTH else None
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, name: str | None) -> Iterator[None]:
+    """Within the block, the transformers model inside ``model``'s wrappers attends with ``name``
+    (``sdpa``, ``eager``; ``None``: unchanged); afterwards with what it had. Only a model that
+    loaded with ``sdpa`` is switched (one loaded with another implementation, flash attention on a
+    GPU for instance, keeps it)."""
+    inner = inner_model(model)
+    before = getattr(inner.config, "_attn_implementation", None)
+    if name is None or name == before or before != "sdpa":
+        yield
+        return
+    inner.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
+
+
 @contextlib.contextmanager
 def autocast(device_type: str, precision: str) -> Iterator[None]:
     """Mixed precision: bf16 autocast on CPU or GPU, fp16 on GPU; ``fp32`` does nothing.

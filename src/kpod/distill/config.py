@@ -4,7 +4,7 @@ apart from the trainer so that reading a config or building the CLI needs no tor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from kpod.errors import ConfigError
 
@@ -64,6 +64,12 @@ class TrainConfig:
             position ids and no attention mask (block-diagonal attention, no padding between
             examples; causal students; not ``mcc-kd``). Off by default: see BENCHMARKS.md "Issue
             #21" for what it does to the speed on a CPU.
+        attention: the attention implementation of training steps (generation and scoring keep
+            the model's own): ``auto`` (default) uses transformers' ``eager`` attention on a CPU
+            for batches up to 224 tokens, whose backward is faster there than PyTorch's CPU
+            flash attention, and ``sdpa`` beyond (and on a GPU, and under ``compile``); ``sdpa``
+            or ``eager`` for every batch. A student loaded with another implementation keeps it
+            (:func:`kpod.models.training_attention`; BENCHMARKS.md "Issue #21, session 27").
         compile: run the student's forward and backward passes of training steps through
             ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
             dev and test generation stay eager). The first step pays the compilation (on a
@@ -75,6 +81,9 @@ class TrainConfig:
 
     # Added after results were keyed; at their default they do what ran before (kpod.config.key_data).
     LATE_FIELDS: ClassVar[tuple[str, ...]] = ("compile",)
+    # Added later with a default that changed what runs (so part of every key): what a checkpoint
+    # written before such a field existed ran with, so that it resumes only under that value.
+    FORMER_VALUES: ClassVar[dict[str, Any]] = {"attention": "sdpa"}
 
     method: str = "kpod"
     epochs: int = 4
@@ -103,6 +112,7 @@ class TrainConfig:
     loss_from_hidden: bool = True
     loss_chunk: int = 512
     packing: bool = False
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:

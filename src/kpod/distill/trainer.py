@@ -62,11 +62,13 @@ from kpod.errors import ConfigError
 from kpod.io import write_json
 from kpod.lock import holds_lock
 from kpod.models import (
+    attention_implementation,
     compile_stats,
     compile_unavailable,
     compiled_forward,
     forward_replaced,
     frozen_linears_in,
+    training_attention,
 )
 from kpod.prompt import PromptFormat
 
@@ -345,7 +347,7 @@ class DistillRecipe:
         if resumed_from is not None:
             accelerator.load_state(str(resumed_from), strict=not partial)
             state.update(read_state(resumed_from))
-            stored = {**late_defaults(TrainConfig), **state.get("config", {})}
+            stored = {**late_defaults(TrainConfig), **TrainConfig.FORMER_VALUES, **state.get("config", {})}
             if state.get("config") and stored != asdict(config):
                 changed = [k for k, v in asdict(config).items() if stored.get(k) != v]
                 raise ConfigError(
@@ -429,7 +431,13 @@ class DistillRecipe:
             )
             tensors = {key: value.to(accelerator.device) for key, value in tensors.items()}
             sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            attention = training_attention(
+                self.config.attention,
+                max(value.shape[-1] for key, value in tensors.items() if key in ("input_ids", "labels")),
+                accelerator.device.type,
+                self.compiled_forward is not None,
+            )
+            with sync, attention_implementation(model, attention), accelerator.autocast():
                 loss = self.builder.method.loss(model, tensors, self.shape)
                 loss = loss * (mb.scale * world / n_targets)
             accelerator.backward(loss)
