@@ -302,6 +302,29 @@ def test_schedule_cli_passes_the_weight_rescaling(tiny_causal, tmp_path, monkeyp
         main(args + ["--rescale", "minmax", "--rescale-floor", "1.5"])
 
 
+def test_difficulty_scored_in_bf16_is_fp32_s_up_to_rounding(tiny_causal) -> None:
+    """``difficulty.precision: bf16``: each step's difficulty within bf16 rounding of fp32's but
+    not equal to it (the forward really ran in bf16), and the student's weights are float32 and
+    unchanged afterwards."""
+    import torch
+
+    from kpod.data.synthetic import arithmetic_examples
+    from kpod.models import load_model
+    from kpod.progressive.difficulty import score_difficulties
+
+    student = load_model(str(tiny_causal), trainable=False)
+    before = {n: p.detach().clone() for n, p in student.model.named_parameters()}
+    examples = arithmetic_examples(4, seed=5)
+    fp32 = score_difficulties(examples, student, None, batch_size=2, progress=False)
+    bf16 = score_difficulties(examples, student, None, batch_size=2, progress=False, precision="bf16")
+    assert fp32.keys() == bf16.keys()
+    pairs = [(a, b) for k in fp32 for a, b in zip(fp32[k], bf16[k], strict=True)]
+    assert all(b == pytest.approx(a, rel=2e-2) for a, b in pairs)
+    assert any(a != b for a, b in pairs)
+    for name, param in student.model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
+
+
 def test_seq2seq_difficulty_reads_the_prompt_in_the_encoder(tiny_seq2seq) -> None:
     import torch
 

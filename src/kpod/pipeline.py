@@ -448,7 +448,12 @@ def schedule_step(
     folder.mkdir(parents=True, exist_ok=True)
     loaded = load_model(student, trainable=False, device=_device())
     diffs = score_difficulties(
-        examples, loaded, weights, batch_size=dcfg.batch_size, cache=folder / "difficulty.jsonl"
+        examples,
+        loaded,
+        weights,
+        batch_size=dcfg.batch_size,
+        cache=folder / "difficulty.jsonl",
+        precision=dcfg.precision,
     )
     emb = question_embeddings([e.question for e in examples], loaded, dcfg.cluster_encoder)
     clusters = cluster_questions(emb, cfg.n_clusters, seed=seed)

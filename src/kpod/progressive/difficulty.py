@@ -15,8 +15,9 @@ mean of the student's own input embeddings over the question's tokens (offline, 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from kpod.batching import pad_ids
 from kpod.chunked_loss import bypassed_head, head_bypass_supported, linear_token_logprobs
 from kpod.data.schema import Example
+from kpod.models import autocast, frozen_linears_in, torch_dtype
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
 from kpod.weighting.weights import rationale_key, rendered_token_weights
@@ -57,11 +59,14 @@ def score_difficulties(
     batch_size: int = 8,
     cache: Path | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, list[float]]:
     """Per-step difficulties of every rationale, by rationale key (Eq. 8).
 
     ``student`` is a :class:`kpod.models.LoadedModel` of the *pretrained* student; ``weights`` the
-    rows of ``weights.jsonl`` by key, or ``None`` for uniform weights.
+    rows of ``weights.jsonl`` by key, or ``None`` for uniform weights. ``precision``: ``fp32``, or
+    ``bf16`` autocast with the frozen student's weights held in bf16 while it scores (the
+    log-probabilities in float32 either way); `kpod run` scores in ``difficulty.precision``.
     """
     fmt = fmt or PromptFormat()
     done = read_difficulties(cache) if cache is not None else {}
@@ -76,35 +81,49 @@ def score_difficulties(
     first_scored = 1 if student.kind == "causal" else 0  # a causal LM does not predict its first token
     handle = open(cache, "a", encoding="utf-8") if cache is not None else None
     try:
-        for start in tqdm(range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress):
-            batch = tokenized[start : start + batch_size]
-            all_logp = _token_logprobs(batch, model, tok, student.kind, device)
-            lines = []
-            for (example, t, _), token_logp in zip(batch, all_logp, strict=True):
-                w = rendered_token_weights(
-                    example, t, None if weights is None else weights.get(rationale_key(example))
-                )
-                by_step: list[list[int]] = [[] for _ in example.steps]
-                for p, seg in enumerate(t.segments):
-                    if 0 <= seg < len(by_step) and p >= first_scored:
-                        by_step[seg].append(p)
-                diffs = [
-                    step_difficulty(
-                        [token_logp[p] for p in positions],
-                        None if weights is None else [w[p] for p in positions],
+        with _scoring_precision(model, device.type, precision):
+            for start in tqdm(
+                range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress
+            ):
+                batch = tokenized[start : start + batch_size]
+                all_logp = _token_logprobs(batch, model, tok, student.kind, device)
+                lines = []
+                for (example, t, _), token_logp in zip(batch, all_logp, strict=True):
+                    w = rendered_token_weights(
+                        example, t, None if weights is None else weights.get(rationale_key(example))
                     )
-                    for positions in by_step
-                ]
-                key = rationale_key(example)
-                done[key] = diffs
-                lines.append(json.dumps({"key": key, "qid": example.qid, "difficulty": diffs}) + "\n")
-            if handle is not None:
-                handle.write("".join(lines))
-                handle.flush()
+                    by_step: list[list[int]] = [[] for _ in example.steps]
+                    for p, seg in enumerate(t.segments):
+                        if 0 <= seg < len(by_step) and p >= first_scored:
+                            by_step[seg].append(p)
+                    diffs = [
+                        step_difficulty(
+                            [token_logp[p] for p in positions],
+                            None if weights is None else [w[p] for p in positions],
+                        )
+                        for positions in by_step
+                    ]
+                    key = rationale_key(example)
+                    done[key] = diffs
+                    lines.append(json.dumps({"key": key, "qid": example.qid, "difficulty": diffs}) + "\n")
+                if handle is not None:
+                    handle.write("".join(lines))
+                    handle.flush()
     finally:
         if handle is not None:
             handle.close()
     return done
+
+
+@contextlib.contextmanager
+def _scoring_precision(model: Any, device_type: str, precision: str) -> Iterator[None]:
+    """``fp32``: as loaded. Otherwise the frozen student's linear weights held in ``precision``
+    (:func:`kpod.models.frozen_linears_in`: no cast at every forward) under autocast."""
+    if precision == "fp32":
+        yield
+        return
+    with frozen_linears_in(model, torch_dtype(precision)), autocast(device_type, precision):
+        yield
 
 
 def _tokenize(example: Example, fmt: PromptFormat, tok: Any, kind: str) -> tuple[Example, Any, list[int]]:

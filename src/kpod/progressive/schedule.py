@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -75,10 +76,19 @@ class DifficultyConfig:
         batch_size: scoring batch size.
         cluster_encoder: a sentence-embedding model for the clusters (``null``: the student's
             mean input embedding, offline).
+        precision: the scoring forward passes in ``bf16`` (autocast, as training steps run;
+            default) or ``fp32``. The log-probabilities are float32 either way; bf16 moves the
+            difficulties by rounding and scores several times faster on a CPU with bf16 matrix
+            units (BENCHMARKS.md, "Issue #21, session 27").
     """
 
     batch_size: int = 8
     cluster_encoder: str | None = None
+    precision: Literal["bf16", "fp32"] = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass
