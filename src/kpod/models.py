@@ -305,8 +305,8 @@ def training_attention(setting: str, length: int, device_type: str, compiled: bo
     ``torch.compile``, transformers' ``eager`` attention (explicit products and a float32 softmax)
     for batches up to :data:`EAGER_ATTENTION_MAX_LENGTH` tokens, the model's own (``sdpa``) for
     longer ones; elsewhere the model's own. Why: PyTorch's CPU flash-attention *backward* is slow
-    at short lengths (fwd+bwd of one layer's attention at 8 x 9 heads x 100 tokens: 37 ms against
-    eager's 12), while its forward is the faster one, so generation and scoring keep ``sdpa``;
+    at short lengths (fwd+bwd of one layer's attention at 8 x 9 heads x 100 tokens: 35 ms against
+    eager's 13), while its forward is the faster one, so generation and scoring keep ``sdpa``;
     eager's advantage is gone by about 224-320 tokens, and its memory grows with the length's
     square (BENCHMARKS.md, "Issue #21, session 27"). On a GPU the fused kernels win; under
     ``compile`` a switch per batch would recompile. The two differ by bf16 rounding only (eager
