@@ -78,6 +78,13 @@ def train_tiny_std_cot(model_dir, examples, out, epochs, eval_max_new_tokens, *,
     return train(config, student, builder, out, dev=dev, test=test, progress=False)
 
 
+def tiny_std_cot_losses(model_dir, examples, out, **settings) -> list[float]:
+    """Each step's logged loss of :func:`train_tiny_std_cot` over 2 epochs, the first two examples
+    as dev and test."""
+    train_tiny_std_cot(model_dir, examples, out, 2, 6, dev=examples[:2], test=examples[:2], **settings)
+    return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
 def test_global_batches_are_deterministic_and_cover_every_example():
     lengths = [5, 50, 7, 30, 8, 9, 40, 1, 2, 3]
     a = global_batches(lengths, 3, seed=1, epoch=2)
@@ -471,10 +478,7 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     examples = arithmetic_examples(4, seed=3)
 
     def run(name: str, **settings):
-        train_tiny_std_cot(
-            tiny_causal, examples, tmp_path / name, 2, 6, dev=examples[:2], test=examples[:2], **settings
-        )
-        return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return tiny_std_cot_losses(tiny_causal, examples, tmp_path / name, **settings)
 
     plain = run("plain")
     assert not made and calls == {"train": 0, "eval": 0}
@@ -657,10 +661,7 @@ def test_training_steps_attend_eagerly_on_a_cpu_and_generation_keeps_sdpa(tiny_c
     examples = arithmetic_examples(4, seed=3)
 
     def run(name: str, **settings):
-        train_tiny_std_cot(
-            tiny_causal, examples, tmp_path / name, 2, 6, dev=examples[:2], test=examples[:2], **settings
-        )
-        return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        return tiny_std_cot_losses(tiny_causal, examples, tmp_path / name, **settings)
 
     auto = run("auto")
     assert len(chosen) == 4  # 2 epochs x 2 steps of one micro-batch
