@@ -1,0 +1,79 @@
+"""Where one training step's CPU time goes, by operator: ``torch.profiler`` over a forward and
+backward of the offline student as the trainer runs it (LoRA r 16 on every linear layer, bf16
+autocast, frozen weights held in bf16, the loss from hidden states), on one batch of random tokens.
+
+    .venv/bin/python benchmarks/step_profile.py --length 100 --attention eager
+    .venv/bin/python benchmarks/step_profile.py --length 32 --attention sdpa
+
+Batch 8 x ``--length`` tokens, the first 45 % of each row unlabelled (as a question is), random
+token weights; two warm-up steps, then one profiled. Writes the operator table (self CPU time, top
+30) to results/profiles/step-<attention>-L<length>.txt with the command and machine above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, cpu_times, provenance  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--length", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="eager")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kpod.distill.loss import sequence_nll
+    from kpod.models import StudentConfig, attention_implementation, frozen_linears_in
+
+    torch.manual_seed(0)
+    student = StudentConfig()
+    model = student.load().model
+    b, n = args.batch, args.length
+    ids = torch.randint(100, 40000, (b, n))
+    labels = ids.clone()
+    labels[:, : int(n * 0.45)] = -100
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(b, n, dtype=torch.long),
+        "labels": labels,
+        "weights": torch.rand(b, n),
+    }
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)
+        (loss / 1000).backward()
+        model.zero_grad(set_to_none=True)
+
+    with frozen_linears_in(model, torch.bfloat16), attention_implementation(model, args.attention):
+        step()
+        step()
+        steal0, all0 = cpu_times()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        steal1, all1 = cpu_times()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    facts = provenance()
+    header = "\n".join(
+        [f"{k}: {facts[k]}" for k in ("date", "commit", "machine", "command")]
+        + [f"steal share: {(steal1 - steal0) / max(1, all1 - all0):.4f}", ""]
+    )
+    out = RESULTS / "profiles" / f"step-{args.attention}-L{n}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + "\n" + table + "\n")
+    print(header + "\n" + table)
+
+
+if __name__ == "__main__":
+    main()
