@@ -392,12 +392,12 @@ def test_bf16_training_stores_the_frozen_predictor_in_bf16_with_the_same_history
     cast them at every forward pass); the rounding is the same, so the history is too."""
     import contextlib
 
-    import kpod.weighting.train as weighting_train
+    import kpod.models as models
 
     examples = arithmetic_examples(16, seed=5)
     config = dataclasses.replace(_tiny_config(tiny_causal, batch_size=8, target_keep=0.5), precision="bf16")
     seen = []
-    real = weighting_train.frozen_linears_in
+    real = models.frozen_linears_in
 
     @contextlib.contextmanager
     def spy(model, dtype):
@@ -405,9 +405,9 @@ def test_bf16_training_stores_the_frozen_predictor_in_bf16_with_the_same_history
             seen.append(n)
             yield n
 
-    monkeypatch.setattr(weighting_train, "frozen_linears_in", spy)
+    monkeypatch.setattr(models, "frozen_linears_in", spy)
     _, stored = train_weighting(examples, config, progress=False)
     assert seen and seen[0] > 0  # the predictor's projections were converted
-    monkeypatch.setattr(weighting_train, "frozen_linears_in", lambda model, dtype: contextlib.nullcontext(0))
+    monkeypatch.setattr(models, "frozen_linears_in", lambda model, dtype: contextlib.nullcontext(0))
     _, cast = train_weighting(examples, config, progress=False)
     assert stored == cast

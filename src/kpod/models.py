@@ -201,6 +201,18 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
             weight.data = original
 
 
+def frozen_linears_for(model: Any, precision: str, device_type: str) -> Any:
+    """The one rule for when frozen weights are held in bf16 (:func:`frozen_linears_in`): under
+    ``bf16`` autocast on a CPU, where each forward pass would otherwise cast them again; elsewhere
+    a block that changes nothing (yields 0). Shared by the trainer's steps, the weighting loop's
+    frozen predictor and difficulty scoring."""
+    import torch
+
+    if precision == "bf16" and device_type == "cpu":
+        return frozen_linears_in(model, torch.bfloat16)
+    return contextlib.nullcontext(0)
+
+
 def compile_unavailable(device_type: str) -> str | None:
     """Why ``torch.compile`` cannot build its kernels here, or ``None``: on a CPU inductor writes
     C++ and needs a compiler, whose absence would otherwise surface mid-step as a long inductor

@@ -67,7 +67,7 @@ from kpod.models import (
     compile_unavailable,
     compiled_forward,
     forward_replaced,
-    frozen_linears_in,
+    frozen_linears_for,
     training_attention,
 )
 from kpod.prompt import PromptFormat
@@ -466,11 +466,12 @@ class DistillRecipe:
     def step_weights(self) -> Iterator[None]:
         """The student as training steps see it: frozen weights stored in bf16 under bf16 autocast
         on a CPU (the same numbers, without a cast per forward pass:
-        :func:`kpod.models.frozen_linears_in`), and with ``compile`` the compiled forward
+        :func:`kpod.models.frozen_linears_for`), and with ``compile`` the compiled forward
         (:func:`kpod.models.forward_replaced`); dev scoring and saving see the student as loaded."""
         with contextlib.ExitStack() as stack:
-            if self.config.precision == "bf16" and self.accelerator.device.type == "cpu":
-                stack.enter_context(frozen_linears_in(self.model, torch.bfloat16))
+            stack.enter_context(
+                frozen_linears_for(self.model, self.config.precision, self.accelerator.device.type)
+            )
             if self.compiled_forward is not None:
                 stack.enter_context(forward_replaced(self.model, self.compiled_forward))
             yield

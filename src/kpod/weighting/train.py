@@ -32,7 +32,6 @@ the predictor runs without gradients).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -58,7 +57,7 @@ from kpod.models import (
     LoraSettings,
     autocast,
     cache_keyword,
-    frozen_linears_in,
+    frozen_linears_for,
     last_positions,
     load_model,
 )
@@ -451,11 +450,9 @@ def train_weighting(
     bar = tqdm(total=n_steps, desc="token weighting", unit="step", disable=not progress)
     start_time = time.perf_counter()
     model.weighter.train()
-    with contextlib.ExitStack() as stack:
-        if config.precision == "bf16" and config.device.split(":")[0] == "cpu":
-            # The frozen predictor's weights in bf16 for the loop: autocast would cast them again at
-            # every forward pass (the same rounding; kpod.models.frozen_linears_in).
-            stack.enter_context(frozen_linears_in(predictor.model, torch.bfloat16))
+    # The frozen predictor's weights in bf16 for the loop under bf16 on a CPU: autocast would cast
+    # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for).
+    with frozen_linears_for(predictor.model, config.precision, config.device.split(":")[0]):
         for epoch in range(config.epochs):
             order = list(range(len(encoded)))
             rng.shuffle(order)
