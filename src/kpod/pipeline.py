@@ -587,6 +587,100 @@ def run_data_step(runner: Runner, config: PipelineConfig) -> dict[str, Any]:
     )
 
 
+@dataclass
+class PlannedStep:
+    """One step of a run after the data step: its name, the settings its key covers, the steps it
+    reads from, the function that runs it in its folder, and under which name its ``test`` result
+    goes into the run's results (``untrained`` or the method; ``None`` for steps without one)."""
+
+    name: str
+    settings: Any
+    upstream: list[str]
+    fn: Callable[[Path], dict[str, Any]]
+    result_as: str | None = None
+
+
+def plan_steps(config: PipelineConfig, d: Path) -> list[PlannedStep]:
+    """The steps after ``data``, in the order they run one after another (each after its upstream)."""
+    import dataclasses
+
+    steps: list[PlannedStep] = []
+    train_path, train_source = d / "data" / "train.jsonl", "data"
+    if config.teacher.source == "server":
+        steps.append(
+            PlannedStep(
+                "teacher", config.teacher, ["data"], lambda f: teacher_step(config.teacher, train_path, f)
+            )
+        )
+        train_path, train_source = d / "teacher" / "train.jsonl", "teacher"
+    methods = [get_method(m) for m in config.methods]
+    if any(m.needs_weights for m in methods):
+        steps.append(
+            PlannedStep(
+                "weights",
+                config.weighting.training_settings(),
+                [train_source],
+                lambda f: weights_step(config.weighting, train_path, f, config.report.heatmaps),
+            )
+        )
+    for variant in sorted({v for v in map(schedule_variant, config.methods) if v}):
+        uniform = "-uniform" in variant
+        scfg = dataclasses.replace(config.schedule, beta=0.0) if "-nodiv" in variant else config.schedule
+        steps.append(
+            PlannedStep(
+                variant,
+                {
+                    "schedule": scfg,
+                    "difficulty": config.difficulty,
+                    "student": config.student.name,
+                    **({} if uniform else {"read_weights": config.weighting.read_settings()}),
+                },
+                [train_source] + ([] if uniform else ["weights"]),
+                lambda f, s=scfg, u=uniform: schedule_step(
+                    s,
+                    config.difficulty,
+                    config.student.name,
+                    _read_examples(train_path),
+                    None if u else _read_weights(d / "weights", config.weighting),
+                    f,
+                ),
+            )
+        )
+    if config.eval_untrained:
+        steps.append(
+            PlannedStep(
+                "eval-untrained",
+                {
+                    "student": config.student,
+                    "max_new_tokens": config.train.eval_max_new_tokens,
+                    "precision": config.train.eval_precision,
+                },
+                ["data"],
+                lambda f: eval_untrained_step(config, d / "data" / "test.jsonl", f),
+                result_as="untrained",
+            )
+        )
+    for method in config.methods:
+        m = get_method(method)
+        variant = schedule_variant(method)
+        steps.append(
+            PlannedStep(
+                f"train-{method}",
+                {
+                    "train": dataclasses.replace(config.train, method=method),
+                    "student": config.student,
+                    **({"read_weights": config.weighting.read_settings()} if m.token_weights else {}),
+                },
+                [train_source] + (["weights"] if m.token_weights else []) + ([variant] if variant else []),
+                lambda f, method=method, variant=variant: distill_step(
+                    config, method, d / "data", train_path, d / "weights", d / variant if variant else None, f
+                ),
+                result_as=method,
+            )
+        )
+    return steps
+
+
 @holds_lock(lambda a: a["config"].directory, directory=True)
 def run_pipeline(
     config: PipelineConfig, config_data: dict[str, Any], echo: Callable[[str], None] = print
@@ -594,81 +688,16 @@ def run_pipeline(
     """Run every step of ``config``; returns {method: test summary} (``untrained`` included).
 
     The run directory's writer lock is held throughout: a second `kpod run` on it is refused."""
-    import dataclasses
-
     runner = Runner(config, config_data, echo)
-    d = runner.dir
     run_data_step(runner, config)
-    train_path, train_source = d / "data" / "train.jsonl", "data"
-    if config.teacher.source == "server":
-        runner.step(
-            "teacher", config.teacher, ["data"], lambda f: teacher_step(config.teacher, train_path, f)
-        )
-        train_path, train_source = d / "teacher" / "train.jsonl", "teacher"
-    methods = [get_method(m) for m in config.methods]
-    if any(m.needs_weights for m in methods):
-        runner.step(
-            "weights",
-            config.weighting.training_settings(),
-            [train_source],
-            lambda f: weights_step(config.weighting, train_path, f, config.report.heatmaps),
-        )
-    for variant in sorted({v for v in map(schedule_variant, config.methods) if v}):
-        uniform = "-uniform" in variant
-        scfg = dataclasses.replace(config.schedule, beta=0.0) if "-nodiv" in variant else config.schedule
-        upstream = [train_source] + ([] if uniform else ["weights"])
-        runner.step(
-            variant,
-            {
-                "schedule": scfg,
-                "difficulty": config.difficulty,
-                "student": config.student.name,
-                **({} if uniform else {"read_weights": config.weighting.read_settings()}),
-            },
-            upstream,
-            lambda f, s=scfg, u=uniform: schedule_step(
-                s,
-                config.difficulty,
-                config.student.name,
-                _read_examples(train_path),
-                None if u else _read_weights(d / "weights", config.weighting),
-                f,
-            ),
-        )
     results: dict[str, Any] = {}
-    if config.eval_untrained:
-        eval_settings = {
-            "student": config.student,
-            "max_new_tokens": config.train.eval_max_new_tokens,
-            "precision": config.train.eval_precision,
-        }
-        out = runner.step(
-            "eval-untrained",
-            eval_settings,
-            ["data"],
-            lambda f: eval_untrained_step(config, d / "data" / "test.jsonl", f),
-        )
-        results["untrained"] = out["test"]
-    for method in config.methods:
-        m = get_method(method)
-        variant = schedule_variant(method)
-        upstream = [train_source] + (["weights"] if m.token_weights else []) + ([variant] if variant else [])
-        out = runner.step(
-            f"train-{method}",
-            {
-                "train": dataclasses.replace(config.train, method=method),
-                "student": config.student,
-                **({"read_weights": config.weighting.read_settings()} if m.token_weights else {}),
-            },
-            upstream,
-            lambda f, method=method, variant=variant: distill_step(
-                config, method, d / "data", train_path, d / "weights", d / variant if variant else None, f
-            ),
-        )
-        results[method] = out.get("test")
+    for step in plan_steps(config, runner.dir):
+        out = runner.step(step.name, step.settings, step.upstream, step.fn)
+        if step.result_as is not None:
+            results[step.result_as] = out.get("test")
     from kpod.report import write_report
 
-    report = write_report(d, config, results)
+    report = write_report(runner.dir, config, results)
     runner.manifest["report"] = str(report)
     runner.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner.save_manifest()
