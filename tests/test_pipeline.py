@@ -28,6 +28,7 @@ def tiny_config(tmp_path: Path, model: Path, **extra) -> Path:
         "name": "tiny",
         "run_dir": str(tmp_path / "run"),
         "methods": ["std-cot", "kpod"],
+        "jobs": 1,  # one process: some tests patch functions the steps call (jobs: 2 has its own tests)
         "data": {"source": "gsm-symbolic", "n_train": 16, "n_dev": 4, "n_test": 8, "templates": [26, 43]},
         "student": {"name": str(model), "finetune": "full"},
         "weighting": {"max_steps": 2, "batch_size": 4, "precision": "fp32"},
@@ -134,9 +135,92 @@ def test_weight_rescaling_reaches_difficulty_and_the_loss(finished_run, monkeypa
     assert (tmp / "run" / "schedule" / "difficulty.jsonl").read_text() != before
 
 
+def _losses(run: Path, method: str) -> list[float]:
+    log = (run / f"train-{method}" / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in log]
+
+
+def test_jobs_2_runs_the_steps_that_read_only_the_data_in_a_second_process(finished_run, tmp_path, capsys):
+    import torch
+
+    tmp, config = finished_run
+    assert main(["run", str(config)]) == 0  # the defaults, whatever an earlier test left
+    side_run = tmp_path / "side-run"
+    capsys.readouterr()
+    assert main(["run", str(config), "jobs=2", f"run_dir={side_run}"]) == 0
+    printed = capsys.readouterr().out
+    assert "[eval-untrained, train-std-cot] side by side in process" in printed
+    assert "[train-std-cot] done in" in printed and "(side process)" in printed
+    ran = stages_run(side_run)
+    assert set(ran) == {"data", "weights", "schedule", "eval-untrained", "train-std-cot", "train-kpod"}
+    assert all(ran.values())
+    steps = json.loads((side_run / "manifest.json").read_text())["stages"]
+    shared = max(1, torch.get_num_threads() // 2)
+    for name in ("eval-untrained", "train-std-cot"):
+        assert steps[name]["process"] != os.getpid() and steps[name]["threads"] == shared
+    for name in ("weights", "schedule", "train-kpod"):
+        assert steps[name]["process"] == os.getpid()
+    assert steps["weights"]["threads"] == shared
+    assert "[train-std-cot] done in" in (side_run / "side.log").read_text()
+    assert f"ran in the side process, {shared} thread(s)" in (side_run / "report.html").read_text()
+    # The same steps as one process ran them (fp32 here: only the order of sums differs).
+    for method in ("std-cot", "kpod"):
+        assert _losses(side_run, method) == pytest.approx(_losses(tmp / "run", method), rel=1e-3)
+    one = json.loads((tmp / "run" / "eval-untrained" / "stage.json").read_text())["result"]["test"]
+    two = steps["eval-untrained"]["result"]["test"]
+    assert (one["n"], one["correct"]) == (two["n"], two["correct"])
+    # Finished: a second run starts no second process.
+    assert main(["run", str(config), "jobs=2", f"run_dir={side_run}"]) == 0
+    assert "side by side" not in capsys.readouterr().out and not any(stages_run(side_run).values())
+
+
+def test_a_failed_side_process_ends_the_run_after_the_main_stream(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    import kpod.streams
+
+    tmp, config = finished_run
+    side_run = tmp_path / "side-run"
+    real = kpod.streams.SideProcess._job
+    # A side process whose job names another parent refuses to work under the run's lock.
+    monkeypatch.setattr(kpod.streams.SideProcess, "_job", lambda self, *a: {**real(self, *a), "parent": 1})
+    assert main(["run", str(config), "jobs=2", f"run_dir={side_run}", "methods=[std-cot,kpod]"]) == 2
+    err = capsys.readouterr().err
+    assert "the side process running eval-untrained, train-std-cot failed (exit code 2)" in err
+    assert "runs only under its parent's lock" in err and str(side_run / "side.log") in err
+    for name in ("weights", "schedule", "train-kpod"):  # the main stream finished
+        assert json.loads((side_run / name / "stage.json").read_text())["done"]
+    assert not (side_run / "train-std-cot").exists()
+    monkeypatch.undo()
+    assert main(["run", str(config), "jobs=2", f"run_dir={side_run}"]) == 0  # resumes with the side steps
+    ran = stages_run(side_run)
+    assert ran["train-std-cot"] and ran["eval-untrained"] and not ran["train-kpod"]
+
+
+def test_side_steps_are_those_that_read_only_the_data():
+    from kpod.pipeline import pipeline_config, plan_steps
+    from kpod.streams import side_step_names
+
+    def side(**data):
+        return side_step_names(plan_steps(pipeline_config(data), Path("run")))
+
+    assert side(methods=["std-cot", "kpod"]) == ["eval-untrained", "train-std-cot"]
+    assert side(methods=["kpod", "kpod-no-weights"]) == ["eval-untrained"]
+    assert side(methods=["kpod"], eval_untrained=False) == []
+    assert side(methods=["answer-only", "kpod-no-progressive", "std-cot"]) == [
+        "eval-untrained",
+        "train-answer-only",
+        "train-std-cot",
+    ]
+    # With teacher rationales the side waits for the teacher step, not for the data alone.
+    teacher = {"source": "server", "base_url": "http://localhost:1", "model": "m"}
+    assert side(methods=["std-cot", "kpod"], teacher=teacher) == ["eval-untrained", "train-std-cot"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
+        ("jobs=3", "jobs must be 1, 2 or auto, got 3"),
         ("train.lrr=1", "unknown key 'train.lrr'; known keys in train: .*lr"),
         ("train.epochs=two", "train.epochs: expected an integer"),
         ("train.precision=fp8", "precision: 'fp8' is not allowed; choose one of: fp32, bf16, fp16"),

@@ -727,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data, teacher rationales, token weights, step difficulty and schedule, distillation "
         "of every listed method, evaluation and an HTML report, in order, in the run directory. Running "
         "it again skips finished steps; a changed setting re-runs that step and everything after it. "
+        "On a CPU (jobs: auto) the steps that read only the data (eval-untrained, std-cot and the other "
+        "methods without token weights or a schedule) run in a second process beside the others, "
+        "each with half the threads; jobs=1 keeps one process. "
         "Ready configs: configs/quickstart.yaml (offline), gsm8k.yaml, asdiv.yaml, paper-llama7b-gsm8k.yaml.",
         epilog="example: kpod run configs/quickstart.yaml train.epochs=2 methods=[std-cot,kpod]",
     )

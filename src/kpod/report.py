@@ -149,6 +149,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _step_note(step: dict[str, Any]) -> str:
+    """How a step ran in the last `kpod run`: skipped, or ran (in the side process, with how many
+    threads: ``jobs: 2`` runs steps side by side, so their seconds overlap)."""
+    if step.get("skipped"):
+        return "skipped (up to date)"
+    where = " in the side process" if step.get("side") else ""
+    threads = f", {step['threads']} thread(s)" if step.get("threads") else ""
+    return f"ran{where}{threads}"
+
+
 def _predictions_html(rows: list[dict[str, Any]], n: int) -> str:
     out = []
     for correct, title in ((True, "right"), (False, "wrong")):
@@ -358,10 +368,7 @@ def write_report(run_dir: Path, config: Any, results: dict[str, dict[str, Any] |
         )
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        rows = [
-            [name, s.get("seconds"), "skipped (up to date)" if s.get("skipped") else "ran"]
-            for name, s in manifest.get("stages", {}).items()
-        ]
+        rows = [[name, s.get("seconds"), _step_note(s)] for name, s in manifest.get("stages", {}).items()]
         parts.append("<h2>Stages</h2>" + _table(rows, ["stage", "seconds", "this run"]))
         parts.append(
             f"<p>git commit {html.escape(str(manifest.get('git_commit')))}; versions "

@@ -1,0 +1,176 @@
+"""A run's independent steps side by side: ``jobs: 2`` (what ``auto`` chooses on a CPU).
+
+On a 2-core CPU two one-thread processes train faster together than one two-thread process does:
+1.38x for std-cot and 1.53x for kpod on session 28's Intel Xeon, 1.17-1.23x on session 18's AMD
+EPYC (BENCHMARKS.md, "Issue #21, session 28"): a training step's many small operators leave the
+second thread idle for much of it. So ``kpod run`` splits the steps after ``data`` (and ``teacher``)
+in two streams:
+
+* the *side* stream, run one after another by a second process (``python -m kpod.streams``): the
+  steps that read nothing but the data and that no other step reads, i.e. ``eval-untrained`` and
+  the trainings of methods without token weights or a schedule (std-cot, answer-only,
+  step-by-step, ...);
+* the *main* stream, in the ``kpod run`` process: everything else (weights, schedules, kpod and its
+  ablations).
+
+While both run, each has half the threads (``torch.get_num_threads() // 2``); the main process takes
+its threads back between its steps once the side process has ended. On the quickstart the two
+streams are about as long (eval-untrained and std-cot against weights, schedule and kpod).
+
+The choice (ours; the paper trains on GPUs and is silent): ``auto`` is 2 on a CPU with at least two
+threads, 1 on a GPU (two processes would share one device) and with one thread (an accuracy suite
+running two one-thread streams of its own, ``benchmarks/accuracy.py --streams 2``). Two processes
+hold two models: set ``jobs: 1`` where memory is short.
+
+What stays as it was: the steps, their keys and folders, resuming. The side process works under
+the run directory's writer lock, which the main process holds for it (it checks that the lock
+names its parent and refuses otherwise), and never writes ``manifest.json``: the main process
+records the side's steps from their ``stage.json`` markers. The side's output goes to
+``side.log`` in the run directory; its lines that start a step or finish one are echoed as they
+come. If the main stream fails, the side process is stopped (its steps resume with the next run,
+as after any interruption); if the side process fails, the main stream finishes and the run then
+stops with the side's error. A step's numbers differ from a two-thread run's by rounding (the
+thread count changes the order of bf16 sums), as a seed changes a few answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from kpod.errors import KpodError
+
+Jobs = int | Literal["auto"]
+SIDE_LOG = "side.log"
+JOB_FILE = ".side-job.json"
+
+
+def resolve_jobs(setting: Jobs) -> int:
+    """How many processes ``setting`` runs a run's steps in: 1 or 2 (``auto``: module docstring)."""
+    import torch
+
+    if setting == "auto":
+        return 2 if not torch.cuda.is_available() and torch.get_num_threads() >= 2 else 1
+    if setting not in (1, 2):
+        raise KpodError(f"jobs must be 1, 2 or auto, got {setting!r}")
+    return int(setting)
+
+
+def side_step_names(steps: Sequence[Any], before: Sequence[str] = ("data", "teacher")) -> list[str]:
+    """The steps the side process can run: those whose upstream steps are all in ``before`` (done
+    before the split) and that no other step reads from. ``steps`` are :class:`PlannedStep`-like
+    (``name``, ``upstream``), in run order."""
+    read = {u for s in steps for u in s.upstream}
+    return [s.name for s in steps if set(s.upstream) <= set(before) and s.name not in read]
+
+
+class SideProcess:
+    """The second process of a run, running ``names`` (steps of ``config``) one after another with
+    ``threads`` threads, its output in ``run_dir/side.log``; lines that start or finish a step are
+    passed to ``echo`` as they come."""
+
+    def __init__(
+        self,
+        config_data: dict[str, Any],
+        run_dir: Path,
+        names: Sequence[str],
+        threads: int,
+        echo: Callable[[str], None],
+    ) -> None:
+        self.names = list(names)
+        self.log_path = run_dir / SIDE_LOG
+        self.job = run_dir / JOB_FILE
+        self.job.write_text(json.dumps(self._job(config_data)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kpod.streams", str(self.job)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by the copying thread)
+        self._copier = threading.Thread(target=self._copy, args=(self.process.stdout, echo), daemon=True)
+        self._copier.start()
+
+    def _job(self, config_data: dict[str, Any]) -> dict[str, Any]:
+        """What the side process is told: the config, its steps, and its parent (this process)."""
+        return {"config": config_data, "steps": self.names, "parent": os.getpid()}
+
+    def _copy(self, stream: IO[bytes], echo: Callable[[str], None]) -> None:
+        try:
+            for raw in iter(stream.readline, b""):
+                self._log.write(raw)
+                self._log.flush()
+                for part in raw.decode(errors="replace").replace("\r", "\n").splitlines():
+                    if part.startswith("[") and part.rstrip().endswith(("running", "resuming", " s")):
+                        echo(f"{part.rstrip()} (side process)")
+        finally:
+            self._log.close()
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def wait(self) -> int:
+        """Wait for the side process to end; its exit code."""
+        code = self.process.wait()
+        self._copier.join()
+        self.job.unlink(missing_ok=True)
+        return code
+
+    def stop(self) -> None:
+        """End the side process now (the main stream failed or was interrupted)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.wait()
+
+    def failure(self, code: int) -> KpodError:
+        """The error a failed side process ends the run with: its steps, exit code and last lines."""
+        lines = self.log_path.read_text(errors="replace").replace("\r", "\n").splitlines()
+        tail = "\n  ".join(line for line in lines if line.strip())
+        tail = "\n  ".join(tail.splitlines()[-8:])
+        return KpodError(
+            f"the side process running {', '.join(self.names)} failed (exit code {code}); the other steps "
+            f"finished; its log is {self.log_path}, which ends:\n  {tail}\nrun again to resume"
+        )
+
+
+def main(argv: Sequence[str]) -> int:
+    """The side process: run the job file's steps of its config, under its parent's lock."""
+    from kpod.config import from_dict
+    from kpod.lock import _holder, lock_path
+    from kpod.pipeline import PipelineConfig, Runner, plan_steps, run_data_step
+
+    try:
+        job = json.loads(Path(argv[0]).read_text())
+        config = from_dict(PipelineConfig, job["config"])
+        holder = _holder(lock_path(config.directory, directory=True))
+        if holder != job["parent"] or job["parent"] != os.getppid():
+            raise KpodError(
+                f"{config.directory}: the side process of a `kpod run` runs only under its parent's lock "
+                f"(the lock names process {holder}, the job's parent is {job['parent']})"
+            )
+        runner = Runner(config, {}, echo=lambda line: print(line, flush=True), manifest=False)
+        run_data_step(runner, config)  # finished by the parent: only its key
+        for step in plan_steps(config, runner.dir):
+            if step.name in job["steps"]:
+                runner.step(step.name, step.settings, step.upstream, step.fn)
+            else:
+                runner.key(step.name, step.settings, step.upstream)
+    except KpodError as err:
+        print(f"kpod: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
