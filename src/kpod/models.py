@@ -57,13 +57,31 @@ def offline_checkpoint(name: str = DEFAULT_STUDENT) -> Path:
     """The local checkpoint directory of an offline default model, converting it on first use.
 
     The conversion writes into a temporary directory and renames it into place, so a crash never
-    leaves a half-written checkpoint that later loads would trust.
+    leaves a half-written checkpoint that later loads would trust. It holds a writer lock on the
+    checkpoint (``<name>.lock`` beside it), so that a second process asking meanwhile (the side
+    process of `kpod run`, :mod:`kpod.streams`) waits for it and then loads the same files,
+    instead of converting again and replacing the directory the first one is reading.
     """
+    from kpod.lock import WriterLock
+
     if name not in _OFFLINE_MODELS:
         raise ModelError(f"unknown offline model '{name}'; known: {', '.join(_OFFLINE_MODELS)}")
     target = cache_dir() / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete_checkpoint(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with WriterLock(target, directory=False, wait=True):
+        if _complete_checkpoint(target):  # converted by the process that held the lock
+            return target
+        return _convert_offline(name, target)
+
+
+def _complete_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _convert_offline(name: str, target: Path) -> Path:
+    """Convert offline model ``name``'s GGUF file into a safetensors checkpoint at ``target``."""
     package, filename = _OFFLINE_MODELS[name]
     gguf = _gguf_path(package, filename)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
