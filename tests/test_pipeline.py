@@ -197,6 +197,28 @@ def test_a_failed_side_process_ends_the_run_after_the_main_stream(
     assert ran["train-std-cot"] and ran["eval-untrained"] and not ran["train-kpod"]
 
 
+def test_a_process_takes_the_threads_the_other_one_freed():
+    import torch
+
+    from kpod.streams import share_threads, take_freed_threads
+
+    before = torch.get_num_threads()
+    ended = []
+    try:
+        share_threads(1, 3, lambda: bool(ended))
+        assert torch.get_num_threads() == 1
+        take_freed_threads()
+        assert torch.get_num_threads() == 1  # the other process still works
+        ended.append(True)
+        take_freed_threads()
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(2)
+        take_freed_threads()  # no longer sharing: nothing to take
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_side_steps_are_those_that_read_only_the_data():
     from kpod.pipeline import pipeline_config, plan_steps
     from kpod.streams import side_step_names

@@ -46,7 +46,17 @@ from kpod.io import write_json, write_jsonl
 from kpod.lock import holds_lock
 from kpod.models import StudentConfig
 from kpod.progressive.schedule import DifficultyConfig, ScheduleConfig, StageInputs, load_schedule_inputs
-from kpod.streams import SIDE_LOG, Jobs, SideProcess, resolve_jobs, side_step_names
+from kpod.streams import (
+    MAIN_DONE,
+    SIDE_LOG,
+    Jobs,
+    SideProcess,
+    resolve_jobs,
+    share_threads,
+    side_step_names,
+    stop_sharing,
+    take_freed_threads,
+)
 from kpod.teacher.config import TeacherConfig
 from kpod.weighting.train import WeightingConfig
 from kpod.weighting.weights import TokenWeights
@@ -297,7 +307,7 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"key": key, "done": False})
         self.echo(f"[{name}] {'resuming' if resumed else 'running'}")
-        start = time.perf_counter()
+        start, threads = time.perf_counter(), _threads()
         result = fn(folder)
         seconds = round(time.perf_counter() - start, 1)
         entry = {
@@ -307,7 +317,7 @@ class Runner:
             "upstream": upstream,
             "result": result,
             "process": os.getpid(),
-            "threads": _threads(),
+            "threads": threads,  # when it started (a side-by-side run's steps take more when freed)
         }
         write_json(marker, entry)
         self.manifest["stages"][name] = {**entry, "skipped": False}
@@ -778,6 +788,7 @@ def _run_streams(
     needed = {u for s in steps if s.name in side for u in s.upstream}
     threads = torch.get_num_threads()
     process: SideProcess | None = None
+    (runner.dir / MAIN_DONE).unlink(missing_ok=True)
     try:
         for step in steps:
             if step.name in side:
@@ -789,16 +800,17 @@ def _run_streams(
                     f"[{', '.join(side)}] side by side in process {process.process.pid}, "
                     f"{shared} thread(s) each (jobs: 2); log: {process.log_path}"
                 )
-                torch.set_num_threads(shared)
-            if process is not None and process.done():
-                torch.set_num_threads(threads)
+                share_threads(shared, threads, process.done)
+            take_freed_threads()
             outputs[step.name] = runner.step(step.name, step.settings, step.upstream, step.fn)
     except BaseException:
         if process is not None:
             process.stop()
         raise
     finally:
-        torch.set_num_threads(threads)
+        stop_sharing()
+    if process is not None:
+        (runner.dir / MAIN_DONE).write_text("")  # the side process may take every thread now
     if process is None:  # the main stream ended with the steps the side ones read from: run them here
         for step in steps:
             if step.name in side:
@@ -809,6 +821,7 @@ def _run_streams(
         code = process.wait()
         if code != 0:
             raise process.failure(code)
+        (runner.dir / MAIN_DONE).unlink(missing_ok=True)
         for name in side:
             outputs[name] = runner.record(name)
     return outputs

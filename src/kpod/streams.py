@@ -13,9 +13,11 @@ in two streams:
 * the *main* stream, in the ``kpod run`` process: everything else (weights, schedules, kpod and its
   ablations).
 
-While both run, each has half the threads (``torch.get_num_threads() // 2``); the main process takes
-its threads back between its steps once the side process has ended. On the quickstart the two
-streams are about as long (eval-untrained and std-cot against weights, schedule and kpod).
+While both run, each has half the threads (``torch.get_num_threads() // 2``); when one of them
+ends, the other takes all the threads at its next training or weighting step
+(:func:`take_freed_threads`, which the loops call), so a longer stream does not finish on half the
+machine. On the quickstart the two streams are about as long (eval-untrained and std-cot against
+weights, schedule and kpod).
 
 The choice (ours; the paper trains on GPUs and is silent): ``auto`` is 2 on a CPU with at least two
 threads, 1 on a GPU (two processes would share one device) and with one thread (an accuracy suite
@@ -49,6 +51,38 @@ from kpod.errors import KpodError
 Jobs = int | Literal["auto"]
 SIDE_LOG = "side.log"
 JOB_FILE = ".side-job.json"
+MAIN_DONE = ".main-done"  # written by the main process when its steps are done
+
+# This process's share while the other process of a side-by-side run works: the thread count to
+# take back and how to tell that the other has ended (None: nothing shared).
+_sharing: dict[str, Any] = {"threads": None, "other_done": None}
+
+
+def share_threads(threads: int, full: int, other_done: Callable[[], bool]) -> None:
+    """Run with ``threads`` threads until ``other_done()`` says the other process has ended, then
+    with ``full`` (:func:`take_freed_threads`)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _sharing.update(threads=full, other_done=other_done)
+
+
+def take_freed_threads() -> None:
+    """Between two steps of a long loop (training, token weighting): if this process shares the
+    machine with the other process of a side-by-side run and that one has ended, take all the
+    threads. Does nothing otherwise (every run with ``jobs: 1``)."""
+    other_done = _sharing["other_done"]
+    if other_done is not None and other_done():
+        stop_sharing()
+
+
+def stop_sharing() -> None:
+    """Take all the threads back now (this process's side-by-side part is over)."""
+    import torch
+
+    if _sharing["threads"] is not None:
+        torch.set_num_threads(_sharing["threads"])
+    _sharing.update(threads=None, other_done=None)
 
 
 def resolve_jobs(setting: Jobs) -> int:
@@ -99,8 +133,16 @@ class SideProcess:
         self._copier.start()
 
     def _job(self, config_data: dict[str, Any]) -> dict[str, Any]:
-        """What the side process is told: the config, its steps, and its parent (this process)."""
-        return {"config": config_data, "steps": self.names, "parent": os.getpid()}
+        """What the side process is told: the config, its steps, its parent (this process) and the
+        threads it may take when the parent's steps are done."""
+        import torch
+
+        return {
+            "config": config_data,
+            "steps": self.names,
+            "parent": os.getpid(),
+            "full_threads": torch.get_num_threads(),
+        }
 
     def _copy(self, stream: IO[bytes], echo: Callable[[str], None]) -> None:
         try:
@@ -146,6 +188,8 @@ class SideProcess:
 
 def main(argv: Sequence[str]) -> int:
     """The side process: run the job file's steps of its config, under its parent's lock."""
+    import torch
+
     from kpod.config import from_dict
     from kpod.lock import _holder, lock_path
     from kpod.pipeline import PipelineConfig, Runner, plan_steps, run_data_step
@@ -159,6 +203,12 @@ def main(argv: Sequence[str]) -> int:
                 f"{config.directory}: the side process of a `kpod run` runs only under its parent's lock "
                 f"(the lock names process {holder}, the job's parent is {job['parent']})"
             )
+        main_done = config.directory / MAIN_DONE
+        share_threads(
+            torch.get_num_threads(),
+            job["full_threads"],
+            lambda: main_done.exists() or os.getppid() != job["parent"],
+        )
         runner = Runner(config, {}, echo=lambda line: print(line, flush=True), manifest=False)
         run_data_step(runner, config)  # finished by the parent: only its key
         for step in plan_steps(config, runner.dir):
