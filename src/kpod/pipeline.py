@@ -809,21 +809,22 @@ def _run_streams(
         raise
     finally:
         stop_sharing()
-    if process is not None:
-        (runner.dir / MAIN_DONE).write_text("")  # the side process may take every thread now
     if process is None:  # the main stream ended with the steps the side ones read from: run them here
         for step in steps:
             if step.name in side:
                 outputs[step.name] = runner.step(step.name, step.settings, step.upstream, step.fn)
-    else:
+        return outputs
+    (runner.dir / MAIN_DONE).write_text("")  # the side process may take every thread now
+    try:
         if not process.done():
             echo(f"waiting for the side process ({', '.join(side)})")
         code = process.wait()
-        if code != 0:
-            raise process.failure(code)
+    finally:
         (runner.dir / MAIN_DONE).unlink(missing_ok=True)
-        for name in side:
-            outputs[name] = runner.record(name)
+    if code != 0:
+        raise process.failure(code)
+    for name in side:
+        outputs[name] = runner.record(name)
     return outputs
 
 
