@@ -219,6 +219,31 @@ def test_a_process_takes_the_threads_the_other_one_freed():
         torch.set_num_threads(before)
 
 
+def test_jobs_auto_is_one_process_where_a_second_would_not_help(monkeypatch):
+    import torch
+
+    from kpod.errors import KpodError
+    from kpod.streams import resolve_jobs
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        torch.set_num_threads(2)
+        assert resolve_jobs("auto") == 2 and resolve_jobs(1) == 1
+        torch.set_num_threads(1)  # an accuracy suite's one-thread stream
+        assert resolve_jobs("auto") == 1 and resolve_jobs(2) == 2
+        torch.set_num_threads(2)
+        monkeypatch.setenv("WORLD_SIZE", "2")  # every rank would start a side process
+        assert resolve_jobs("auto") == 1
+        with pytest.raises(KpodError, match="set jobs=1"):
+            resolve_jobs(2)
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU for two processes
+        assert resolve_jobs("auto") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_side_steps_are_those_that_read_only_the_data():
     from kpod.pipeline import pipeline_config, plan_steps
     from kpod.streams import side_step_names

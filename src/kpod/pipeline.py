@@ -138,8 +138,9 @@ class PipelineConfig:
         jobs: processes the steps run in: ``1`` one after another; ``2`` the steps that read only
             the data (``eval-untrained``, std-cot and the other methods without token weights or a
             schedule) in a second process beside the others, each process with half the threads;
-            ``auto`` (default) 2 on a CPU with two threads or more, else 1 (:mod:`kpod.streams`:
-            1.38-1.53x the two-thread training rate on a 2-core machine; twice the memory).
+            ``auto`` (default) 2 on a CPU with two threads or more outside a distributed launch,
+            else 1 (:mod:`kpod.streams`; two one-thread processes trained at 1.38-1.53x one
+            two-thread process's rate on a 2-core machine; twice the memory).
     """
 
     name: str = "kpod"

@@ -20,8 +20,9 @@ machine. On the quickstart the two streams are about as long (eval-untrained and
 weights, schedule and kpod).
 
 The choice (ours; the paper trains on GPUs and is silent): ``auto`` is 2 on a CPU with at least two
-threads, 1 on a GPU (two processes would share one device) and with one thread (an accuracy suite
-running two one-thread streams of its own, ``benchmarks/accuracy.py --streams 2``). Two processes
+threads, 1 on a GPU (two processes would share one device), with one thread (an accuracy suite
+running two one-thread streams of its own, ``benchmarks/accuracy.py --streams 2``) and under a
+distributed launch (each rank would start its own). Two processes
 hold two models: set ``jobs: 1`` where memory is short.
 
 What stays as it was: the steps, their keys and folders, resuming. The side process works under
@@ -86,13 +87,21 @@ def stop_sharing() -> None:
 
 
 def resolve_jobs(setting: Jobs) -> int:
-    """How many processes ``setting`` runs a run's steps in: 1 or 2 (``auto``: module docstring)."""
+    """How many processes ``setting`` runs a run's steps in: 1 or 2 (``auto``: module docstring).
+    Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) every rank would start a side
+    process of its own: ``auto`` is 1 there and 2 is refused."""
     import torch
 
-    if setting == "auto":
-        return 2 if not torch.cuda.is_available() and torch.get_num_threads() >= 2 else 1
-    if setting not in (1, 2):
+    if setting not in (1, 2, "auto"):
         raise KpodError(f"jobs must be 1, 2 or auto, got {setting!r}")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if setting == "auto":
+        return 2 if not distributed and not torch.cuda.is_available() and torch.get_num_threads() >= 2 else 1
+    if setting == 2 and distributed:
+        raise KpodError(
+            "jobs: 2 runs some steps in a second process, which does not mix with a distributed launch "
+            "(WORLD_SIZE > 1): set jobs=1"
+        )
     return int(setting)
 
 
