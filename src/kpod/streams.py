@@ -187,8 +187,7 @@ class SideProcess:
     def failure(self, code: int) -> KpodError:
         """The error a failed side process ends the run with: its steps, exit code and last lines."""
         lines = self.log_path.read_text(errors="replace").replace("\r", "\n").splitlines()
-        tail = "\n  ".join(line for line in lines if line.strip())
-        tail = "\n  ".join(tail.splitlines()[-8:])
+        tail = "\n  ".join([line for line in lines if line.strip()][-8:])
         return KpodError(
             f"the side process running {', '.join(self.names)} failed (exit code {code}); the other steps "
             f"finished; its log is {self.log_path}, which ends:\n  {tail}\nrun again to resume"
