@@ -221,6 +221,7 @@ def main(argv: Sequence[str]) -> int:
         run_data_step(runner, config)  # finished by the parent: only its key
         for step in plan_steps(config, runner.dir):
             if step.name in job["steps"]:
+                take_freed_threads()  # the main process may have ended its steps
                 runner.step(step.name, step.settings, step.upstream, step.fn)
             else:
                 runner.key(step.name, step.settings, step.upstream)
