@@ -157,12 +157,15 @@ def test_jobs_2_runs_the_steps_that_read_only_the_data_in_a_second_process(finis
     steps = json.loads((side_run / "manifest.json").read_text())["stages"]
     shared = max(1, torch.get_num_threads() // 2)
     for name in ("eval-untrained", "train-std-cot"):
-        assert steps[name]["process"] != os.getpid() and steps[name]["threads"] == shared
+        # Half the threads, or all of them once the main process ended its steps (whichever came first).
+        assert steps[name]["process"] != os.getpid()
+        assert steps[name]["threads"] in (shared, torch.get_num_threads())
     for name in ("weights", "schedule", "train-kpod"):
         assert steps[name]["process"] == os.getpid()
     assert steps["weights"]["threads"] == shared
     assert "[train-std-cot] done in" in (side_run / "side.log").read_text()
-    assert f"ran in the side process, {shared} thread(s)" in (side_run / "report.html").read_text()
+    note = f"ran in the side process, {steps['train-std-cot']['threads']} thread(s)"
+    assert note in (side_run / "report.html").read_text()
     # The same steps as one process ran them (fp32 here: only the order of sums differs).
     for method in ("std-cot", "kpod"):
         assert _losses(side_run, method) == pytest.approx(_losses(tmp / "run", method), rel=1e-3)
