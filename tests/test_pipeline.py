@@ -200,6 +200,83 @@ def test_a_failed_side_process_ends_the_run_after_the_main_stream(
     assert ran["train-std-cot"] and ran["eval-untrained"] and not ran["train-kpod"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_side_process_ends_with_a_killed_main_process_and_the_run_resumes(tmp_path):
+    from tiny_models import build_causal
+
+    model = build_causal(tmp_path / "model", hidden=32, layers=2)
+    config = tiny_config(
+        tmp_path,
+        model,
+        methods=["std-cot", "kpod"],
+        eval_untrained=False,
+        jobs=2,
+        train={"epochs": 6, "save_every": 1, "batch_size": 2, "micro_batch_size": 2, "select": "last"},
+    )
+    cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    side = None
+    for line in proc.stdout:  # "[train-std-cot] side by side in process PID, ..."
+        match = re.search(r"side by side in process (\d+)", line)
+        if match:
+            side = int(match.group(1))
+            break
+    assert side is not None, "no side process was started"
+    ckpts = tmp_path / "run" / "train-std-cot" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts / "step-00000003").exists():
+        time.sleep(0.02)
+    assert (ckpts / "step-00000003").exists(), "the side process never trained"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and Path(f"/proc/{side}").exists() and _running(side):
+        time.sleep(0.1)
+    assert not _running(side), "the side process outlived its killed parent"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[train-std-cot] resuming (side process)" in out.stdout
+    log = (tmp_path / "run" / "train-std-cot" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_silent_side_process_ends_within_seconds_of_its_killed_parent(tmp_path):
+    """A side process that writes nothing (a long generation) does not learn of its parent's death
+    from a broken pipe: it watches for it (kpod.streams._end_with_parent)."""
+    child = (
+        "import os, time\n"
+        "from kpod.streams import _end_with_parent\n"
+        "_end_with_parent(os.getppid())\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    side = int(proc.stdout.readline())
+    time.sleep(3)  # the child has imported kpod and watches
+    assert _running(side)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _running(side):
+        time.sleep(0.1)
+    assert not _running(side), "the silent side process outlived its killed parent"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_a_process_takes_the_threads_the_other_one_freed():
     import torch
 

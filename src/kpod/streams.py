@@ -31,7 +31,8 @@ names its parent and refuses otherwise), and never writes ``manifest.json``: the
 records the side's steps from their ``stage.json`` markers. The side's output goes to
 ``side.log`` in the run directory; its lines that start a step or finish one are echoed as they
 come. If the main stream fails, the side process is stopped (its steps resume with the next run,
-as after any interruption); if the side process fails, the main stream finishes and the run then
+as after any interruption), and it ends by itself within a second of the main process's end, even
+one killed with SIGKILL; if the side process fails, the main stream finishes and the run then
 stops with the side's error. A step's numbers differ from a two-thread run's by rounding (the
 thread count changes the order of bf16 sums), as a seed changes a few answers.
 """
@@ -194,6 +195,22 @@ class SideProcess:
         )
 
 
+def _end_with_parent(parent: int) -> None:
+    """End this process (SIGTERM) within a second of its parent's end. Killed with SIGKILL, the
+    parent cannot stop it, and its lock on the run directory is gone with it, so the side process
+    would go on writing a run that the next `kpod run` resumes; one that writes nothing for a while
+    (a long generation) would not learn of it from a broken pipe either. A watching thread (any POSIX)."""
+    import signal
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="kpod-side-watch").start()
+
+
 def main(argv: Sequence[str]) -> int:
     """The side process: run the job file's steps of its config, under its parent's lock."""
     import torch
@@ -211,6 +228,7 @@ def main(argv: Sequence[str]) -> int:
                 f"{config.directory}: the side process of a `kpod run` runs only under its parent's lock "
                 f"(the lock names process {holder}, the job's parent is {job['parent']})"
             )
+        _end_with_parent(job["parent"])
         main_done = config.directory / MAIN_DONE
         share_threads(
             torch.get_num_threads(),
