@@ -92,7 +92,6 @@ def _convert_offline(name: str, target: Path) -> Path:
         str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)

@@ -284,11 +284,15 @@ class Runner:
         self.keys[name] = key
         return key
 
+    def _state(self, name: str) -> dict[str, Any] | None:
+        """Step ``name``'s marker (``stage.json``), or None before it first ran."""
+        marker = self.dir / name / "stage.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
     def finished(self, name: str) -> dict[str, Any] | None:
         """Step ``name``'s marker if it finished with its present key (:meth:`key` first), else None."""
-        marker = self.dir / name / "stage.json"
-        state = json.loads(marker.read_text()) if marker.exists() else None
-        return state if state and state.get("key") == self.keys[name] and state.get("done") else None
+        state = self._state(name)
+        return state if _done(state, self.keys[name]) else None
 
     def step(
         self, name: str, settings: Any, upstream: list[str], fn: Callable[[Path], dict[str, Any]]
@@ -297,8 +301,8 @@ class Runner:
         key = self.key(name, settings, upstream)
         folder = self.dir / name
         marker = folder / "stage.json"
-        state = json.loads(marker.read_text()) if marker.exists() else None
-        if state and state.get("key") == key and state.get("done"):
+        state = self._state(name)
+        if _done(state, key):
             self.echo(f"[{name}] up to date, skipped")
             self.manifest["stages"][name] = {**state, "skipped": True}
             return state["result"]
@@ -338,6 +342,11 @@ class Runner:
     def save_manifest(self) -> None:
         if self.writes_manifest:
             write_json(self.dir / "manifest.json", self.manifest)
+
+
+def _done(state: dict[str, Any] | None, key: str) -> bool:
+    """Whether a step's marker says it finished with ``key``."""
+    return bool(state) and state.get("key") == key and bool(state.get("done"))
 
 
 def _threads() -> int:
@@ -796,7 +805,9 @@ def _run_streams(
                 continue
             if process is None and side and needed <= {"data", *outputs}:
                 shared = max(1, threads // 2)
-                process = SideProcess(to_dict(config), runner.dir, side, shared, _side_echo(echo))
+                process = SideProcess(
+                    to_dict(config), runner.keys, runner.dir, side, shared, _side_echo(echo)
+                )
                 echo(
                     f"[{', '.join(side)}] side by side in process {process.process.pid}, "
                     f"{shared} thread(s) each (jobs: 2); log: {process.log_path}"

@@ -88,13 +88,12 @@ def stop_sharing() -> None:
 
 
 def resolve_jobs(setting: Jobs) -> int:
-    """How many processes ``setting`` runs a run's steps in: 1 or 2 (``auto``: module docstring).
-    Under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) every rank would start a side
-    process of its own: ``auto`` is 1 there and 2 is refused."""
+    """How many processes ``setting`` (1, 2 or ``auto``, as ``PipelineConfig`` validates it at load)
+    runs a run's steps in: 1 or 2 (``auto``: module docstring). Under ``accelerate launch`` or
+    ``torchrun`` (``WORLD_SIZE`` > 1) every rank would start a side process of its own: ``auto`` is 1
+    there and 2 is refused."""
     import torch
 
-    if setting not in (1, 2, "auto"):
-        raise KpodError(f"jobs must be 1, 2 or auto, got {setting!r}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if setting == "auto":
         return 2 if not distributed and not torch.cuda.is_available() and torch.get_num_threads() >= 2 else 1
@@ -117,11 +116,13 @@ def side_step_names(steps: Sequence[Any], before: Sequence[str] = ("data", "teac
 class SideProcess:
     """The second process of a run, running ``names`` (steps of ``config``) one after another with
     ``threads`` threads, its output in ``run_dir/side.log``; lines that start or finish a step are
-    passed to ``echo`` as they come."""
+    passed to ``echo`` as they come. ``keys`` are the main process's step keys (:meth:`Runner.key`),
+    so that the side process neither computes them again nor reads the data's files to do so."""
 
     def __init__(
         self,
         config_data: dict[str, Any],
+        keys: dict[str, str],
         run_dir: Path,
         names: Sequence[str],
         threads: int,
@@ -130,7 +131,7 @@ class SideProcess:
         self.names = list(names)
         self.log_path = run_dir / SIDE_LOG
         self.job = run_dir / JOB_FILE
-        self.job.write_text(json.dumps(self._job(config_data)))
+        self.job.write_text(json.dumps(self._job(config_data, keys)))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kpod.streams", str(self.job)],
@@ -142,13 +143,14 @@ class SideProcess:
         self._copier = threading.Thread(target=self._copy, args=(self.process.stdout, echo), daemon=True)
         self._copier.start()
 
-    def _job(self, config_data: dict[str, Any]) -> dict[str, Any]:
-        """What the side process is told: the config, its steps, its parent (this process) and the
-        threads it may take when the parent's steps are done."""
+    def _job(self, config_data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+        """What the side process is told: the config, the step keys, its steps, its parent (this
+        process) and the threads it may take when the parent's steps are done."""
         import torch
 
         return {
             "config": config_data,
+            "keys": keys,
             "steps": self.names,
             "parent": os.getpid(),
             "full_threads": torch.get_num_threads(),
@@ -217,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
 
     from kpod.config import from_dict
     from kpod.lock import _holder, lock_path
-    from kpod.pipeline import PipelineConfig, Runner, plan_steps, run_data_step
+    from kpod.pipeline import PipelineConfig, Runner, plan_steps
 
     try:
         job = json.loads(Path(argv[0]).read_text())
@@ -236,13 +238,11 @@ def main(argv: Sequence[str]) -> int:
             lambda: main_done.exists() or os.getppid() != job["parent"],
         )
         runner = Runner(config, {}, echo=lambda line: print(line, flush=True), manifest=False)
-        run_data_step(runner, config)  # finished by the parent: only its key
+        runner.keys.update(job["keys"])  # its steps' upstream keys, as the main process made them
         for step in plan_steps(config, runner.dir):
             if step.name in job["steps"]:
                 take_freed_threads()  # the main process may have ended its steps
                 runner.step(step.name, step.settings, step.upstream, step.fn)
-            else:
-                runner.key(step.name, step.settings, step.upstream)
     except KpodError as err:
         print(f"kpod: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
