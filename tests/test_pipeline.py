@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -135,9 +136,28 @@ def test_weight_rescaling_reaches_difficulty_and_the_loss(finished_run, monkeypa
     assert (tmp / "run" / "schedule" / "difficulty.jsonl").read_text() != before
 
 
-def _losses(run: Path, method: str) -> list[float]:
+def _logged(run: Path, method: str, field: str) -> list[Any]:
+    """``field`` of every row of a training's train_log.jsonl."""
     log = (run / f"train-{method}" / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in log]
+    return [json.loads(line)[field] for line in log]
+
+
+def _sigkill_at(proc: subprocess.Popen, path: Path, seconds: float = 180) -> bool:
+    """SIGKILL ``proc`` once ``path`` exists (or after ``seconds``); whether it existed."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return path.exists()
+
+
+def _ends(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``seconds``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and _running(pid):
+        time.sleep(0.1)
+    return not _running(pid)
 
 
 def test_jobs_2_runs_the_steps_that_read_only_the_data_in_a_second_process(finished_run, tmp_path, capsys):
@@ -168,7 +188,8 @@ def test_jobs_2_runs_the_steps_that_read_only_the_data_in_a_second_process(finis
     assert note in (side_run / "report.html").read_text()
     # The same steps as one process ran them (fp32 here: only the order of sums differs).
     for method in ("std-cot", "kpod"):
-        assert _losses(side_run, method) == pytest.approx(_losses(tmp / "run", method), rel=1e-3)
+        losses = _logged(side_run, method, "loss")
+        assert losses == pytest.approx(_logged(tmp / "run", method, "loss"), rel=1e-3)
     one = json.loads((tmp / "run" / "eval-untrained" / "stage.json").read_text())["result"]["test"]
     two = steps["eval-untrained"]["result"]["test"]
     assert (one["n"], one["correct"]) == (two["n"], two["correct"])
@@ -223,21 +244,12 @@ def test_the_side_process_ends_with_a_killed_main_process_and_the_run_resumes(tm
             break
     assert side is not None, "no side process was started"
     ckpts = tmp_path / "run" / "train-std-cot" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (ckpts / "step-00000003").exists():
-        time.sleep(0.02)
-    assert (ckpts / "step-00000003").exists(), "the side process never trained"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 15
-    while time.time() < deadline and Path(f"/proc/{side}").exists() and _running(side):
-        time.sleep(0.1)
-    assert not _running(side), "the side process outlived its killed parent"
+    assert _sigkill_at(proc, ckpts / "step-00000003"), "the side process never trained"
+    assert _ends(side, 15), "the side process outlived its killed parent"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[train-std-cot] resuming (side process)" in out.stdout
-    log = (tmp_path / "run" / "train-std-cot" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
+    assert _logged(tmp_path / "run", "std-cot", "step") == list(range(1, 49))
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -262,10 +274,7 @@ def test_a_silent_side_process_ends_within_seconds_of_its_killed_parent(tmp_path
     assert _running(side)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and _running(side):
-        time.sleep(0.1)
-    assert not _running(side), "the silent side process outlived its killed parent"
+    assert _ends(side, 10), "the silent side process outlived its killed parent"
 
 
 def _running(pid: int) -> bool:
@@ -402,19 +411,13 @@ def test_killed_run_resumes_instead_of_restarting(tmp_path):
     cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "run" / "train-std-cot" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (ckpts / "step-00000010").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (ckpts / "step-00000010").exists(), "training never reached step 10"
+    assert _sigkill_at(proc, ckpts / "step-00000010"), "training never reached step 10"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[data] up to date, skipped" in out.stdout
     assert "[train-std-cot] resuming" in out.stdout
     assert re.search(r"resuming from .*step-000000\d\d \(step \d+ of 48\)", out.stderr)
-    log = (tmp_path / "run" / "train-std-cot" / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == list(range(1, 49))
+    assert _logged(tmp_path / "run", "std-cot", "step") == list(range(1, 49))
 
 
 def test_python_api_runs_the_same_pipeline_and_single_steps(finished_run, tmp_path):
