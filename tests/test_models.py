@@ -101,3 +101,39 @@ def test_two_processes_converting_the_offline_student_at_once_convert_it_once(tm
     target = tmp_path / "cache" / "smollm2-135m-instruct"
     assert {out.split()[-1] for out in outs} == {str(target)}
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["smollm2-135m-instruct"]
+    # The conversion parses the GGUF file once (kpod.models._gguf_parsed_once); the weights are those
+    # transformers reads from it left to itself.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from kpod.models import _OFFLINE_MODELS, _gguf_path
+
+    gguf = _gguf_path(*_OFFLINE_MODELS["smollm2-135m-instruct"])
+    direct = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    ).state_dict()
+    converted = load_file(target / "model.safetensors")
+    assert set(converted) <= set(direct) and len(converted) > 200
+    assert all(torch.equal(converted[k], direct[k]) for k in converted)
+
+
+def test_a_gguf_file_is_parsed_once_while_converting(tmp_path) -> None:
+    import gguf as gguf_py
+
+    from kpod.models import _gguf_parsed_once
+
+    parsed = []
+    real = gguf_py.GGUFReader
+    gguf_py.GGUFReader = lambda path, mode="r": parsed.append(path) or object()
+    try:
+        with _gguf_parsed_once():
+            first = gguf_py.GGUFReader(tmp_path / "a.gguf")
+            assert gguf_py.GGUFReader(str(tmp_path / "a.gguf")) is first
+            assert gguf_py.GGUFReader(tmp_path / "b.gguf") is not first
+            arch = next(iter(gguf_py.MODEL_ARCH_NAMES))
+            assert gguf_py.get_tensor_name_map(arch, 2) is gguf_py.get_tensor_name_map(arch, 2)
+        assert len(parsed) == 2
+        assert gguf_py.GGUFReader(tmp_path / "a.gguf") is not first  # parsed again once out
+        assert gguf_py.get_tensor_name_map(arch, 2) is not gguf_py.get_tensor_name_map(arch, 2)
+    finally:
+        gguf_py.GGUFReader = real

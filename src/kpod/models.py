@@ -80,6 +80,36 @@ def _complete_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """While converting: each GGUF file parsed once, and gguf's tensor-name map built once per
+    architecture and depth. transformers parses the file three times (for the config, the weights
+    and the tokenizer: about 7 s each for SmolLM2's 49,152-word vocabulary) and builds the name map
+    again for each of its ~400 modules (12 s), most of a 40 s conversion here (BENCHMARKS.md,
+    "Issue #21, session 29"). Both are read-only objects, so sharing them changes nothing written
+    (a test compares the files). transformers imports both names from ``gguf`` when it uses them,
+    so replacing the module's attributes for the conversion's duration is enough."""
+    import functools
+
+    import gguf as gguf_py
+
+    real_reader, real_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf_py.GGUFReader = reader
+    gguf_py.get_tensor_name_map = functools.cache(real_map)
+    try:
+        yield
+    finally:
+        gguf_py.GGUFReader, gguf_py.get_tensor_name_map = real_reader, real_map
+
+
 def _convert_offline(name: str, target: Path) -> Path:
     """Convert offline model ``name``'s GGUF file into a safetensors checkpoint at ``target``."""
     package, filename = _OFFLINE_MODELS[name]
@@ -88,10 +118,11 @@ def _convert_offline(name: str, target: Path) -> Path:
 
     log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, target)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
