@@ -6,6 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kpod-setup
+UV ?= $(BIN)/uv
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
@@ -24,12 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# torch alone, without its dependencies or bytecode (both come next, faster): pip finds the CPU
 	@# wheel where the machine keeps one, which uv would not look for.
-	$(BIN)/python -m pip install --quiet --no-deps --no-compile torch==$(TORCH_VERSION) uv
+	$(BIN)/python -m pip install --quiet --no-deps --no-compile torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet uv || true
 	@# The rest with uv, which resolves and downloads in parallel (a minute less than pip here,
 	@# BENCHMARKS.md "Set-up"); it keeps the torch above, which satisfies the range. Bytecode is
 	@# compiled now, not at every later import (the imports take seconds more without it); pip
 	@# does all of it where uv fails.
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]' \
+	$(UV) pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]' \
 	  || $(BIN)/python -m pip install --quiet -e '.[dev]'
 	@# torch's own bytecode, on every core; a file that will not compile (torch ships one written
 	@# for Python 3.12) is left to the import, as pip leaves it.
