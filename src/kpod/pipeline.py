@@ -47,7 +47,6 @@ from kpod.lock import holds_lock
 from kpod.models import StudentConfig
 from kpod.progressive.schedule import DifficultyConfig, ScheduleConfig, StageInputs, load_schedule_inputs
 from kpod.streams import (
-    MAIN_DONE,
     SIDE_LOG,
     Jobs,
     SideProcess,
@@ -55,7 +54,6 @@ from kpod.streams import (
     share_threads,
     side_step_names,
     stop_sharing,
-    take_freed_threads,
 )
 from kpod.teacher.config import TeacherConfig
 from kpod.weighting.train import WeightingConfig
@@ -322,7 +320,7 @@ class Runner:
             "upstream": upstream,
             "result": result,
             "process": os.getpid(),
-            "threads": threads,  # when it started (a side-by-side run's steps take more when freed)
+            "threads": threads,  # half the machine's in a side-by-side run (kpod.streams)
         }
         write_json(marker, entry)
         self.manifest["stages"][name] = {**entry, "skipped": False}
@@ -798,7 +796,6 @@ def _run_streams(
     needed = {u for s in steps if s.name in side for u in s.upstream}
     threads = torch.get_num_threads()
     process: SideProcess | None = None
-    (runner.dir / MAIN_DONE).unlink(missing_ok=True)
     try:
         for step in steps:
             if step.name in side:
@@ -812,8 +809,7 @@ def _run_streams(
                     f"[{', '.join(side)}] side by side in process {process.process.pid}, "
                     f"{shared} thread(s) each (jobs: 2); log: {process.log_path}"
                 )
-                share_threads(shared, threads, process.done)
-            take_freed_threads()
+                share_threads(shared)
             outputs[step.name] = runner.step(step.name, step.settings, step.upstream, step.fn)
     except BaseException:
         if process is not None:
@@ -826,13 +822,9 @@ def _run_streams(
             if step.name in side:
                 outputs[step.name] = runner.step(step.name, step.settings, step.upstream, step.fn)
         return outputs
-    (runner.dir / MAIN_DONE).write_text("")  # the side process may take every thread now
-    try:
-        if not process.done():
-            echo(f"waiting for the side process ({', '.join(side)})")
-        code = process.wait()
-    finally:
-        (runner.dir / MAIN_DONE).unlink(missing_ok=True)
+    if not process.done():
+        echo(f"waiting for the side process ({', '.join(side)})")
+    code = process.wait()
     if code != 0:
         raise process.failure(code)
     for name in side:

@@ -13,11 +13,13 @@ in two streams:
 * the *main* stream, in the ``kpod run`` process: everything else (weights, schedules, kpod and its
   ablations).
 
-While both run, each has half the threads (``torch.get_num_threads() // 2``); when one of them
-ends, the other takes all the threads at its next training or weighting step
-(:func:`take_freed_threads`, which the loops call), so a longer stream does not finish on half the
-machine. On the quickstart the two streams are about as long (eval-untrained and std-cot against
-weights, schedule and kpod).
+While both run, each has half the threads (``torch.get_num_threads() // 2``), for all of its steps,
+even after the other process has ended. Until session 29 the one left took every thread at its next
+training or weighting step; but the thread count changes the order of bf16 sums, and the moment the
+other process ends is a matter of timing, so two runs of one config gave different numbers (the
+quickstart's kpod: 41.67 % and 40.62 %, its losses equal up to step 93 of 96; BENCHMARKS.md, "Issue
+#21, session 29"). A run's numbers now depend on its config and machine only, at the cost of the
+last stretch of the longer stream running on half the threads (~20 s of the quickstart).
 
 The choice (ours; the paper trains on GPUs and is silent): ``auto`` is 2 on a CPU with at least two
 threads, 1 on a GPU (two processes would share one device), with one thread (an accuracy suite
@@ -53,38 +55,27 @@ from kpod.errors import KpodError
 Jobs = int | Literal["auto"]
 SIDE_LOG = "side.log"
 JOB_FILE = ".side-job.json"
-MAIN_DONE = ".main-done"  # written by the main process when its steps are done
 
-# This process's share while the other process of a side-by-side run works: the thread count to
-# take back and how to tell that the other has ended (None: nothing shared).
-_sharing: dict[str, Any] = {"threads": None, "other_done": None}
+# The thread count this process had before its side-by-side part (None: nothing shared).
+_sharing: dict[str, Any] = {"threads": None}
 
 
-def share_threads(threads: int, full: int, other_done: Callable[[], bool]) -> None:
-    """Run with ``threads`` threads until ``other_done()`` says the other process has ended, then
-    with ``full`` (:func:`take_freed_threads`)."""
+def share_threads(threads: int) -> None:
+    """Run with ``threads`` threads (half the machine) until :func:`stop_sharing`."""
     import torch
 
+    if _sharing["threads"] is None:
+        _sharing["threads"] = torch.get_num_threads()
     torch.set_num_threads(threads)
-    _sharing.update(threads=full, other_done=other_done)
-
-
-def take_freed_threads() -> None:
-    """Between two steps of a long loop (training, token weighting): if this process shares the
-    machine with the other process of a side-by-side run and that one has ended, take all the
-    threads. Does nothing otherwise (every run with ``jobs: 1``)."""
-    other_done = _sharing["other_done"]
-    if other_done is not None and other_done():
-        stop_sharing()
 
 
 def stop_sharing() -> None:
-    """Take all the threads back now (this process's side-by-side part is over)."""
+    """Take all the threads back (this process's side-by-side part is over)."""
     import torch
 
     if _sharing["threads"] is not None:
         torch.set_num_threads(_sharing["threads"])
-    _sharing.update(threads=None, other_done=None)
+    _sharing["threads"] = None
 
 
 def resolve_jobs(setting: Jobs) -> int:
@@ -144,16 +135,13 @@ class SideProcess:
         self._copier.start()
 
     def _job(self, config_data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
-        """What the side process is told: the config, the step keys, its steps, its parent (this
-        process) and the threads it may take when the parent's steps are done."""
-        import torch
-
+        """What the side process is told: the config, the step keys, its steps and its parent (this
+        process)."""
         return {
             "config": config_data,
             "keys": keys,
             "steps": self.names,
             "parent": os.getpid(),
-            "full_threads": torch.get_num_threads(),
         }
 
     def _copy(self, stream: IO[bytes], echo: Callable[[str], None]) -> None:
@@ -227,7 +215,6 @@ def _end_with_parent(parent: int) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """The side process: run the job file's steps of its config, under its parent's lock."""
-    import torch
 
     from kpod.config import from_dict
     from kpod.lock import _holder, lock_path
@@ -243,17 +230,10 @@ def main(argv: Sequence[str]) -> int:
                 f"(the lock names process {holder}, the job's parent is {job['parent']})"
             )
         _end_with_parent(job["parent"])
-        main_done = config.directory / MAIN_DONE
-        share_threads(
-            torch.get_num_threads(),
-            job["full_threads"],
-            lambda: main_done.exists() or os.getppid() != job["parent"],
-        )
         runner = Runner(config, {}, echo=lambda line: print(line, flush=True), manifest=False)
         runner.keys.update(job["keys"])  # its steps' upstream keys, as the main process made them
         for step in plan_steps(config, runner.dir):
             if step.name in job["steps"]:
-                take_freed_threads()  # the main process may have ended its steps
                 runner.step(step.name, step.settings, step.upstream, step.fn)
     except KpodError as err:
         print(f"kpod: error: {err}", file=sys.stderr, flush=True)

@@ -71,7 +71,6 @@ from kpod.models import (
     training_attention,
 )
 from kpod.prompt import PromptFormat
-from kpod.streams import take_freed_threads
 
 
 @dataclass
@@ -493,7 +492,6 @@ class DistillRecipe:
             self.scheduler.step()
             if self.accelerator.device.type == "cpu":
                 release_freed_memory()
-                take_freed_threads()  # the other process of a side-by-side `kpod run` has ended
             state["step"] += 1
             seconds = time.perf_counter() - step_start
             row = {

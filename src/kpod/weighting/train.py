@@ -62,7 +62,6 @@ from kpod.models import (
     load_model,
 )
 from kpod.prompt import answer_text, render_prompt
-from kpod.streams import take_freed_threads
 from kpod.weighting.config import WeightingConfig
 from kpod.weighting.maths import (
     apply_mask,
@@ -516,7 +515,6 @@ def train_weighting(
                     }
                 )
                 step += 1
-                take_freed_threads()  # the other process of a side-by-side `kpod run` has ended
                 if on_step is not None:
                     on_step(step, model)
                     model.weighter.train()
