@@ -251,7 +251,9 @@ def test_the_side_process_ends_with_a_killed_main_process_and_the_run_resumes(tm
     assert not marker["done"], "the side process went on training after its parent was killed"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "[train-std-cot] resuming (side process)" in out.stdout
+    # Resumed in a side process again, or in the main one where the first run had finished the main
+    # stream before the kill (kpod trains as fast as std-cot here; then there is nothing to put beside).
+    assert re.search(r"\[train-std-cot\] resuming( \(side process\))?\n", out.stdout), out.stdout
     assert _logged(tmp_path / "run", "std-cot", "step") == list(range(1, 49))
 
 
