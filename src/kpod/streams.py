@@ -19,7 +19,8 @@ training or weighting step; but the thread count changes the order of bf16 sums,
 other process ends is a matter of timing, so two runs of one config gave different numbers (the
 quickstart's kpod: 41.67 % and 40.62 %, its losses equal up to step 93 of 96; BENCHMARKS.md, "Issue
 #21, session 29"). A run's numbers now depend on its config and machine only, at the cost of the
-last stretch of the longer stream running on half the threads (~20 s of the quickstart).
+last stretch of the longer stream running on half the threads (about 25 s of the quickstart's, an
+estimate: the machine's drift hid it).
 
 The choice (ours; the paper trains on GPUs and is silent): ``auto`` is 2 on a CPU with at least two
 threads, 1 on a GPU (two processes would share one device), with one thread (an accuracy suite
