@@ -233,7 +233,14 @@ def test_the_side_process_ends_with_a_killed_main_process_and_the_run_resumes(tm
         methods=["std-cot", "kpod"],
         eval_untrained=False,
         jobs=2,
-        train={"epochs": 6, "save_every": 1, "batch_size": 2, "micro_batch_size": 2, "select": "last"},
+        train={
+            "epochs": 6,
+            "save_every": 1,
+            "keep_checkpoints": 50,  # step 3's stays until the kill, however late the poll sees it
+            "batch_size": 2,
+            "micro_batch_size": 2,
+            "select": "last",
+        },
     )
     cmd = [sys.executable, "-m", "kpod.cli", "run", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
