@@ -34,8 +34,8 @@ names its parent and refuses otherwise), and never writes ``manifest.json``: the
 records the side's steps from their ``stage.json`` markers. The side's output goes to
 ``side.log`` in the run directory; its lines that start a step or finish one are echoed as they
 come. If the main stream fails, the side process is stopped (its steps resume with the next run,
-as after any interruption), and it ends by itself within a second of the main process's end, even
-one killed with SIGKILL; if the side process fails, the main stream finishes and the run then
+as after any interruption), and it ends by itself at the main process's end, even one killed with
+SIGKILL (:func:`_end_with_parent`); if the side process fails, the main stream finishes and the run then
 stops with the side's error. A step's numbers differ from a two-thread run's by rounding (the
 thread count changes the order of bf16 sums), as a seed changes a few answers.
 """
