@@ -220,6 +220,54 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_cau
         assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
 
 
+def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_with_fewer_copies(tiny_causal) -> None:
+    """As training steps run (bf16 autocast, frozen weights in bf16, eager attention), LoRA layers
+    that hand a bf16 input to their adapter uncast give exactly the same loss and adapter
+    gradients, with fewer casts: o_proj's and down_proj's bf16 inputs no longer go to float32 and
+    back, forward and backward. Layers with dropout keep the cast; afterwards every layer casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig, attention_implementation, frozen_linears_in, lora_input_casts_off
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    def counted(model, batch):
+        Casts.n = 0
+        with Casts():
+            loss, grads = _loss_and_grads(model, batch, "causal", from_hidden=True, precision="bf16")
+        return loss, grads, Casts.n
+
+    torch.manual_seed(0)
+    student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8, lora_dropout=0.0).load()
+    model = student.model.eval()
+    ex = build_stage_example(EXAMPLE, 1, student.tokenizer)
+    batch = collate(
+        [dataclasses.replace(ex, weights=[0.2 + (j % 5) / 5 for j in range(len(ex.labels))])], 0, "causal"
+    )
+    with frozen_linears_in(model, torch.bfloat16), attention_implementation(model, "eager"):
+        plain_loss, plain, plain_casts = counted(model, batch)
+        with lora_input_casts_off(model) as n:
+            assert n == 2 * 7  # q, k, v, o, gate, up, down of both layers
+            loss, grads, casts = counted(model, batch)
+    assert loss.item() == plain_loss.item()
+    assert plain.keys() == grads.keys() and all("lora" in k for k in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    # o_proj and down_proj of both layers: bf16 -> fp32 -> bf16 in the forward pass, and the two
+    # casts' backward casts, are gone.
+    assert plain_casts - casts == 2 * 2 * 4
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    with_dropout = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8, lora_dropout=0.1).load()
+    with lora_input_casts_off(with_dropout.model) as n:
+        assert n == 0
+
+
 def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny_causal) -> None:
     """``train.compile``: the compiled forward (dynamic shapes) gives eager's loss and adapter
     gradients to fp32 rounding on padded batches of two different lengths and sizes, with weights

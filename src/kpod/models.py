@@ -249,6 +249,39 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
             weight.data = original
 
 
+@contextlib.contextmanager
+def lora_input_casts_off(model: Any) -> Iterator[int]:
+    """Within the block, LoRA layers without dropout hand their input to the adapter in the dtype
+    it arrives in, instead of casting it to the adapter's float32 first (peft's
+    ``cast_input_dtype_enabled``); afterwards each layer casts as before. Yields how many layers
+    it changed.
+
+    Why: under bf16 autocast the adapter's first product casts its input to bf16 again, so an input
+    that already is bf16 (the attention output ``o_proj`` reads, the MLP product ``down_proj``
+    reads) made a round trip bf16 -> fp32 -> bf16 in the forward pass and again in the backward
+    pass: two copies of the activation each way per layer, for nothing, since the round trip is
+    exact. The losses and gradients are unchanged bit for bit (tested). Layers with dropout keep
+    the cast: their mask would otherwise scale bf16 values, a different rounding.
+    """
+    import torch
+
+    changed = []
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if (
+            getattr(module, "cast_input_dtype_enabled", False) is True
+            and isinstance(dropouts, torch.nn.ModuleDict)
+            and all(isinstance(d, torch.nn.Identity) for d in dropouts.values())
+        ):
+            module.cast_input_dtype_enabled = False
+            changed.append(module)
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            module.cast_input_dtype_enabled = True
+
+
 def frozen_linears_for(model: Any, precision: str, device_type: str) -> Any:
     """The one rule for when frozen weights are held in bf16 (:func:`frozen_linears_in`): under
     ``bf16`` autocast on a CPU, where each forward pass would otherwise cast them again; elsewhere

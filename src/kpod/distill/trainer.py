@@ -68,6 +68,7 @@ from kpod.models import (
     compiled_forward,
     forward_replaced,
     frozen_linears_for,
+    lora_input_casts_off,
     training_attention,
 )
 from kpod.prompt import PromptFormat
@@ -466,12 +467,15 @@ class DistillRecipe:
     def step_weights(self) -> Iterator[None]:
         """The student as training steps see it: frozen weights stored in bf16 under bf16 autocast
         on a CPU (the same numbers, without a cast per forward pass:
-        :func:`kpod.models.frozen_linears_for`), and with ``compile`` the compiled forward
-        (:func:`kpod.models.forward_replaced`); dev scoring and saving see the student as loaded."""
+        :func:`kpod.models.frozen_linears_for`), LoRA inputs not cast to float32 on their way to a
+        product that casts them back (the same numbers: :func:`kpod.models.lora_input_casts_off`),
+        and with ``compile`` the compiled forward (:func:`kpod.models.forward_replaced`); dev
+        scoring and saving see the student as loaded."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(
                 frozen_linears_for(self.model, self.config.precision, self.accelerator.device.type)
             )
+            stack.enter_context(lora_input_casts_off(self.model))
             if self.compiled_forward is not None:
                 stack.enter_context(forward_replaced(self.model, self.compiled_forward))
             yield
