@@ -41,18 +41,22 @@ class _WeightedLinearNLL(torch.autograd.Function):
                 h = hidden[start : start + chunk].to(dtype)
                 y = labels[start : start + chunk]
                 tw = token_weights[start : start + chunk].float()
-                logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                nll = lse - logits.gather(1, y[:, None]).squeeze(1)
+                # One fused pass from the logits to fp32 log-probabilities (logsumexp, then a
+                # subtraction, cost four passes over the chunk's logits and a temporary).
+                logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
+                nll = -logp.gather(1, y[:, None]).squeeze(1)
                 total += (nll * tw).sum()
                 if need_h or need_w:
-                    g = logits.sub_(lse[:, None]).exp_().mul_(tw[:, None])  # d/dlogits, in place
-                    g[torch.arange(len(y), device=g.device), y] -= tw
+                    # d(nll_j)/d(logits_j) = softmax - onehot(y_j), in place; the token weights
+                    # scale the rows of the products' d-wide operands and results, not the
+                    # vocabulary-wide g (one pass over the chunk's logits fewer).
+                    g = logp.exp_()
+                    g[torch.arange(len(y), device=g.device), y] -= 1
                     g = g.to(dtype)
                     if need_h:
-                        grad_h[start : start + chunk] = (g @ w).to(hidden.dtype)
+                        grad_h[start : start + chunk] = (g @ w).to(hidden.dtype) * tw[:, None]
                     if need_w:
-                        grad_w += (g.T @ h).float()
+                        grad_w += (g.T @ (h * tw[:, None].to(dtype))).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -100,9 +104,9 @@ def linear_token_logprobs(
     with torch.autocast(device, enabled=False):
         w = weight.to(dtype)
         for start in range(0, hidden.shape[0], max(1, chunk)):
-            logits = (hidden[start : start + chunk].to(dtype) @ w.T).float()
-            picked = logits.gather(1, labels[start : start + chunk, None]).squeeze(1)
-            out[start : start + chunk] = picked - torch.logsumexp(logits, dim=-1)
+            logits = hidden[start : start + chunk].to(dtype) @ w.T
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass
+            out[start : start + chunk] = logp.gather(1, labels[start : start + chunk, None]).squeeze(1)
     return out
 
 
