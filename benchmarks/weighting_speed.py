@@ -12,14 +12,7 @@ answer predictor under the weighting's defaults (bf16 autocast, batch 8, 4 masks
 the full rationale and one shorter prefix). Also records whether ``bf16``'s losses equal
 ``before``'s (they should, bit for bit) and how far today's are from before's (bf16 rounding).
 
-Session 30 added a fifth row, ``one_batch``: today's path with each call's continuations in one
-padded batch, as before session 30 (``today`` splits them into a shorter and a longer batch where
-that saves padding: ``kpod.weighting.train.length_groups``); ``today_over_one_batch`` is
-``one_batch``'s time over today's, and ``max_abs_loss_difference_today_one_batch`` their
-losses' largest difference (rounding: bf16 sums in another order).
-
     .venv/bin/python benchmarks/weighting_speed.py              # 6 batches x 3 rounds
-    .venv/bin/python benchmarks/weighting_speed.py --threads 1  # as `make demo`'s main stream runs
 
 Results: results/weighting-speed.json.
 """
@@ -47,16 +40,12 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "weighting-speed.json")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from kpod.data.loaders import load_examples
     from kpod.models import autocast, frozen_linears_in, load_model
     from kpod.pipeline import data_step, load_pipeline_config
-    from kpod.weighting import train as weighting_train
     from kpod.weighting.maths import apply_mask
     from kpod.weighting.train import AnswerPredictor, _answer_losses, _encode, _prefix_lengths
 
@@ -90,28 +79,20 @@ def main() -> None:
         batches.append((batch, versions, prefixes))
 
     # (frozen weights in bf16, questions read once)
-    # (frozen weights in bf16, questions read once, continuations split by length)
     variants = {
-        "before": (False, False, False),
-        "bf16": (True, False, False),
-        "shared": (False, True, False),
-        "one_batch": (True, True, False),
-        "today": (True, True, True),
+        "before": (False, False),
+        "bf16": (True, False),
+        "shared": (False, True),
+        "today": (True, True),
     }
-    grouped = weighting_train.length_groups
 
-    def one_batch(lengths: list[int]) -> list[list[int]]:
-        return [sorted(range(len(lengths)), key=lambda i: (lengths[i], i))]
-
-    def run(bf16_weights: bool, share: bool, split: bool) -> tuple[float, list[torch.Tensor]]:
-        weighting_train.length_groups = grouped if split else one_batch
+    def run(bf16_weights: bool, share: bool) -> tuple[float, list[torch.Tensor]]:
         start = time.perf_counter()
         out = []
         dtype = torch.bfloat16 if bf16_weights else torch.float32  # fp32: nothing converted
         with torch.no_grad(), autocast("cpu", wcfg.precision), frozen_linears_in(predictor.model, dtype):
             for batch, versions, prefixes in batches:
                 out.append(_answer_losses(predictor, batch, versions, prefixes, share_questions=share))
-        weighting_train.length_groups = grouped
         return time.perf_counter() - start, out
 
     for setting in variants.values():  # warm-up: oneDNN builds its kernels per shape
@@ -127,8 +108,6 @@ def main() -> None:
     steal1, all1 = cpu_times()
     pairs = zip(losses["today"], losses["before"], strict=True)
     diff = max(float((a - b).abs().max()) for a, b in pairs)
-    pairs = zip(losses["today"], losses["one_batch"], strict=True)
-    diff_split = max(float((a - b).abs().max()) for a, b in pairs)
     same_bf16 = all(torch.equal(a, b) for a, b in zip(losses["bf16"], losses["before"], strict=True))
     mean = sum(float(b.mean()) for b in losses["before"]) / len(losses["before"])
     tokens_q = sum(len(e.question_ids) for e in encoded[: args.batches * size])
@@ -143,9 +122,6 @@ def main() -> None:
         "before_over_today": round(sum(seconds["before"]) / sum(seconds["today"]), 3),
         "before_over_bf16": round(sum(seconds["before"]) / sum(seconds["bf16"]), 3),
         "before_over_shared": round(sum(seconds["before"]) / sum(seconds["shared"]), 3),
-        "today_over_one_batch": round(sum(seconds["one_batch"]) / sum(seconds["today"]), 3),
-        "max_abs_loss_difference_today_one_batch": round(diff_split, 4),
-        "threads": torch.get_num_threads(),
         "bf16_losses_equal_before": same_bf16,
         "max_abs_loss_difference_today_before": round(diff, 4),
         "mean_answer_loss": round(mean, 4),

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import kpod.weighting.train as weighting_train
 from kpod.data.synthetic import arithmetic_examples
 from kpod.errors import ConfigError
 from kpod.weighting.evaluate import keypoint_labels, keypoint_metrics, token_class_metrics
@@ -25,7 +24,6 @@ from kpod.weighting.train import (
     _answer_losses,
     _encode,
     collapse_warning,
-    length_groups,
     load_weighting_model,
     train_weighting,
 )
@@ -361,7 +359,7 @@ def test_a_target_keep_ratio_holds_the_weights_at_it(tiny_causal, tmp_path) -> N
     assert collapse_warning(0.5, WeightingConfig()) is None
 
 
-def test_questions_read_once_give_the_same_answer_losses(tiny_causal, monkeypatch) -> None:
+def test_questions_read_once_give_the_same_answer_losses(tiny_causal) -> None:
     """The shared-question path (each question read once into a key/value cache that its masked
     rationales continue) against one padded row per sequence, in fp32: questions of different
     lengths (left padding in the cache), an empty prefix, prefix scales, uneven groups."""
@@ -380,13 +378,6 @@ def test_questions_read_once_give_the_same_answer_losses(tiny_causal, monkeypatc
     torch.manual_seed(1)
     hidden = loaded.model.get_input_embeddings().weight.shape[1]
     versions = [torch.randn(len(batch), longest, hidden) for _ in range(3)]
-    groups = []
-
-    def spy(lengths):
-        groups.append(length_groups(lengths))
-        return groups[-1]
-
-    monkeypatch.setattr(weighting_train, "length_groups", spy)
     with torch.no_grad():
         assert predictor.shares_questions()
         rows = _answer_losses(predictor, batch, versions, prefixes, share_questions=False)
@@ -394,16 +385,6 @@ def test_questions_read_once_give_the_same_answer_losses(tiny_causal, monkeypatc
             shared = _answer_losses(predictor, batch, versions, prefixes, chunk=chunk)
             assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-5), (chunk, shared - rows)
     assert not predictor.shares_questions()  # gradients wanted: one row per sequence
-    assert any(len(g) == 2 for g in groups)  # some calls ran their shorter sequences apart
-
-
-def test_length_groups_split_where_padding_would_waste_a_fifth() -> None:
-    """Two batches where padding the short sequences to the long ones would waste much, sorted
-    by length within each; one where the lengths are close."""
-    assert length_groups([50, 10, 48, 12]) == [[1, 3], [2, 0]]
-    assert length_groups([40, 10, 10, 12, 40, 11]) == [[1, 2, 5, 3], [0, 4]]
-    assert length_groups([50, 45, 48, 44]) == [[3, 1, 2, 0]]  # 4 x 50 against 2 x 45 + 2 x 50: 5 %
-    assert length_groups([7]) == [[0]]
 
 
 def test_bf16_training_stores_the_frozen_predictor_in_bf16_with_the_same_history(tiny_causal, monkeypatch):

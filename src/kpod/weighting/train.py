@@ -32,7 +32,6 @@ the predictor runs without gradients).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -157,8 +156,7 @@ class AnswerPredictor(nn.Module):
         ``j`` is ``questions[owner[j]]`` followed by ``rationales[j]`` and ``answers[j]``.
 
         The questions run first (left-padded) into a key/value cache, which is copied to every
-        sequence that continues them; the continuations (right-padded, in up to two batches of
-        similar length: :func:`length_groups`) run on it. Each question is
+        sequence that continues them; the continuations (right-padded) run on it. Each question is
         read by ``samples x n_prefixes`` sequences (8 by default) and is most of a sequence's
         tokens on short rationales (BENCHMARKS.md, "Issue #21, session 26"). Same losses as
         :meth:`answer_nll` up to float rounding (tested)."""
@@ -176,42 +174,34 @@ class AnswerPredictor(nn.Module):
             **{keyword: cache},
             logits_to_keep=last_positions(qbatch.shape[1], 1, device),
         )
+        rows = torch.tensor(owner, device=device)
+        cache.batch_select_indices(rows)  # one copy of its question's keys and values per sequence
         conts = [torch.cat([self.proj(r), self.embed(a)]) for r, a in zip(rationales, answers, strict=True)]
-        groups = length_groups([c.shape[0] for c in conts])
-        out = torch.zeros(len(conts), device=device)
-        for g, group in enumerate(groups):
-            # One copy of its question's keys and values per sequence (the last group takes the
-            # questions' cache itself).
-            group_cache = cache if g == len(groups) - 1 else copy.deepcopy(cache)
-            rows = torch.tensor([owner[j] for j in group], device=device)
-            group_cache.batch_select_indices(rows)
-            cbatch, cmask = pad_embeddings([conts[j] for j in group])
-            positions = qmask.sum(-1)[rows, None] + torch.arange(cbatch.shape[1], device=device)
-            with bypassed_head(self.model) as projection:
-                hidden = self.model(
-                    inputs_embeds=cbatch,
-                    attention_mask=torch.cat([qmask[rows], cmask], dim=1),
-                    position_ids=positions,
-                    use_cache=True,
-                    **{keyword: group_cache},
-                ).logits
-            # The scored answer tokens of sequence j end its continuation; position t predicts t + 1.
-            pick_row, pick_pos, targets = [], [], []
-            for i, j in enumerate(group):
-                n, a, k = conts[j].shape[0], answers[j], scored[j]
-                pick_row += [i] * k
-                pick_pos += range(n - k - 1, n - 1)
-                targets += a[len(a) - k :]
-            sequence = torch.tensor(pick_row, device=device)
-            h = hidden[sequence, torch.tensor(pick_pos, device=device)]
-            nll = nn.functional.cross_entropy(
-                nn.functional.linear(h, projection).float(),
-                torch.tensor(targets, device=device),
-                reduction="none",
-            )
-            slots = torch.tensor(group, device=device)
-            out.index_add_(0, slots[sequence], nll.to(out.dtype))
-        return out
+        cbatch, cmask = pad_embeddings(conts)
+        positions = qmask.sum(-1)[rows, None] + torch.arange(cbatch.shape[1], device=device)
+        with bypassed_head(self.model) as projection:
+            hidden = self.model(
+                inputs_embeds=cbatch,
+                attention_mask=torch.cat([qmask[rows], cmask], dim=1),
+                position_ids=positions,
+                use_cache=True,
+                **{keyword: cache},
+            ).logits
+        # The scored answer tokens of sequence j end its continuation; position t predicts t + 1.
+        pick_row, pick_pos, targets = [], [], []
+        for j, (c, a, k) in enumerate(zip(conts, answers, scored, strict=True)):
+            n = c.shape[0]
+            pick_row += [j] * k
+            pick_pos += range(n - k - 1, n - 1)
+            targets += a[len(a) - k :]
+        sequence = torch.tensor(pick_row, device=device)
+        h = hidden[sequence, torch.tensor(pick_pos, device=device)]
+        nll = nn.functional.cross_entropy(
+            nn.functional.linear(h, projection).float(),
+            torch.tensor(targets, device=device),
+            reduction="none",
+        )
+        return torch.zeros(len(conts), device=device).index_add(0, sequence, nll)
 
     def _seq2seq_nll(self, questions, rationales, answers, scored) -> torch.Tensor:
         # The encoder reads question, rationale and the template phrase; the decoder writes the answer.
@@ -224,26 +214,6 @@ class AnswerPredictor(nn.Module):
         labels = pad_ids(targets, IGNORE_INDEX)[0].to(batch.device)
         logits = self.model(inputs_embeds=batch, attention_mask=mask, labels=labels).logits
         return _summed_nll(logits, labels)
-
-
-def length_groups(lengths: Sequence[int]) -> list[list[int]]:
-    """The sequences of one predictor call as one or two padded batches, indices sorted by length
-    within each: the split into a shorter and a longer batch that pads the fewest positions, taken
-    only where it saves at least a fifth of the positions one batch would pad to (each batch is a
-    forward pass of its own and a copy of the questions' cache). A score-function batch's shorter
-    prefixes would otherwise be padded to the length of its full rationales (BENCHMARKS.md, "Issue
-    #21, session 30")."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    n = len(order)
-    if n < 2:
-        return [order]
-    split, padded = min(
-        ((s, s * lengths[order[s - 1]] + (n - s) * lengths[order[-1]]) for s in range(1, n)),
-        key=lambda pair: pair[1],
-    )
-    if padded > 0.8 * n * lengths[order[-1]]:
-        return [order]
-    return [order[:split], order[split:]]
 
 
 def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
