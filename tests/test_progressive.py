@@ -150,6 +150,30 @@ def test_diversity_spreads_selection_over_clusters() -> None:
     assert spread(diverse) > spread(plain)
 
 
+def test_difficulty_scoring_projects_only_the_steps_tokens(tiny_causal, monkeypatch) -> None:
+    """The output projection (and its softmax over the vocabulary) sees the steps' tokens only,
+    not the question's: as many rows as the examples have step tokens, fewer than their tokens.
+    (That the difficulties are Eq. 8 of the full logits is the next test's.)"""
+    from kpod.data.synthetic import arithmetic_examples
+    from kpod.models import load_model
+    from kpod.progressive import difficulty
+    from kpod.prompt import render_example, tokenize_rendered
+
+    student = load_model(str(tiny_causal), trainable=False)
+    examples = arithmetic_examples(3, seed=4)
+    rows = []
+    real = difficulty.linear_token_logprobs
+    monkeypatch.setattr(difficulty, "linear_token_logprobs", lambda h, *a: rows.append(len(h)) or real(h, *a))
+    difficulty.score_difficulties(examples, student, None, batch_size=3, progress=False)
+    tokenized = [
+        tokenize_rendered(render_example(e, tokenizer=student.tokenizer), student.tokenizer) for e in examples
+    ]
+    steps = sum(
+        1 for t, e in zip(tokenized, examples, strict=True) for s in t.segments if 0 <= s < len(e.steps)
+    )
+    assert rows == [steps] and steps < sum(len(t.input_ids) - 1 for t in tokenized)
+
+
 def test_difficulty_scoring_matches_eq8_and_resumes(tiny_causal, tmp_path) -> None:
     import torch
 

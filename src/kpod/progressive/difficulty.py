@@ -86,16 +86,14 @@ def score_difficulties(
                 range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress
             ):
                 batch = tokenized[start : start + batch_size]
-                all_logp = _token_logprobs(batch, model, tok, student.kind, device)
+                steps_of = [_step_positions(example, t, first_scored) for example, t, _ in batch]
+                wanted = [[p for positions in steps for p in positions] for steps in steps_of]
+                all_logp = _token_logprobs(batch, model, tok, student.kind, device, wanted)
                 lines = []
-                for (example, t, _), token_logp in zip(batch, all_logp, strict=True):
+                for (example, t, _), token_logp, by_step in zip(batch, all_logp, steps_of, strict=True):
                     w = rendered_token_weights(
                         example, t, None if weights is None else weights.get(rationale_key(example))
                     )
-                    by_step: list[list[int]] = [[] for _ in example.steps]
-                    for p, seg in enumerate(t.segments):
-                        if 0 <= seg < len(by_step) and p >= first_scored:
-                            by_step[seg].append(p)
                     diffs = [
                         step_difficulty(
                             [token_logp[p] for p in positions],
@@ -133,20 +131,40 @@ def _tokenize(example: Example, fmt: PromptFormat, tok: Any, kind: str) -> tuple
     return example, target, encoder_ids
 
 
-def _token_logprobs(batch: list, model: Any, tok: Any, kind: str, device: Any) -> list[list[float]]:
-    """log P of every scored token under teacher forcing, aligned with each target's tokens."""
+def _step_positions(example: Example, t: Any, first_scored: int) -> list[list[int]]:
+    """The positions of each step's tokens in the scored sequence ``t`` (a causal LM's first
+    token is not predicted, so not scored)."""
+    by_step: list[list[int]] = [[] for _ in example.steps]
+    for p, seg in enumerate(t.segments):
+        if 0 <= seg < len(by_step) and p >= first_scored:
+            by_step[seg].append(p)
+    return by_step
+
+
+def _token_logprobs(
+    batch: list, model: Any, tok: Any, kind: str, device: Any, wanted: list[list[int]] | None = None
+) -> list[list[float]]:
+    """log P of every scored token under teacher forcing, aligned with each target's tokens.
+
+    With ``wanted`` (positions per row) a causal student whose output projection can be bypassed
+    projects only those positions onto the vocabulary (the others read 0): step difficulty needs
+    the steps' tokens, not the question's, and the projection with its softmax over the vocabulary
+    is most of the cost of a scored token (BENCHMARKS.md, "Issue #21, session 30")."""
     pad = tok.pad_token_id or 0
     targets, mask = pad_ids([t.input_ids for _, t, _ in batch], pad)
     targets, mask = targets.to(device), mask.to(device)
     if kind == "causal" and head_bypass_supported(model):
-        # Only the real tokens' log-probabilities, the projection applied in chunks (no full logits).
+        # Only the wanted tokens' log-probabilities, the projection applied in chunks (no full logits).
         with bypassed_head(model) as projection:
             hidden = model(input_ids=targets, attention_mask=mask, use_cache=False).logits
-        scored = mask[:, 1:].bool()
+        scored = mask.bool()
+        if wanted is not None:
+            scored = torch.zeros_like(scored)
+            for i, positions in enumerate(wanted):
+                scored[i, positions] = True
+        scored[:, 0] = False  # position 0 is not predicted
         logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-        logp[:, 1:][scored] = linear_token_logprobs(
-            hidden[:, :-1][scored], projection, targets[:, 1:][scored]
-        )
+        logp[scored] = linear_token_logprobs(hidden[:, :-1][scored[:, 1:]], projection, targets[scored])
     elif kind == "causal":
         logits = model(input_ids=targets, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets[:, 1:, None]).squeeze(-1)
