@@ -355,23 +355,29 @@ def test_auto_precision_is_measured_once_per_machine_and_cached(tiny_causal, tmp
     rates = {torch.float32: 50.0, torch.bfloat16: 80.0}
     calls = []
 
-    def fake_rate(m, batch_size, **kw):
-        calls.append((next(m.parameters()).dtype, batch_size))
-        return rates[next(m.parameters()).dtype]
+    def fake_rate(m, batch_size, limit=None, **kw):
+        dtype = next(m.parameters()).dtype
+        calls.append((dtype, batch_size, limit))
+        slower = limit is not None and batch_size * precision.MEASURED_TOKENS / rates[dtype] > limit
+        return None if slower else rates[dtype]
 
     monkeypatch.setattr(precision, "time_generation", fake_rate)
     assert precision.choose(model, 16) == "bf16"  # the faster one
-    assert calls == [(torch.float32, 16), (torch.bfloat16, 16)]
+    # bf16 first; fp32 stopped once it has taken as long as bf16's timed decoding
+    assert calls == [(torch.bfloat16, 16, None), (torch.float32, 16, 16 * precision.MEASURED_TOKENS / 80.0)]
     assert next(model.parameters()).dtype == torch.float32  # measured on a copy
     cached = json.loads((tmp_path / "cache" / precision.CACHE_FILE).read_text())
     (entry,) = cached.values()
-    assert entry["choice"] == "bf16" and entry["fp32_tokens_per_s"] == 50.0
+    assert entry == {"choice": "bf16", "fp32_tokens_per_s": None, "bf16_tokens_per_s": 80.0}
     rates[torch.bfloat16] = 10.0
     assert precision.choose(model, 16) == "bf16" and len(calls) == 2  # from the cache: not measured again
     assert precision.choose(model, 4) == "fp32" and len(calls) == 4  # another batch size: measured
+    assert json.loads((tmp_path / "cache" / precision.CACHE_FILE).read_text())[
+        precision.cache_key(model, 4)
+    ] == {"choice": "fp32", "fp32_tokens_per_s": 50.0, "bf16_tokens_per_s": 10.0}
     # A large batch is timed with MAX_TIMED_ROWS rows, and every larger batch reads that answer.
     assert precision.choose(model, 128) == "fp32"
-    assert calls[-2:] == [(torch.float32, 32), (torch.bfloat16, 32)]
+    assert [c[:2] for c in calls[-2:]] == [(torch.bfloat16, 32), (torch.float32, 32)]
     rates[torch.bfloat16] = 90.0
     assert precision.choose(model, 64) == "fp32" and len(calls) == 6  # cached under 32 rows
     assert precision.choose(model, 33) == "fp32" and precision.choose(model, 32) == "fp32" and len(calls) == 6
@@ -380,6 +386,23 @@ def test_auto_precision_is_measured_once_per_machine_and_cached(tiny_causal, tmp
     monkeypatch.setenv("KPOD_GENERATION_PRECISION", "fp8")
     with pytest.raises(Exception, match="fp32 or bf16"):
         precision.choose(model, 32)
+
+
+def test_a_timed_generation_past_its_limit_stops_and_says_none(tiny_causal) -> None:
+    """``time_generation`` with a limit: a rate when the decoding fits in it, ``None`` when it
+    does not (a limit of 0 stops it at its first forward pass), and the model without the timer's
+    hook afterwards either way."""
+    from kpod import precision
+
+    model = load_model(str(tiny_causal), trainable=False).model.eval()
+    rate = precision.time_generation(model, 2, new_tokens=3, prompt_tokens=8, limit=600.0)
+    assert rate is not None and rate > 0
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    assert precision.time_generation(model, 2, new_tokens=3, prompt_tokens=8, limit=0.0) is None
+    handle.remove()
+    assert len(forwards) == 1  # stopped at its first forward pass, not after the decoding
+    assert not model._forward_pre_hooks
 
 
 def test_evaluate_in_bf16_uses_a_copy_and_says_so(tiny_causal, tmp_path) -> None:

@@ -47,6 +47,7 @@ def _cpu_name() -> str:
 
 
 MAX_TIMED_ROWS = 32
+MEASURED_TOKENS = 32  # generated per row in a timed decoding (time_generation's new_tokens)
 
 
 def timed_rows(batch_size: int) -> int:
@@ -68,7 +69,37 @@ def cache_key(model: Any, batch_size: int) -> str:
     return f"v4|{_cpu_name()}|{torch.get_num_threads()}t|torch {torch.__version__}|{shape}|batch {batch_size}"
 
 
-def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_tokens: int = 128) -> float:
+class _OverTime(Exception):
+    """Raised inside a timed generation that has run past its limit."""
+
+
+@contextlib.contextmanager
+def _time_limit(model: Any, seconds: float | None) -> Iterator[None]:
+    """Within the block, a forward pass of ``model`` that starts more than ``seconds`` after the
+    block began raises :class:`_OverTime` (``None``: no limit)."""
+    if seconds is None:
+        yield
+        return
+    deadline = time.perf_counter() + seconds
+
+    def check(module: Any, args: Any, kwargs: Any) -> None:
+        if time.perf_counter() > deadline:
+            raise _OverTime
+
+    handle = model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def time_generation(
+    model: Any,
+    batch_size: int,
+    new_tokens: int = MEASURED_TOKENS,
+    prompt_tokens: int = 128,
+    limit: float | None = None,
+) -> float | None:
     """Generated tokens per second of greedy decoding of a random prompt batch, after a warm-up on
     the same shapes (oneDNN builds its bf16 kernels for each shape on first use: a warm-up on other
     shapes made bf16 look slower than fp32 where a real evaluation ran it 1.9x faster). The prompt
@@ -76,7 +107,13 @@ def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_to
     and bf16 1.65x faster with 128 (a GSM8K prompt's length), so the default is 128. A causal model
     decodes with kpod's own loop (:func:`kpod.evaluate._greedy_compacting`, what its evaluations
     run; ``model.generate`` copies its KV cache at every step), every row for ``new_tokens``
-    tokens; an encoder-decoder with ``model.generate``."""
+    tokens; an encoder-decoder with ``model.generate``.
+
+    With ``limit`` (seconds), ``None`` as soon as the timed decoding has taken longer than that
+    (its rate is then below ``batch_size * new_tokens / limit``, which is all a comparison with a
+    faster precision needs), or the warm-up has: it does the same prefill and fewer steps, so the
+    timed decoding would too, unless first use cost most of it (measured: it does not,
+    BENCHMARKS.md "Issue #21, session 30")."""
     import torch
 
     device = next(model.parameters()).device
@@ -104,10 +141,17 @@ def time_generation(model: Any, batch_size: int, new_tokens: int = 32, prompt_to
             _greedy_compacting(model, enc, None, n, set())  # no answer check, no end: n tokens
 
     with torch.no_grad():
-        decode(4)
-        start = time.perf_counter()
-        decode(new_tokens)
+        try:
+            with _time_limit(model, limit):
+                decode(4)
+            start = time.perf_counter()
+            with _time_limit(model, limit):
+                decode(new_tokens)
+        except _OverTime:
+            return None
         seconds = time.perf_counter() - start
+    if limit is not None and seconds > limit:
+        return None  # its last forward pass began in time and ended after the limit
     return batch_size * new_tokens / seconds
 
 
@@ -155,14 +199,23 @@ def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
             return known[key]["choice"]
     was_training = model.training
     model.eval()
-    fp32 = time_generation(model, rows) if next(model.parameters()).dtype == torch.float32 else None
     low = bf16_copy(model)
     bf16 = time_generation(low, rows)
     del low
+    # fp32 second, stopped once it has taken as long as bf16's timed decoding: it is then the
+    # slower (the same choice as timing it whole; on a machine with fast bf16 products that saves
+    # most of fp32's share, about half the measurement: BENCHMARKS.md "Issue #21, session 30").
+    fp32 = None
+    if next(model.parameters()).dtype == torch.float32:
+        fp32 = time_generation(model, rows, limit=rows * MEASURED_TOKENS / bf16)
     model.train(was_training)
     choice = "bf16" if fp32 is None or bf16 > fp32 else "fp32"
     if cache:
-        known[key] = {"choice": choice, "fp32_tokens_per_s": fp32, "bf16_tokens_per_s": round(bf16, 1)}
+        known[key] = {
+            "choice": choice,
+            "fp32_tokens_per_s": fp32,  # None: stopped early, slower than bf16
+            "bf16_tokens_per_s": round(bf16, 1),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, known)
     return choice
