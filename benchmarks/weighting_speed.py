@@ -12,7 +12,14 @@ answer predictor under the weighting's defaults (bf16 autocast, batch 8, 4 masks
 the full rationale and one shorter prefix). Also records whether ``bf16``'s losses equal
 ``before``'s (they should, bit for bit) and how far today's are from before's (bf16 rounding).
 
+Session 30 added (c): the predictor's norms hand their outputs on in bf16, cast once instead of
+once per projection that reads them (``kpod.models.norm_outputs_in``); ``today`` has it, the row
+``session29`` is today's path without it (``session29_over_today``; the losses should be the same
+bit for bit: ``norm_cast_losses_equal``). ``--threads 1`` times it as `make demo`'s main stream
+runs it (one thread).
+
     .venv/bin/python benchmarks/weighting_speed.py              # 6 batches x 3 rounds
+    .venv/bin/python benchmarks/weighting_speed.py --threads 1 --batches 4 --rounds 3
 
 Results: results/weighting-speed.json.
 """
@@ -20,6 +27,7 @@ Results: results/weighting-speed.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -40,11 +48,14 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "weighting-speed.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from kpod.data.loaders import load_examples
-    from kpod.models import autocast, frozen_linears_in, load_model
+    from kpod.models import autocast, frozen_linears_in, load_model, norm_outputs_in
     from kpod.pipeline import data_step, load_pipeline_config
     from kpod.weighting.maths import apply_mask
     from kpod.weighting.train import AnswerPredictor, _answer_losses, _encode, _prefix_lengths
@@ -78,19 +89,25 @@ def main() -> None:
         prefixes = [_prefix_lengths(len(e.rationale_ids), rng, wcfg) for e in batch]
         batches.append((batch, versions, prefixes))
 
-    # (frozen weights in bf16, questions read once)
+    # (frozen weights in bf16, questions read once, norms' outputs cast once)
     variants = {
-        "before": (False, False),
-        "bf16": (True, False),
-        "shared": (False, True),
-        "today": (True, True),
+        "before": (False, False, False),
+        "bf16": (True, False, False),
+        "shared": (False, True, False),
+        "session29": (True, True, False),
+        "today": (True, True, True),
     }
 
-    def run(bf16_weights: bool, share: bool) -> tuple[float, list[torch.Tensor]]:
+    def run(bf16_weights: bool, share: bool, norms: bool) -> tuple[float, list[torch.Tensor]]:
         start = time.perf_counter()
         out = []
         dtype = torch.bfloat16 if bf16_weights else torch.float32  # fp32: nothing converted
-        with torch.no_grad(), autocast("cpu", wcfg.precision), frozen_linears_in(predictor.model, dtype):
+        with (
+            torch.no_grad(),
+            autocast("cpu", wcfg.precision),
+            frozen_linears_in(predictor.model, dtype),
+            norm_outputs_in(predictor.model, torch.bfloat16) if norms else contextlib.nullcontext(),
+        ):
             for batch, versions, prefixes in batches:
                 out.append(_answer_losses(predictor, batch, versions, prefixes, share_questions=share))
         return time.perf_counter() - start, out
@@ -109,6 +126,7 @@ def main() -> None:
     pairs = zip(losses["today"], losses["before"], strict=True)
     diff = max(float((a - b).abs().max()) for a, b in pairs)
     same_bf16 = all(torch.equal(a, b) for a, b in zip(losses["bf16"], losses["before"], strict=True))
+    same_norms = all(torch.equal(a, b) for a, b in zip(losses["today"], losses["session29"], strict=True))
     mean = sum(float(b.mean()) for b in losses["before"]) / len(losses["before"])
     tokens_q = sum(len(e.question_ids) for e in encoded[: args.batches * size])
     result = {
@@ -122,7 +140,10 @@ def main() -> None:
         "before_over_today": round(sum(seconds["before"]) / sum(seconds["today"]), 3),
         "before_over_bf16": round(sum(seconds["before"]) / sum(seconds["bf16"]), 3),
         "before_over_shared": round(sum(seconds["before"]) / sum(seconds["shared"]), 3),
+        "session29_over_today": round(sum(seconds["session29"]) / sum(seconds["today"]), 3),
         "bf16_losses_equal_before": same_bf16,
+        "norm_cast_losses_equal": same_norms,
+        "threads": torch.get_num_threads(),
         "max_abs_loss_difference_today_before": round(diff, 4),
         "mean_answer_loss": round(mean, 4),
         "question_tokens_per_example": round(tokens_q / (args.batches * size), 1),

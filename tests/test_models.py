@@ -44,6 +44,48 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny_causal) -> None:
         pass
 
 
+def test_norm_outputs_cast_once_give_the_same_forward_with_fewer_casts(tiny_causal, tiny_seq2seq) -> None:
+    """Without a gradient under bf16 autocast, a llama-family model whose norms hand on bf16 gives
+    the same logits bit for bit with fewer casts (each layer's q, k, v and gate, up read one cast);
+    with a gradient, or without autocast, nothing changes; other families are left alone; the
+    hooks are gone afterwards."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kpod.models import norm_outputs_in
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model = load_model(str(tiny_causal), trainable=False).model.eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2]])
+
+    def run(grad: bool, precision: str = "bf16"):
+        Casts.n = 0
+        with torch.set_grad_enabled(grad), autocast("cpu", precision), Casts():
+            logits = model(input_ids=ids).logits
+        return logits.detach(), Casts.n
+
+    plain, plain_casts = run(False)
+    plain_grad, grad_casts = run(True)
+    fp32, fp32_casts = run(False, "fp32")
+    with norm_outputs_in(model, torch.bfloat16) as n:
+        assert n == 2 * 2 + 1  # two norms in each of the two layers, and the final one
+        cast, casts = run(False)
+        cast_grad, casts_grad = run(True)
+        cast_fp32, casts_fp32 = run(False, "fp32")
+    assert torch.equal(cast, plain) and torch.equal(cast_grad, plain_grad) and torch.equal(cast_fp32, fp32)
+    # per layer 3 + 2 reads became 1 + 1 casts; the final norm's single reader: 1 for 1
+    assert plain_casts - casts == 2 * (5 - 2)
+    assert casts_grad == grad_casts and casts_fp32 == fp32_casts
+    assert not any(m._forward_hooks for m in model.modules())
+    with norm_outputs_in(load_model(str(tiny_seq2seq), trainable=False).model, torch.bfloat16) as n:
+        assert n == 0
+
+
 def test_missing_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ModelError, match="cannot load a model config"):
         load_model(str(tmp_path / "nowhere"))

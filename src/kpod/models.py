@@ -282,6 +282,54 @@ def lora_input_casts_off(model: Any) -> Iterator[int]:
             module.cast_input_dtype_enabled = True
 
 
+# Decoder-only families whose RMS norm outputs are read by linear projections only (the attention's
+# q, k, v; the MLP's gate and up; the output projection after the final norm).
+NORM_FED_LINEARS_ONLY = ("llama", "mistral", "qwen2")
+
+
+@contextlib.contextmanager
+def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
+    """Within the block, the RMS norms of a :data:`NORM_FED_LINEARS_ONLY` model hand their output
+    on in ``dtype`` (cast once), in forward passes that record no gradient under autocast to
+    ``dtype``; other passes, and other model families, are left alone. Yields how many norms it
+    changed.
+
+    Why: the norm computes in float32, and autocast then casts its output to bf16 separately for
+    each projection that reads it (three for q, k and v, two for gate and up): five casts of a
+    layer's activations where one does. Every reader casts to the same bf16, so the outputs are
+    the same bit for bit (tested); the token weighting's answer losses 1.02-1.14x faster
+    (BENCHMARKS.md "Issue #21, session 30"). With a gradient the readers' gradients would add up in bf16 instead
+    of float32, a different rounding: training steps are not changed."""
+    import torch
+
+    inner = inner_model(model)
+    if getattr(getattr(inner, "config", None), "model_type", None) not in NORM_FED_LINEARS_ONLY:
+        yield 0
+        return
+    norms = [
+        module
+        for name, module in inner.named_modules()
+        if name.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")
+    ]
+    final = getattr(getattr(inner, "model", None), "norm", None)
+    if final is not None:
+        norms.append(final)
+
+    def cast(module: Any, args: Any, output: Any) -> Any:
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(output.device.type):
+            return output
+        if torch.get_autocast_dtype(output.device.type) != dtype:
+            return output
+        return output.to(dtype)
+
+    handles = [norm.register_forward_hook(cast) for norm in norms]
+    try:
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def frozen_linears_for(model: Any, precision: str, device_type: str) -> Any:
     """The one rule for when frozen weights are held in bf16 (:func:`frozen_linears_in`): under
     ``bf16`` autocast on a CPU, where each forward pass would otherwise cast them again; elsewhere

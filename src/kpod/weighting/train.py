@@ -60,6 +60,7 @@ from kpod.models import (
     frozen_linears_for,
     last_positions,
     load_model,
+    norm_outputs_in,
 )
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.config import WeightingConfig
@@ -451,8 +452,12 @@ def train_weighting(
     start_time = time.perf_counter()
     model.weighter.train()
     # The frozen predictor's weights in bf16 for the loop under bf16 on a CPU: autocast would cast
-    # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for).
-    with frozen_linears_for(predictor.model, config.precision, config.device.split(":")[0]):
+    # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for); and
+    # its norms' outputs cast once, not once per projection (kpod.models.norm_outputs_in).
+    with (
+        frozen_linears_for(predictor.model, config.precision, config.device.split(":")[0]),
+        norm_outputs_in(predictor.model, torch.bfloat16),
+    ):
         for epoch in range(config.epochs):
             order = list(range(len(encoded)))
             rng.shuffle(order)
