@@ -298,8 +298,8 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
     each projection that reads it (three for q, k and v, two for gate and up): five casts of a
     layer's activations where one does. Every reader casts to the same bf16, so the outputs are
     the same bit for bit (tested); the token weighting's answer losses 1.02-1.14x faster
-    (BENCHMARKS.md "Issue #21, session 30"). With a gradient the readers' gradients would add up in bf16 instead
-    of float32, a different rounding: training steps are not changed."""
+    (BENCHMARKS.md "Issue #21, session 30"). With a gradient the readers' gradients would add up
+    in bf16 instead of float32, a different rounding: training steps are not changed."""
     import torch
 
     inner = inner_model(model)
