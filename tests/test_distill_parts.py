@@ -225,23 +225,15 @@ def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_with_fewer_cop
     that hand a bf16 input to their adapter uncast give exactly the same loss and adapter
     gradients, with fewer casts: o_proj's and down_proj's bf16 inputs no longer go to float32 and
     back, forward and backward. Layers with dropout keep the cast; afterwards every layer casts."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tiny_models import counting_casts
 
     from kpod.distill.batches import collate
     from kpod.models import StudentConfig, attention_implementation, frozen_linears_in, lora_input_casts_off
 
-    class Casts(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Casts.n += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
-
     def counted(model, batch):
-        Casts.n = 0
-        with Casts():
+        with counting_casts() as casts:
             loss, grads = _loss_and_grads(model, batch, "causal", from_hidden=True, precision="bf16")
-        return loss, grads, Casts.n
+        return loss, grads, casts.n
 
     torch.manual_seed(0)
     student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8, lora_dropout=0.0).load()

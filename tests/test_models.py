@@ -49,25 +49,17 @@ def test_norm_outputs_cast_once_give_the_same_forward_with_fewer_casts(tiny_caus
     the same logits bit for bit with fewer casts (each layer's q, k, v and gate, up read one cast);
     with a gradient, or without autocast, nothing changes; other families are left alone; the
     hooks are gone afterwards."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tiny_models import counting_casts
 
     from kpod.models import norm_outputs_in
-
-    class Casts(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Casts.n += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
 
     model = load_model(str(tiny_causal), trainable=False).model.eval()
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2]])
 
     def run(grad: bool, precision: str = "bf16"):
-        Casts.n = 0
-        with torch.set_grad_enabled(grad), autocast("cpu", precision), Casts():
+        with torch.set_grad_enabled(grad), autocast("cpu", precision), counting_casts() as casts:
             logits = model(input_ids=ids).logits
-        return logits.detach(), Casts.n
+        return logits.detach(), casts.n
 
     plain, plain_casts = run(False)
     plain_grad, grad_casts = run(True)

@@ -92,3 +92,19 @@ def build_seq2seq(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     )
     T5ForConditionalGeneration(config).save_pretrained(directory)
     return directory
+
+
+def counting_casts():
+    """A dispatch mode that counts the dtype casts (``aten._to_copy``) run inside it, autocast's
+    included: ``with counting_casts() as casts: ...``, then ``casts.n``."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    return Casts()

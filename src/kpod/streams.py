@@ -216,7 +216,6 @@ def _end_with_parent(parent: int) -> None:
 
 def main(argv: Sequence[str]) -> int:
     """The side process: run the job file's steps of its config, under its parent's lock."""
-
     from kpod.config import from_dict
     from kpod.lock import _holder, lock_path
     from kpod.pipeline import PipelineConfig, Runner, plan_steps

@@ -164,9 +164,10 @@ def _token_logprobs(
         # Only the wanted tokens' log-probabilities, the projection applied in chunks (no full logits).
         with bypassed_head(model) as projection:
             hidden = model(input_ids=targets, attention_mask=mask, use_cache=False).logits
-        scored = mask.bool()
-        if wanted is not None:
-            scored = torch.zeros_like(scored)
+        if wanted is None:
+            scored = mask.bool()
+        else:
+            scored = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
             for i, positions in enumerate(wanted):
                 scored[i, positions] = True
         scored[:, 0] = False  # position 0 is not predicted
