@@ -151,6 +151,37 @@ def test_two_processes_converting_the_offline_student_at_once_convert_it_once(tm
     assert all(torch.equal(converted[k], direct[k]) for k in converted)
 
 
+def test_the_plain_array_reader_reads_the_same_fields(tmp_path) -> None:
+    import gguf as gguf_py
+    import numpy as np
+
+    from kpod.models import _plain_array_reader
+
+    path = tmp_path / "small.gguf"
+    writer = gguf_py.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.block_count", 3)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "bé", "12"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 2.0, 0.0])
+    writer.add_tensor("w", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    plain = _plain_array_reader(gguf_py.GGUFReader)(path)
+    mapped = gguf_py.GGUFReader(path)
+    assert type(plain.data) is np.ndarray and isinstance(mapped.data, np.memmap)
+    assert list(plain.fields) == list(mapped.fields)
+    for name, field in mapped.fields.items():
+        other = plain.fields[name]
+        assert other.types == field.types and other.data == field.data
+        assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts, strict=True))
+    tokens = plain.fields["tokenizer.ggml.tokens"]
+    assert [bytes(tokens.parts[i]).decode() for i in tokens.data] == ["<s>", "a", "bé", "12"]
+    assert np.array_equal(plain.tensors[0].data, mapped.tensors[0].data)
+    assert _plain_array_reader(len) is len  # not gguf's reader class: unchanged
+
+
 def test_a_gguf_file_is_parsed_once_while_converting(tmp_path) -> None:
     import gguf as gguf_py
 

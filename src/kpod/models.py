@@ -88,18 +88,21 @@ def _gguf_parsed_once() -> Iterator[None]:
     again for each of its ~400 modules (12 s), most of a 40 s conversion here (BENCHMARKS.md,
     "Issue #21, session 29"). Both are read-only objects, so sharing them changes nothing written
     (a test compares the files). transformers imports both names from ``gguf`` when it uses them,
-    so replacing the module's attributes for the conversion's duration is enough."""
+    so replacing the module's attributes for the conversion's duration is enough.
+
+    The reader also reads its memory map through a plain ndarray view (:func:`_plain_array_reader`)."""
     import functools
 
     import gguf as gguf_py
 
     real_reader, real_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    plain_reader = _plain_array_reader(real_reader)
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path: Any, mode: str = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
-            readers[key] = real_reader(path, mode)
+            readers[key] = plain_reader(path, mode)
         return readers[key]
 
     gguf_py.GGUFReader = reader
@@ -108,6 +111,28 @@ def _gguf_parsed_once() -> Iterator[None]:
         yield
     finally:
         gguf_py.GGUFReader, gguf_py.get_tensor_name_map = real_reader, real_map
+
+
+def _plain_array_reader(reader_class: Any) -> Any:
+    """gguf's reader class, reading its file through a plain ndarray view of its ``np.memmap``.
+
+    The reader slices its memory map once per value, and transformers iterates the slices element
+    by element: about 3.7 million slices for SmolLM2's vocabulary and merges, each through
+    ``np.memmap``'s Python-level ``__getitem__`` and ``__array_finalize__``. A plain view of the
+    same mapped bytes slices in C; the values read are the same bytes (a test compares the
+    converted files). Anything that is not a class with gguf's ``_get`` is returned unchanged."""
+    import numpy as np
+
+    if not isinstance(reader_class, type) or not hasattr(reader_class, "_get"):
+        return reader_class
+
+    class PlainArrayReader(reader_class):
+        def _get(self, *args: Any, **kwargs: Any) -> Any:
+            if type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)
+            return super()._get(*args, **kwargs)
+
+    return PlainArrayReader
 
 
 def _convert_offline(name: str, target: Path) -> Path:
