@@ -202,3 +202,29 @@ def test_a_gguf_file_is_parsed_once_while_converting(tmp_path) -> None:
         assert gguf_py.get_tensor_name_map(arch, 2) is not gguf_py.get_tensor_name_map(arch, 2)
     finally:
         gguf_py.GGUFReader = real
+
+
+def test_cast_once_reuses_a_cast_only_while_the_weight_is_unchanged() -> None:
+    import gc
+
+    from kpod import models
+
+    weight = torch.nn.Parameter(torch.randn(64, 8) * 3, requires_grad=False)
+    first = models.cast_once(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.to(torch.bfloat16))
+    assert models.cast_once(weight, torch.bfloat16) is first  # unchanged: the same cast
+    assert models.cast_once(weight, torch.float32) is weight  # already in that dtype
+    with torch.no_grad():
+        weight.mul_(-2)  # in place: the version moves
+    second = models.cast_once(weight, torch.bfloat16)
+    assert second is not first and torch.equal(second, weight.to(torch.bfloat16))
+    weight.data = torch.randn(64, 8)  # new storage, as frozen_linears_in swaps it
+    third = models.cast_once(weight, torch.bfloat16)
+    assert third is not second and torch.equal(third, weight.to(torch.bfloat16))
+    trained = torch.nn.Parameter(torch.randn(4, 4))
+    assert not models.cast_once(trained, torch.bfloat16).requires_grad  # no graph through the cast
+    key = id(weight)
+    assert key in models._CASTS
+    del weight
+    gc.collect()
+    assert key not in models._CASTS  # dropped with its weight

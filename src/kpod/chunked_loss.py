@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kpod.models import inner_model
+from kpod.models import cast_once, inner_model
 
 
 class _WeightedLinearNLL(torch.autograd.Function):
@@ -32,7 +32,7 @@ class _WeightedLinearNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, token_weights, chunk, dtype):  # noqa: D102
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = cast_once(weight, dtype)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -102,7 +102,7 @@ def linear_token_logprobs(
     dtype = compute_dtype(hidden)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.autocast(device, enabled=False):
-        w = weight.to(dtype)
+        w = cast_once(weight, dtype)
         for start in range(0, hidden.shape[0], max(1, chunk)):
             logits = hidden[start : start + chunk].to(dtype) @ w.T
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # one fused pass

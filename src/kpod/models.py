@@ -238,6 +238,34 @@ def torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# cast_once's casts, by id of the weight: (its version, data pointer and the dtype; the cast).
+_CASTS: dict[int, tuple[tuple[int, int, Any], Any]] = {}
+
+
+def cast_once(weight: Any, dtype: Any) -> Any:
+    """``weight.to(dtype)`` without a graph, kept for the next call while ``weight`` holds the same
+    values (same version counter and storage), dropped when ``weight`` is.
+
+    For products that run outside autocast's own weight cache: a tied output projection (also the
+    input embedding, so :func:`frozen_linears_in` leaves it in float32) was cast to bf16 again for
+    every scored batch, training step and weighting pass (49,152 x 576 values, ~70 ms a cast on
+    one CPU thread here). The cast is the same rounding either way: same numbers. Call it where no
+    gradient flows through the cast (no-grad passes, or inside an ``autograd.Function``)."""
+    if weight.dtype == dtype:
+        return weight
+    key = (weight._version, weight.data_ptr(), dtype)
+    entry = _CASTS.get(id(weight))
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    cast = weight.detach().to(dtype)
+    if entry is None:
+        import weakref
+
+        weakref.finalize(weight, _CASTS.pop, id(weight), None)
+    _CASTS[id(weight)] = (key, cast)
+    return cast
+
+
 @contextlib.contextmanager
 def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
     """Within the block, the weights of frozen ``nn.Linear`` layers (a LoRA student's base

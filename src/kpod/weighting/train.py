@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kpod.batching import pad_embeddings, pad_ids
-from kpod.chunked_loss import bypassed_head, head_bypass_supported
+from kpod.chunked_loss import bypassed_head, compute_dtype, head_bypass_supported
 from kpod.data.answers import ANSWER_PHRASE
 from kpod.data.schema import Example
 from kpod.errors import ConfigError
@@ -57,6 +57,7 @@ from kpod.models import (
     LoraSettings,
     autocast,
     cache_keyword,
+    cast_once,
     frozen_linears_for,
     last_positions,
     load_model,
@@ -167,14 +168,15 @@ class AnswerPredictor(nn.Module):
         qbatch, qmask = pad_embeddings([self.embed(q) for q in questions], left=True)
         cache = DynamicCache(config=self.model.config)
         keyword = cache_keyword(self.model)
-        self.model(
-            inputs_embeds=qbatch,
-            attention_mask=qmask,
-            position_ids=(qmask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            **{keyword: cache},
-            logits_to_keep=last_positions(qbatch.shape[1], 1, device),
-        )
+        with bypassed_head(self.model):  # only the cache is wanted: no projection onto the vocabulary
+            self.model(
+                inputs_embeds=qbatch,
+                attention_mask=qmask,
+                position_ids=(qmask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                **{keyword: cache},
+                logits_to_keep=last_positions(qbatch.shape[1], 1, device),
+            )
         rows = torch.tensor(owner, device=device)
         cache.batch_select_indices(rows)  # one copy of its question's keys and values per sequence
         conts = [torch.cat([self.proj(r), self.embed(a)]) for r, a in zip(rationales, answers, strict=True)]
@@ -198,7 +200,9 @@ class AnswerPredictor(nn.Module):
         sequence = torch.tensor(pick_row, device=device)
         h = hidden[sequence, torch.tensor(pick_pos, device=device)]
         nll = nn.functional.cross_entropy(
-            nn.functional.linear(h, projection).float(),
+            # The projection cast once for all passes (kpod.models.cast_once): autocast would cast
+            # the tied weight to the same bf16 values at every call.
+            nn.functional.linear(h, cast_once(projection, compute_dtype(h))).float(),
             torch.tensor(targets, device=device),
             reduction="none",
         )
