@@ -228,3 +228,37 @@ def test_cast_once_reuses_a_cast_only_while_the_weight_is_unchanged() -> None:
     del weight
     gc.collect()
     assert key not in models._CASTS  # dropped with its weight
+
+
+def test_gqa_attention_on_cpu_reads_grouped_heads_in_place_with_the_same_outputs(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import sdpa_attention
+
+    from kpod.models import gqa_attention_on_cpu
+    from tests.tiny_models import build_causal
+
+    path = build_causal(tmp_path / "gqa", hidden=48, heads=6, kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    ids = torch.randint(5, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: a mask, which is when transformers repeats the heads on a CPU
+    mask[2, :7] = 0
+    repeated = []
+    real_repeat = sdpa_attention.repeat_kv
+    sdpa_attention.repeat_kv = lambda x, n: repeated.append(n) or real_repeat(x, n)
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids, attention_mask=mask).logits
+            assert repeated  # 3 query heads per key/value head, repeated
+            repeated.clear()
+            with gqa_attention_on_cpu() as switched, torch.autocast("cpu", dtype=torch.bfloat16):
+                grouped_bf16 = model(input_ids=ids, attention_mask=mask).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                repeated_bf16 = model(input_ids=ids, attention_mask=mask).logits
+            with gqa_attention_on_cpu():
+                grouped = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        sdpa_attention.repeat_kv = real_repeat
+    assert switched and len(repeated) == 2 * model.config.num_hidden_layers  # the bf16 pass outside
+    assert torch.equal(grouped, before) and torch.equal(grouped_bf16, repeated_bf16)
+    assert sdpa_attention.use_gqa_in_sdpa(mask, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)) is False

@@ -26,7 +26,7 @@ from kpod.data.schema import Example
 from kpod.errors import ConfigError, DataError
 from kpod.io import write_jsonl
 from kpod.lock import holds_lock
-from kpod.models import cache_keyword, last_positions
+from kpod.models import cache_keyword, gqa_attention_on_cpu, last_positions
 from kpod.prompt import PromptFormat, render_prompt
 from kpod.stats import wilson_interval
 
@@ -252,6 +252,7 @@ def _generate_batch(
 
 
 @torch.no_grad()
+@gqa_attention_on_cpu()  # prefills read grouped key/value heads in place (the same numbers)
 def generate(
     model: Any,
     tokenizer: Any,

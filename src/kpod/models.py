@@ -383,6 +383,39 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def gqa_attention_on_cpu() -> Iterator[bool]:
+    """Within the block, transformers' SDPA attention hands grouped-query attention on a CPU to
+    PyTorch's kernel (``enable_gqa``) instead of first copying each key/value head once for every
+    query head that reads it (``repeat_kv``); elsewhere it decides as before. Yields whether
+    transformers offers the switch (``use_gqa_in_sdpa``).
+
+    Why: transformers passes ``enable_gqa`` only where the fused kernels take it with a mask (XPU,
+    MPS) or without one; on a CPU with a padding mask it repeats SmolLM2's 3 key/value heads into 9
+    at every layer of every pass that reads more than one new token (scoring, the weighting's
+    answer losses, generation's prefill). PyTorch's CPU flash kernel reads the grouped heads
+    itself: the same outputs bit for bit (tested), without the copies."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        yield False
+        return
+    real = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if real is None:
+        yield False
+        return
+
+    def use_gqa(attention_mask: Any, key: Any, value: Any) -> bool:
+        on_cpu = key.device.type == "cpu" and key.shape[-1] == value.shape[-1]
+        return on_cpu or real(attention_mask, key, value)
+
+    sdpa_attention.use_gqa_in_sdpa = use_gqa
+    try:
+        yield True
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = real
+
+
 def frozen_linears_for(model: Any, precision: str, device_type: str) -> Any:
     """The one rule for when frozen weights are held in bf16 (:func:`frozen_linears_in`): under
     ``bf16`` autocast on a CPU, where each forward pass would otherwise cast them again; elsewhere

@@ -59,6 +59,7 @@ from kpod.models import (
     cache_keyword,
     cast_once,
     frozen_linears_for,
+    gqa_attention_on_cpu,
     last_positions,
     load_model,
     norm_outputs_in,
@@ -457,10 +458,12 @@ def train_weighting(
     model.weighter.train()
     # The frozen predictor's weights in bf16 for the loop under bf16 on a CPU: autocast would cast
     # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for); and
-    # its norms' outputs cast once, not once per projection (kpod.models.norm_outputs_in).
+    # its norms' outputs cast once, not once per projection (kpod.models.norm_outputs_in); its
+    # attention reads grouped key/value heads in place (kpod.models.gqa_attention_on_cpu).
     with (
         frozen_linears_for(predictor.model, config.precision, config.device.split(":")[0]),
         norm_outputs_in(predictor.model, torch.bfloat16),
+        gqa_attention_on_cpu(),
     ):
         for epoch in range(config.epochs):
             order = list(range(len(encoded)))
