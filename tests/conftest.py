@@ -10,6 +10,10 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Greedy outputs in the tests must not depend on which precision generates faster on the machine
 # (kpod.precision); tests of that choice unset it.
 os.environ.setdefault("KPOD_GENERATION_PRECISION", "fp32")
+# Likewise the precision of training, weighting and difficulty (kpod.precision.compute_precision):
+# the tests' defaults run as they were written, bf16 autocast, whether or not this CPU has fast
+# bf16 products; tests of the rule unset it.
+os.environ.setdefault("KPOD_PRECISION", "bf16")
 
 
 @pytest.fixture

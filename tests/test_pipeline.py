@@ -370,7 +370,7 @@ def test_side_steps_are_those_that_read_only_the_data():
         ("jobs=3", "jobs must be 1, 2 or auto, got 3"),
         ("train.lrr=1", "unknown key 'train.lrr'; known keys in train: .*lr"),
         ("train.epochs=two", "train.epochs: expected an integer"),
-        ("train.precision=fp8", "precision: 'fp8' is not allowed; choose one of: fp32, bf16, fp16"),
+        ("train.precision=fp8", "precision: 'fp8' is not allowed; choose one of: auto, fp32, bf16, fp16"),
         ("methods=[kpod,foo]", "methods: 'foo' is not allowed"),
         ("data.source=file", "data.source 'file' needs data.path"),
         ("colour=red", "unknown key 'colour'"),

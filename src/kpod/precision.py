@@ -6,7 +6,8 @@ AMD machine a student generated faster in bf16 than in fp32, on another week's I
 and the trainer's dev and test scoring) times a few greedy tokens of the model itself in both
 precisions, at the batch size it will use, and keeps the faster one; the answer is cached per
 processor, torch version, model shape and batch size in ``$KPOD_CACHE/generation-precision.json``,
-so the measurement runs once per machine. On a GPU ``auto`` is bf16 where the GPU supports it.
+so the measurement runs once per machine. On a GPU ``auto`` is bf16 where the GPU supports it; on
+a CPU without fast bf16 matrix products (:func:`cpu_has_fast_bf16`) it is fp32, unmeasured.
 
 The measurement times at most :data:`MAX_TIMED_ROWS` rows, whatever the batch (a batch of 128
 is timed with 32 rows, and every batch from 32 up shares that answer): timed at the full batch it
@@ -18,6 +19,10 @@ the faster one at 128 (BENCHMARKS.md, "Issue #21, session 26").
 
 bf16 here means bf16 *weights* (a bf16 copy of the model for generation), not autocast, which
 would cast every weight again at every generated token.
+
+Training, token weighting and difficulty scoring choose by a rule instead
+(:func:`compute_precision`): their ``precision: auto`` is bf16 autocast where bf16 products are
+fast, fp32 where they are not.
 """
 
 from __future__ import annotations
@@ -155,6 +160,59 @@ def time_generation(
     return batch_size * new_tokens / seconds
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU's bf16 matrix products go to oneDNN's bf16 kernels (AVX512 or AMX, or
+    ARM's bf16 extension), which PyTorch checks before routing a bf16 product there. Without them
+    PyTorch's fallback computes a bf16 product at about 1 GFLOP/s on one thread against fp32's 86
+    (an AVX2-only AMD EPYC, BENCHMARKS.md "Issue #21, session 32"): a 90x slower product that made
+    one token-weighting step take 100 s instead of seconds."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN or the private check
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+COMPUTE_CHOICES = ("auto", "fp32", "bf16")
+_WARNED: set[str] = set()
+
+
+def compute_precision(precision: str, device_type: str) -> str:
+    """The precision of training, token-weighting and difficulty passes (``train.precision``,
+    ``weighting.precision``, ``difficulty.precision``) with ``auto`` resolved for ``device_type``:
+    bf16 on a GPU that supports it and on a CPU with fast bf16 products
+    (:func:`cpu_has_fast_bf16`), where bf16 autocast is what those settings were measured fastest
+    with (BENCHMARKS.md, "Issue #21"); fp32 elsewhere. The environment's ``KPOD_PRECISION``
+    (``fp32`` or ``bf16``) stands in for the rule (the test suite sets it so that its defaults do
+    not depend on the machine). An explicit ``bf16`` is kept, with a warning where the CPU lacks
+    fast bf16 products; any other explicit value (``fp32``, ``fp16``) is returned as it is."""
+    import os
+    import warnings
+
+    import torch
+
+    if precision == "auto":
+        fixed = os.environ.get("KPOD_PRECISION")
+        if fixed:
+            if fixed not in ("fp32", "bf16"):
+                from kpod.errors import ConfigError
+
+                raise ConfigError(f"KPOD_PRECISION must be fp32 or bf16, got '{fixed}'")
+            return fixed
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_fast_bf16() and "bf16" not in _WARNED:
+        _WARNED.add("bf16")
+        warnings.warn(
+            "precision bf16 on a CPU without fast bf16 matrix products (AVX512 or AMX): bf16 products "
+            "run tens of times slower than fp32 here; precision: auto chooses fp32 on this machine",
+            stacklevel=2,
+        )
+    return precision
+
+
 def bf16_copy(model: Any) -> Any:
     """A bf16 copy of ``model`` for generation (the original, e.g. being trained, is untouched),
     with LoRA adapters merged into the weights they adapt: merged in fp32 and rounded to bf16
@@ -188,6 +246,8 @@ def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
     device = next(model.parameters()).device
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if not cpu_has_fast_bf16():
+        return "fp32"  # bf16 products tens of times slower: timing bf16 would take minutes
     path = cache_dir() / CACHE_FILE
     rows = timed_rows(batch_size)
     key = cache_key(model, rows)

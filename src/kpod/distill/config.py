@@ -26,7 +26,10 @@ class TrainConfig:
         lr_schedule: after warm-up: ``linear`` decay to 0, ``cosine`` or ``constant``.
         max_grad_norm: gradient clipping (0 turns it off).
         max_length: examples whose sequence is longer are left out (counted in the log).
-        precision: ``bf16``/``fp16`` autocast with float32 weights, or ``fp32``.
+        precision: ``bf16``/``fp16`` autocast with float32 weights, ``fp32``, or ``auto``
+            (default): bf16 on a GPU that has it and on a CPU with fast bf16 products (AVX512 or
+            AMX), fp32 elsewhere (:func:`kpod.precision.compute_precision`; bf16 products on an
+            AVX2-only CPU ran 90x slower than fp32's, BENCHMARKS.md "Issue #21, session 32").
         seed: seeds data order, initialisation of adapters and dropout.
         save_every: also checkpoint every this many optimiser steps (0: stage ends only).
         keep_checkpoints: how many checkpoints to keep.
@@ -95,7 +98,7 @@ class TrainConfig:
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
     max_length: int = 512
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2

@@ -71,7 +71,20 @@ from kpod.models import (
     lora_input_casts_off,
     training_attention,
 )
+from kpod.precision import compute_precision
 from kpod.prompt import PromptFormat
+
+
+def _forget_other_mixed_precision(mixed: str) -> None:
+    """Let this process train in another precision than its last training did (fp32 and then
+    ``auto``'s bf16 in one notebook, or the test suite): accelerate keeps one mixed precision per
+    process and refuses a second ("AcceleratorState has already been initialized"). Its
+    per-process state is forgotten then; the process group (``PartialState``) is kept."""
+    from accelerate.state import AcceleratorState
+
+    known = AcceleratorState._shared_state.get("_mixed_precision")
+    if known is not None and known != mixed:
+        AcceleratorState._reset_state()
 
 
 @dataclass
@@ -87,6 +100,7 @@ class TrainResult:
     tokens_per_s: float
     skipped_too_long: int
     processes: int = 1
+    precision: str = ""  # what ``train.precision`` ran as (``auto`` resolved: kpod.precision)
     stage_loss: list[float] = field(default_factory=list)
     dev: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
@@ -279,9 +293,12 @@ class DistillRecipe:
         from accelerate.utils import DistributedType, set_seed
 
         config, student, output = self.config, self.student, self.output
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+        # auto: bf16 where its products are fast (kpod.precision.compute_precision), else fp32
+        self.precision = compute_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
         # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
         # accelerate then builds a gloo process group instead of running each process alone.
+        _forget_other_mixed_precision(mixed)
         accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         why = compile_unavailable(accelerator.device.type) if config.compile else None
         if why:
@@ -472,9 +489,7 @@ class DistillRecipe:
         and with ``compile`` the compiled forward (:func:`kpod.models.forward_replaced`); dev
         scoring and saving see the student as loaded."""
         with contextlib.ExitStack() as stack:
-            stack.enter_context(
-                frozen_linears_for(self.model, self.config.precision, self.accelerator.device.type)
-            )
+            stack.enter_context(frozen_linears_for(self.model, self.precision, self.accelerator.device.type))
             stack.enter_context(lora_input_casts_off(self.model))
             if self.compiled_forward is not None:
                 stack.enter_context(forward_replaced(self.model, self.compiled_forward))
@@ -618,6 +633,7 @@ class DistillRecipe:
             tokens_per_s=round(state["train_tokens"] / seconds, 1) if seconds else 0.0,
             skipped_too_long=self.skipped,
             processes=self.world,
+            precision=self.precision,
             stage_loss=state["stage_loss"],
             dev=state["dev"],
             best_epoch=state["best_epoch"],

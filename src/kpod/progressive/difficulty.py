@@ -29,6 +29,7 @@ from kpod.batching import pad_ids
 from kpod.chunked_loss import bypassed_head, head_bypass_supported, linear_token_logprobs
 from kpod.data.schema import Example
 from kpod.models import autocast, frozen_linears_for, gqa_attention_on_cpu, norm_outputs_in
+from kpod.precision import compute_precision
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
 from kpod.weighting.weights import rationale_key, rendered_token_weights
@@ -66,7 +67,8 @@ def score_difficulties(
     ``student`` is a :class:`kpod.models.LoadedModel` of the *pretrained* student; ``weights`` the
     rows of ``weights.jsonl`` by key, or ``None`` for uniform weights. ``precision``: ``fp32``, or
     ``bf16`` autocast with the frozen student's weights held in bf16 while it scores (the
-    log-probabilities in float32 either way); `kpod run` scores in ``difficulty.precision``.
+    log-probabilities in float32 either way), or ``auto`` (bf16 where its products are fast:
+    :func:`kpod.precision.compute_precision`); `kpod run` scores in ``difficulty.precision``.
     """
     fmt = fmt or PromptFormat()
     done = read_difficulties(cache) if cache is not None else {}
@@ -81,6 +83,7 @@ def score_difficulties(
     first_scored = 1 if student.kind == "causal" else 0  # a causal LM does not predict its first token
     handle = open(cache, "a", encoding="utf-8") if cache is not None else None
     try:
+        precision = compute_precision(precision, device.type)
         with _scoring_precision(model, device.type, precision):
             for start in tqdm(
                 range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress

@@ -76,15 +76,17 @@ class DifficultyConfig:
         batch_size: scoring batch size.
         cluster_encoder: a sentence-embedding model for the clusters (``null``: the student's
             mean input embedding, offline).
-        precision: the scoring forward passes in ``bf16`` (autocast, as training steps run;
-            default) or ``fp32``. The log-probabilities are float32 either way; bf16 moves the
-            difficulties by rounding (Pearson 0.9999 on the quickstart's) and scored 1.7x faster
-            on a CPU with bf16 matrix units (BENCHMARKS.md, "Issue #21, session 27").
+        precision: the scoring forward passes in ``bf16`` (autocast, as training steps run),
+            ``fp32``, or ``auto`` (default: bf16 where its products are fast, fp32 elsewhere, as
+            ``train.precision``; :func:`kpod.precision.compute_precision`). The log-probabilities
+            are float32 either way; bf16 moves the difficulties by rounding (Pearson 0.9999 on the
+            quickstart's) and scored 1.7x faster on a CPU with bf16 matrix units (BENCHMARKS.md,
+            "Issue #21, session 27").
     """
 
     batch_size: int = 8
     cluster_encoder: str | None = None
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

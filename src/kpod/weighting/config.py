@@ -92,7 +92,9 @@ class WeightingConfig:
         epochs, batch_size, lr, predictor_lr: optimisation (AdamW unless
             ``experimental.optimizer`` says otherwise).
         max_rationale_tokens: longer rationales are truncated (their tail gets weight 1).
-        precision: ``bf16`` autocast (CPU or GPU) or ``fp32``.
+        precision: ``bf16`` autocast (CPU or GPU), ``fp32``, or ``auto`` (default: bf16 where
+            its products are fast, fp32 elsewhere, as ``train.precision``;
+            :func:`kpod.precision.compute_precision`).
         num_heads, mlp_hidden: the module's attention heads and MLP width.
         seed: seeds the module's initialisation, the masks and the prefixes drawn.
         device: where the module and the predictor run (``cpu``, ``cuda``).
@@ -112,7 +114,7 @@ class WeightingConfig:
     lr: float = 1e-4
     predictor_lr: float = 1e-4
     max_rationale_tokens: int = 256
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_heads: int = 4
     mlp_hidden: int = 256
     seed: int = 0

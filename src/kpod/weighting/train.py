@@ -64,6 +64,7 @@ from kpod.models import (
     load_model,
     norm_outputs_in,
 )
+from kpod.precision import compute_precision
 from kpod.prompt import answer_text, render_prompt
 from kpod.weighting.config import WeightingConfig
 from kpod.weighting.maths import (
@@ -460,8 +461,10 @@ def train_weighting(
     # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for); and
     # its norms' outputs cast once, not once per projection (kpod.models.norm_outputs_in); its
     # attention reads grouped key/value heads in place (kpod.models.gqa_attention_on_cpu).
+    device_type = config.device.split(":")[0]
+    precision = compute_precision(config.precision, device_type)  # auto: bf16 where its products are fast
     with (
-        frozen_linears_for(predictor.model, config.precision, config.device.split(":")[0]),
+        frozen_linears_for(predictor.model, precision, device_type),
         norm_outputs_in(predictor.model, torch.bfloat16),
         gqa_attention_on_cpu(),
     ):
@@ -480,7 +483,7 @@ def train_weighting(
                 valid = mask.float()
                 # The prefix lengths of each rationale (the full one first), shared by all its samples.
                 prefixes = [_prefix_lengths(len(b.rationale_ids), rng, config) for b in batch]
-                with autocast(config.device.split(":")[0], config.precision):
+                with autocast(device_type, precision):
                     w = model.weighter(ids, mask, config.target_keep)
                     embedded = model.weighter.embeddings(ids)
                     if x.estimator == "straight-through":
