@@ -75,6 +75,17 @@ def test_generation_on_a_cpu_without_fast_bf16_is_fp32_unmeasured(machine, tiny_
     assert precision.choose(model, 16, cache=False) == "fp32"
 
 
+def _auto_follows_the_rule(machine, run) -> None:
+    """``run("auto")`` gives fp32's result bit for bit on a CPU without fast bf16 products and
+    bf16's on one with them; the two differ (bf16 really ran)."""
+    fp32, bf16 = run("fp32"), run("bf16")
+    assert fp32 != bf16
+    machine(False)
+    assert run("auto") == fp32
+    machine(True)
+    assert run("auto") == bf16
+
+
 def test_auto_runs_difficulty_as_the_rule_says(machine, tiny_causal) -> None:
     """Difficulties under ``auto`` equal fp32's bit for bit on a machine without fast bf16, and
     bf16's on one with it (which differ from fp32's by rounding)."""
@@ -87,12 +98,7 @@ def test_auto_runs_difficulty_as_the_rule_says(machine, tiny_causal) -> None:
     def scored(p: str) -> dict[str, list[float]]:
         return score_difficulties(examples, student, None, batch_size=2, progress=False, precision=p)
 
-    fp32, bf16 = scored("fp32"), scored("bf16")
-    assert fp32 != bf16
-    machine(False)
-    assert scored("auto") == fp32
-    machine(True)
-    assert scored("auto") == bf16
+    _auto_follows_the_rule(machine, scored)
 
 
 def test_auto_runs_token_weighting_as_the_rule_says(machine, tiny_causal) -> None:
@@ -109,12 +115,7 @@ def test_auto_runs_token_weighting_as_the_rule_says(machine, tiny_causal) -> Non
         _, steps = train_weighting(examples, dataclasses.replace(base, precision=p), progress=False)
         return [{k: v for k, v in h.items() if k != "seconds"} for h in steps]
 
-    fp32, bf16 = history("fp32"), history("bf16")
-    assert fp32 != bf16
-    machine(False)
-    assert history("auto") == fp32
-    machine(True)
-    assert history("auto") == bf16
+    _auto_follows_the_rule(machine, history)
 
 
 def test_auto_trains_as_the_rule_says_and_records_it(machine, tiny_causal, tmp_path) -> None:
