@@ -296,9 +296,9 @@ class DistillRecipe:
         # auto: bf16 where its products are fast (kpod.precision.compute_precision), else fp32
         self.precision = compute_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        _forget_other_mixed_precision(mixed)
         # cpu=True without CUDA: under `accelerate launch --multi_gpu` (torchrun) on a CPU-only machine
         # accelerate then builds a gloo process group instead of running each process alone.
-        _forget_other_mixed_precision(mixed)
         accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         why = compile_unavailable(accelerator.device.type) if config.compile else None
         if why:
