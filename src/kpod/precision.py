@@ -163,9 +163,9 @@ def time_generation(
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU's bf16 matrix products go to oneDNN's bf16 kernels (AVX512 or AMX, or
     ARM's bf16 extension), which PyTorch checks before routing a bf16 product there. Without them
-    PyTorch's fallback computes a bf16 product at about 1 GFLOP/s on one thread against fp32's 86
-    (an AVX2-only AMD EPYC, BENCHMARKS.md "Issue #21, session 32"): a 90x slower product that made
-    one token-weighting step take 100 s instead of seconds."""
+    PyTorch's fallback computes a bf16 product at 1-1.3 GFLOP/s on one thread against fp32's 82-86
+    (an AVX2-only AMD EPYC, BENCHMARKS.md "Issue #21, session 32"): a 60-90x slower product that
+    made one token-weighting step take 100 s instead of 13."""
     import torch
 
     try:
@@ -174,8 +174,14 @@ def cpu_has_fast_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
 
 
-COMPUTE_CHOICES = ("auto", "fp32", "bf16")
-_WARNED: set[str] = set()
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 products are fast on ``device_type``: a GPU that supports bf16, a CPU with
+    oneDNN's bf16 kernels (:func:`cpu_has_fast_bf16`); not elsewhere."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and cpu_has_fast_bf16()
 
 
 def compute_precision(precision: str, device_type: str) -> str:
@@ -186,11 +192,10 @@ def compute_precision(precision: str, device_type: str) -> str:
     with (BENCHMARKS.md, "Issue #21"); fp32 elsewhere. The environment's ``KPOD_PRECISION``
     (``fp32`` or ``bf16``) stands in for the rule (the test suite sets it so that its defaults do
     not depend on the machine). An explicit ``bf16`` is kept, with a warning where the CPU lacks
-    fast bf16 products; any other explicit value (``fp32``, ``fp16``) is returned as it is."""
+    fast bf16 products (once per calling line: Python's default warning filter); any other
+    explicit value (``fp32``, ``fp16``) is returned as it is."""
     import os
     import warnings
-
-    import torch
 
     if precision == "auto":
         fixed = os.environ.get("KPOD_PRECISION")
@@ -200,11 +205,8 @@ def compute_precision(precision: str, device_type: str) -> str:
 
                 raise ConfigError(f"KPOD_PRECISION must be fp32 or bf16, got '{fixed}'")
             return fixed
-        if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "fp32"
-    if precision == "bf16" and device_type == "cpu" and not cpu_has_fast_bf16() and "bf16" not in _WARNED:
-        _WARNED.add("bf16")
+        return "bf16" if fast_bf16(device_type) else "fp32"
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn(
             "precision bf16 on a CPU without fast bf16 matrix products (AVX512 or AMX): bf16 products "
             "run tens of times slower than fp32 here; precision: auto chooses fp32 on this machine",
@@ -244,10 +246,10 @@ def choose(model: Any, batch_size: int, *, cache: bool = True) -> str:
             raise ConfigError(f"KPOD_GENERATION_PRECISION must be fp32 or bf16, got '{fixed}'")
         return fixed
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if not cpu_has_fast_bf16():
-        return "fp32"  # bf16 products tens of times slower: timing bf16 would take minutes
+    # A GPU by its support; a CPU without fast bf16 products unmeasured (timing bf16 there, tens
+    # of times slower, would take minutes).
+    if device.type == "cuda" or (device.type == "cpu" and not cpu_has_fast_bf16()):
+        return "bf16" if fast_bf16(device.type) else "fp32"
     path = cache_dir() / CACHE_FILE
     rows = timed_rows(batch_size)
     key = cache_key(model, rows)

@@ -29,7 +29,7 @@ class TrainConfig:
         precision: ``bf16``/``fp16`` autocast with float32 weights, ``fp32``, or ``auto``
             (default): bf16 on a GPU that has it and on a CPU with fast bf16 products (AVX512 or
             AMX), fp32 elsewhere (:func:`kpod.precision.compute_precision`; bf16 products on an
-            AVX2-only CPU ran 90x slower than fp32's, BENCHMARKS.md "Issue #21, session 32").
+            AVX2-only CPU ran 60-90x slower than fp32's, BENCHMARKS.md "Issue #21, session 32").
         seed: seeds data order, initialisation of adapters and dropout.
         save_every: also checkpoint every this many optimiser steps (0: stage ends only).
         keep_checkpoints: how many checkpoints to keep.
