@@ -1,8 +1,8 @@
 """How fast is the kpod loop? Training tokens/s of kpod and std-cot in our loop, today's settings
 against the former ones ("old": the loss from every position's logits, LoRA dropout 0.05), and of
 TRL's SFTTrainer, side by side in one run; evaluation in fp32 (today's) against bf16 weights and a
-larger batch, with the answers that change; the machine's own bf16 matrix-product rate, for the
-share of it the loop achieves.
+larger batch, with the answers that change; the machine's own bf16 matrix-product rate (and the rate
+in the precision the loop ran in, where that is not bf16), for the share of it the loop achieves.
 
     .venv/bin/python benchmarks/throughput.py                      # the offline student, CPU
     .venv/bin/python benchmarks/throughput.py --student meta-llama/Llama-2-7b-hf --steps 30   # GPU
@@ -16,7 +16,9 @@ allocated memory on GPU. In one shared process a row's resident memory kept what
 left on the heap: the checkpointed variant showed 3.5 GB run after the others and 2.1-2.4 GB on its
 own. The evaluation rows share one process and one loaded model; their peaks are sampled.
 Results: results/throughput.json (keys new_over_old_stdcot, new_over_old_kpod, kpod_over_stdcot,
-ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures); a run with
+ours_over_trl, mfu_bf16, peak_rss_new_over_old, eval_new_over_old plus the raw figures; mfu is the
+share of the rate in the loop's own precision, which ``--precision auto`` makes fp32 on a CPU without
+fast bf16 products); a run with
 ``--train-rows`` (some training variants) or ``--eval-rows`` (some evaluation settings) is stored under
 ``train_rows`` / ``eval_rows`` and leaves those figures as they were.
 
@@ -109,16 +111,18 @@ def load_data(n: int, tokenizer, max_length: int):
     return fitting[:n], source
 
 
-def matmul_rate(seconds: float = 3.0, n: int = 2048) -> float:
-    """GFLOP/s of bf16 ``n x n`` matrix products on this machine, as many as fit in ``seconds``."""
+def matmul_rate(precision: str = "bf16", seconds: float = 3.0, n: int = 2048) -> float:
+    """GFLOP/s of ``n x n`` matrix products in ``precision`` (bf16 or fp32) on this machine, as
+    many as fit in ``seconds`` after one warm-up product (at least one: a bf16 product takes
+    seconds on a CPU without fast bf16, BENCHMARKS.md "session 32")."""
     import torch
 
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    for _ in range(2):
-        a @ b
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[precision]
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
     count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while count == 0 or time.perf_counter() - start < seconds:
         a @ b
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
@@ -465,14 +469,17 @@ def training_ratios(result: dict) -> dict:
     def peak(variant: str) -> float:
         return max(cell["peak_mib"] for cell in result[variant].values())
 
-    def mfu(variant: str) -> float:
-        return round(result[variant]["std-cot"]["gflop_per_s"] / result["matmul_bf16_gflop_per_s"], 3)
+    def mfu(variant: str, rate: str = "matmul_bf16_gflop_per_s") -> float:
+        return round(result[variant]["std-cot"]["gflop_per_s"] / result[rate], 3)
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3)
 
     old = "old" in result
     out = {"kpod_over_stdcot": ratio(speed("new", "kpod"), speed("new", "std-cot")), "mfu_bf16": mfu("new")}
+    # The share of the rate in the precision the loop ran in: on a CPU without fast bf16 the loop
+    # runs in fp32 (precision auto) and its share of the bf16 rate says nothing.
+    out["mfu"] = mfu("new", "matmul_gflop_per_s")
     if old:
         for method, key in METHOD_KEYS:
             out[f"new_over_old_{key}"] = ratio(speed("new", method), speed("old", method))
@@ -484,6 +491,7 @@ def training_ratios(result: dict) -> dict:
             out[f"compile_over_new_{key}"] = ratio(speed("new-compile", method), speed("new", method))
         out["peak_rss_compile_over_old"] = ratio(peak("new-compile"), peak("old")) if old else None
         out["mfu_bf16_compile"] = mfu("new-compile")
+        out["mfu_compile"] = mfu("new-compile", "matmul_gflop_per_s")
     if "new-gc" in result and old:
         out["peak_rss_gc_over_old"] = ratio(peak("new-gc"), peak("old"))
         out["gc_over_new_stdcot"] = ratio(speed("new-gc", "std-cot"), speed("new", "std-cot"))
@@ -522,7 +530,13 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), default="bf16")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32", "fp16"),
+        default="auto",
+        help="of the training rows (auto: bf16 where this machine has fast bf16 products, fp32 "
+        "elsewhere, as kpod's own default; kpod.precision.compute_precision)",
+    )
     parser.add_argument("--eval-n", type=int, default=32, help="questions for the evaluation comparison")
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--eval-max-new-tokens", type=int, default=128)
@@ -561,6 +575,12 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
+    import torch
+
+    from kpod.precision import compute_precision
+
+    requested = args.precision
+    args.precision = compute_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     if "new" not in args.variants:
         parser.error("--variants must include new: every ratio is taken against it")
     needs_allocator = [v for v in args.variants if VARIANTS[v].get("allocator")]
@@ -621,14 +641,20 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "precision": args.precision,
+        "precision_requested": requested,
         "lora_r": 16,
     }
     # A short unrecorded run first (page faults, thread pools), then the runs alternate for --rounds
     # rounds, the order reversed every other round so that none always runs first; each figure is
     # the mean over rounds.
     # The matrix-product rate before and after the training runs; the higher one is the machine's.
+    # The bf16 rate is the issue's reference (mfu_bf16); where the loop runs in another precision
+    # that precision's rate is measured too (mfu).
     rates = [round(matmul_rate(), 1)]
     print("bf16 matmul GFLOP/s", rates[0], flush=True)
+    own = [] if args.precision == "bf16" else [round(matmul_rate(args.precision), 1)]
+    if own:
+        print(f"{args.precision} matmul GFLOP/s", own[0], flush=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
     fresh_process("ours", warm, examples[: args.batch_size], args.out / "warm-up", method="std-cot")
     runs = [(m, v) for v in args.variants for m in ("std-cot", "kpod")]
@@ -649,6 +675,10 @@ def main() -> None:
     rates.append(round(matmul_rate(), 1))
     result["matmul_bf16_gflop_per_s_runs"] = rates
     result["matmul_bf16_gflop_per_s"] = max(rates)
+    if own:
+        own.append(round(matmul_rate(args.precision), 1))
+        result[f"matmul_{args.precision}_gflop_per_s_runs"] = own
+    result["matmul_gflop_per_s"] = max(own or rates)  # in the precision the loop ran in
     result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
     result.update(training_ratios(result))
     if args.train_rows:  # a partial comparison: kept apart from the full run's figures
@@ -698,6 +728,7 @@ def main() -> None:
                     "kpod_over_stdcot",
                     "ours_over_trl",
                     "mfu_bf16",
+                    "mfu",
                     "peak_rss_new_over_old",
                     "eval_new_over_old",
                     "eval_answers_changed",
