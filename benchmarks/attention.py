@@ -4,9 +4,11 @@ length. What ``train.attention: auto`` and ``kpod.models.EAGER_ATTENTION_MAX_LEN
 
     .venv/bin/python benchmarks/attention.py
     .venv/bin/python benchmarks/attention.py --lengths 64 128 256 --batch 8 --rounds 6
+    .venv/bin/python benchmarks/attention.py --dtype fp32     # as precision auto trains without fast bf16
 
 One layer's attention of the offline student's shape (9 query heads sharing 3 key/value heads of
-64), bf16 tensors as under autocast, batch 8 by default, through transformers' own functions
+64), bf16 tensors as under autocast (``--dtype fp32``: float32, as the loop runs where ``precision:
+auto`` resolves to fp32), batch 8 by default, through transformers' own functions
 (``sdpa_attention_forward``, the Llama ``eager_attention_forward``) with the masks transformers
 builds for a padded batch (a boolean mask for sdpa, an additive one for eager; ``sdpa-causal`` is
 sdpa without a mask, its ``is_causal`` path, which transformers takes when no row is padded).
@@ -14,7 +16,7 @@ Per length: the median over ``--rounds`` rounds of the mean of 5 calls of forwar
 ("train") and of the forward alone without gradients ("forward"), the implementations alternated
 in each round.
 
-Results: results/attention.json.
+Results: results/attention.json (bf16), results/attention-fp32.json (fp32).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def mean_ms(fn, calls: int = 5) -> float:
 
 def measure(length: int, args, layer: _Layer, functions) -> dict:
     """One length's row: each implementation's median ms for forward+backward and forward alone."""
-    b, dtype, d = args.batch, torch.bfloat16, args.head_dim
+    b, d = args.batch, args.head_dim
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     q = torch.randn(b, args.heads, length, d, dtype=dtype, requires_grad=True)
     k = torch.randn(b, args.kv_heads, length, d, dtype=dtype, requires_grad=True)
     v = torch.randn(b, args.kv_heads, length, d, dtype=dtype, requires_grad=True)
@@ -113,8 +116,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--out", type=Path, help="default: results/attention.json, -fp32 for fp32")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / ("attention.json" if args.dtype == "bf16" else "attention-fp32.json")
 
     torch.manual_seed(0)
     layer, functions = _Layer(args.heads // args.kv_heads), implementations()
@@ -129,6 +134,8 @@ def main() -> None:
         "what": "one layer's attention, ms per call (median of rounds of 5): forward+backward (train) and "
         "forward without gradients, sdpa (boolean mask), sdpa-causal (no mask) and eager (additive mask)",
         "shape": shape,
+        "dtype": args.dtype,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "rows": rows,
         "steal_share": round((steal1 - steal0) / max(1, all1 - all0), 4),
         **provenance(),

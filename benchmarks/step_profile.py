@@ -1,18 +1,22 @@
 """Where one training step's CPU time goes, by operator: ``torch.profiler`` over a forward and
 backward of the offline student as the trainer runs it (LoRA r 16 on every linear layer, bf16
-autocast, frozen weights held in bf16, the loss from hidden states), on one batch of random tokens.
+autocast with frozen weights held in bf16, or fp32 as ``precision: auto`` runs on a CPU without fast
+bf16 products; the loss from hidden states), on one batch of random tokens.
 
     .venv/bin/python benchmarks/step_profile.py --length 100 --attention eager
     .venv/bin/python benchmarks/step_profile.py --length 32 --attention sdpa
+    .venv/bin/python benchmarks/step_profile.py --length 100 --precision fp32
 
 Batch 8 x ``--length`` tokens, the first 45 % of each row unlabelled (as a question is), random
 token weights; two warm-up steps, then one profiled. Writes the operator table (self CPU time, top
-30) to results/profiles/step-<attention>-L<length>.txt with the command and machine above it.
+30) to results/profiles/step-<attention>-L<length>.txt (``-fp32`` before ``.txt`` for fp32) with the
+command, machine and PyTorch's CPU capability above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="eager")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     args = parser.parse_args()
 
     import torch
@@ -50,13 +55,16 @@ def main() -> None:
         "weights": torch.rand(b, n),
     }
 
+    bf16 = args.precision == "bf16"
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)
         (loss / 1000).backward()
         model.zero_grad(set_to_none=True)
 
-    with frozen_linears_in(model, torch.bfloat16), attention_implementation(model, args.attention):
+    held = frozen_linears_in(model, torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with held, attention_implementation(model, args.attention):
         step()
         step()
         steal0, all0 = cpu_times()
@@ -67,9 +75,11 @@ def main() -> None:
     facts = provenance()
     header = "\n".join(
         [f"{k}: {facts[k]}" for k in ("date", "commit", "machine", "command")]
+        + [f"cpu capability: {torch.backends.cpu.get_cpu_capability()}"]
         + [f"steal share: {(steal1 - steal0) / max(1, all1 - all0):.4f}", ""]
     )
-    out = RESULTS / "profiles" / f"step-{args.attention}-L{n}.txt"
+    suffix = "" if bf16 else f"-{args.precision}"
+    out = RESULTS / "profiles" / f"step-{args.attention}-L{n}{suffix}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + "\n" + table + "\n")
     print(header + "\n" + table)
