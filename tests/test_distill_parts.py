@@ -362,19 +362,22 @@ def test_eager_attention_gives_the_loss_and_gradients_of_sdpa(
         assert leaky.item() != pytest.approx(sdpa_loss.item(), rel=1e-5)
 
 
-def test_training_attention_is_eager_only_for_short_cpu_batches() -> None:
+def test_training_attention_is_eager_only_for_short_cpu_batches_under_bf16() -> None:
     from kpod.errors import ModelError
     from kpod.models import EAGER_ATTENTION_MAX_LENGTH, training_attention
 
     short, long = EAGER_ATTENTION_MAX_LENGTH, EAGER_ATTENTION_MAX_LENGTH + 1
-    assert training_attention("auto", short, "cpu", compiled=False) == "eager"
-    assert training_attention("auto", long, "cpu", compiled=False) is None
-    assert training_attention("auto", short, "cuda", compiled=False) is None
-    assert training_attention("auto", short, "cpu", compiled=True) is None
-    assert training_attention("sdpa", short, "cpu", compiled=False) == "sdpa"
-    assert training_attention("eager", long, "cuda", compiled=True) == "eager"
+    assert training_attention("auto", short, "cpu", False, "bf16") == "eager"
+    assert training_attention("auto", short, "cpu", False, "fp16") == "eager"
+    assert training_attention("auto", long, "cpu", False, "bf16") is None
+    assert training_attention("auto", short, "cpu", False, "fp32") is None  # flash backward fast in fp32
+    assert training_attention("auto", short, "cuda", False, "bf16") is None
+    assert training_attention("auto", short, "cpu", True, "bf16") is None
+    assert training_attention("sdpa", short, "cpu", False, "bf16") == "sdpa"
+    assert training_attention("eager", long, "cuda", True, "fp32") == "eager"
+    assert training_attention("eager", short, "cpu", False, "fp32") == "eager"
     with pytest.raises(ModelError, match="attention must be one of"):
-        training_attention("flash", short, "cpu", compiled=False)
+        training_attention("flash", short, "cpu", False, "bf16")
 
 
 @pytest.mark.parametrize("attention", [None, "eager"])

@@ -627,11 +627,14 @@ def test_a_new_method_with_its_own_loss_is_one_class_and_one_registration(tiny_c
 
 
 def test_training_steps_attend_eagerly_on_a_cpu_and_generation_keeps_sdpa(tiny_causal, tmp_path, monkeypatch):
-    """``train.attention: auto`` (the default): on a CPU every training forward of a batch up to
-    EAGER_ATTENTION_MAX_LENGTH tokens attends with ``eager``, longer ones (the tiny tokenizer makes
-    some) and dev and test generation with the model's own ``sdpa``; the losses are a run with
-    ``sdpa``'s (fp32). A checkpoint written before the option existed ran with sdpa: it resumes
-    under ``attention: sdpa`` and is refused under ``auto``, naming it."""
+    """``train.attention: auto`` (the default): on a CPU under bf16 every training forward of a
+    batch up to EAGER_ATTENTION_MAX_LENGTH tokens attends with ``eager``, longer ones (the tiny
+    tokenizer makes some) and dev and test generation with the model's own ``sdpa``; the losses are
+    a run with ``sdpa``'s. The run is fp32, where the losses must agree to float rounding; auto
+    keeps sdpa in fp32, so the choice is asked for bf16's (the rule itself: test_distill_parts),
+    and the trainer is checked to pass its own precision. A checkpoint written before the option
+    existed ran with sdpa: it resumes under ``attention: sdpa`` and is refused under ``auto``,
+    naming it."""
     from transformers.models.llama import modeling_llama
 
     import kpod.distill.trainer as trainer
@@ -641,8 +644,9 @@ def test_training_steps_attend_eagerly_on_a_cpu_and_generation_keeps_sdpa(tiny_c
     own_choice, own_switch = trainer.training_attention, trainer.attention_implementation
     eager = modeling_llama.eager_attention_forward
 
-    def choosing(setting, length, device_type, compiled):
-        chosen.append((length, own_choice(setting, length, device_type, compiled)))
+    def choosing(setting, length, device_type, compiled, precision):
+        assert precision == "fp32"  # the trainer's own
+        chosen.append((length, own_choice(setting, length, device_type, compiled, "bf16")))
         return chosen[-1][1]
 
     @contextlib.contextmanager

@@ -524,26 +524,32 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager")
 EAGER_ATTENTION_MAX_LENGTH = 224
 
 
-def training_attention(setting: str, length: int, device_type: str, compiled: bool) -> str | None:
+def training_attention(
+    setting: str, length: int, device_type: str, compiled: bool, precision: str
+) -> str | None:
     """The attention implementation a training forward pass of a batch ``length`` tokens long
     should use, or ``None`` for the model's own (what it was loaded with).
 
-    ``sdpa`` or ``eager`` is that implementation whatever the batch. ``auto``: on a CPU, without
-    ``torch.compile``, transformers' ``eager`` attention (explicit products and a float32 softmax)
-    for batches up to :data:`EAGER_ATTENTION_MAX_LENGTH` tokens, the model's own (``sdpa``) for
-    longer ones; elsewhere the model's own. Why: PyTorch's CPU flash-attention *backward* is slow
-    at short lengths (fwd+bwd of one layer's attention at 8 x 9 heads x 100 tokens: 35 ms against
-    eager's 13), while its forward is the faster one, so generation and scoring keep ``sdpa``;
-    eager's advantage is gone by about 224-320 tokens, and its memory grows with the length's
-    square (BENCHMARKS.md, "Issue #21, session 27"). On a GPU the fused kernels win; under
-    ``compile`` a switch per batch would recompile. The two differ by bf16 rounding only (eager
-    rounds the attention scores to bf16 before its float32 softmax): equal in float32 (a test).
+    ``sdpa`` or ``eager`` is that implementation whatever the batch. ``auto``: on a CPU under bf16
+    (or fp16) autocast, without ``torch.compile``, transformers' ``eager`` attention (explicit
+    products and a float32 softmax) for batches up to :data:`EAGER_ATTENTION_MAX_LENGTH` tokens,
+    the model's own (``sdpa``) for longer ones; elsewhere the model's own. Why: PyTorch's CPU
+    flash-attention *backward* in bf16 is slow at short lengths (fwd+bwd of one layer's attention
+    at 8 x 9 heads x 100 tokens: 35 ms against eager's 13), while its forward is the faster one,
+    so generation and scoring keep ``sdpa``; eager's advantage is gone by about 224-320 tokens,
+    and its memory grows with the length's square (BENCHMARKS.md, "Issue #21, session 27"). In
+    fp32 (``precision``: what ``precision: auto`` trains in on a CPU without fast bf16 products)
+    the flash backward is not slow: sdpa took 0.90-0.98x eager's time from 64 tokens on (1.07x at
+    32) and the real loop ran 3-6 % faster with it (an AVX2 AMD EPYC; BENCHMARKS.md, "Issue #21,
+    session 33"). On a GPU the fused kernels win; under ``compile`` a switch per batch would
+    recompile. The two differ by bf16 rounding only (eager rounds the attention scores to bf16
+    before its float32 softmax): equal in float32 (a test).
     """
     if setting not in ATTENTION_CHOICES:
         raise ModelError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{setting}'")
     if setting != "auto":
         return setting
-    if device_type != "cpu" or compiled:
+    if device_type != "cpu" or compiled or precision == "fp32":
         return None
     return "eager" if length <= EAGER_ATTENTION_MAX_LENGTH else None
 

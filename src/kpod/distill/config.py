@@ -69,10 +69,11 @@ class TrainConfig:
             #21" for what it does to the speed on a CPU.
         attention: the attention implementation of training steps (generation and scoring keep
             the model's own): ``auto`` (default) uses transformers' ``eager`` attention on a CPU
-            for batches up to 224 tokens, whose backward is faster there than PyTorch's CPU
-            flash attention, and ``sdpa`` beyond (and on a GPU, and under ``compile``); ``sdpa``
-            or ``eager`` for every batch. A student loaded with another implementation keeps it
-            (:func:`kpod.models.training_attention`; BENCHMARKS.md "Issue #21, session 27").
+            under bf16 for batches up to 224 tokens, whose backward is faster there than PyTorch's
+            CPU flash attention, and ``sdpa`` beyond (and in fp32, on a GPU, and under
+            ``compile``); ``sdpa`` or ``eager`` for every batch. A student loaded with another
+            implementation keeps it (:func:`kpod.models.training_attention`; BENCHMARKS.md "Issue
+            #21, sessions 27 and 33").
         compile: run the student's forward and backward passes of training steps through
             ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
             dev and test generation stay eager). The first step pays the compilation (on a

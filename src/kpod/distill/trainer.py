@@ -454,6 +454,7 @@ class DistillRecipe:
                 max(value.shape[-1] for key, value in tensors.items() if key in ("input_ids", "labels")),
                 accelerator.device.type,
                 self.compiled_forward is not None,
+                self.precision,
             )
             with sync, attention_implementation(model, attention), accelerator.autocast():
                 loss = self.builder.method.loss(model, tensors, self.shape)
