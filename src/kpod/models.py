@@ -540,11 +540,11 @@ def training_attention(
     and its memory grows with the length's square (BENCHMARKS.md, "Issue #21, session 27"). In
     fp32 (``precision``: what ``precision: auto`` trains in on a CPU without fast bf16 products)
     the flash backward is not slow: sdpa took 0.90-0.98x eager's time from 64 tokens on (1.07x at
-    32) and the real loop ran 3-6 % faster with it (an AVX2 AMD EPYC; BENCHMARKS.md, "Issue #21,
-    session 33"). On a GPU the fused kernels win; under ``compile`` a switch per batch would
-    recompile. The two differ by bf16 rounding only (eager rounds the attention scores to bf16
-    before its float32 softmax): equal in float32 (a test).
-    """
+    32), and the real loop ran as fast with it, within the machine's spread over three runs (an
+    AVX2 AMD EPYC; BENCHMARKS.md, "Issue #21, session 33"). On a GPU the fused kernels win;
+    under ``compile`` a switch per batch would recompile. The two differ by bf16 rounding only
+    (eager rounds the attention scores to bf16 before its float32 softmax): equal in float32 (a
+    test)."""
     if setting not in ATTENTION_CHOICES:
         raise ModelError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got '{setting}'")
     if setting != "auto":
