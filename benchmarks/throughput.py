@@ -649,15 +649,17 @@ def main() -> None:
     # the mean over rounds.
     # The matrix-product rate before and after the training runs; the higher one is the machine's.
     # The bf16 rate is the reference (mfu_bf16); where the loop runs in another precision
-    # that precision's rate is measured too (mfu).
-    # Where the loop is not bf16 (a CPU without fast bf16), bf16 products of 2048 take about a
-    # minute each: the reference rate is taken on 1024 x 1024 products there.
+    # that precision's rate is measured too (mfu). Where the loop is not bf16 (a CPU without fast
+    # bf16), bf16 products of 2048 take about a minute each: the reference rate is taken on
+    # 1024 x 1024 products there.
+    measured_in = list(dict.fromkeys(("bf16", args.precision)))
     bf16_n = 2048 if args.precision == "bf16" else 1024
-    rates = [round(matmul_rate(n=bf16_n), 1)]
-    print("bf16 matmul GFLOP/s", rates[0], flush=True)
-    own = [] if args.precision == "bf16" else [round(matmul_rate(args.precision), 1)]
-    if own:
-        print(f"{args.precision} matmul GFLOP/s", own[0], flush=True)
+
+    def rates_now() -> dict[str, float]:
+        return {p: round(matmul_rate(p, n=bf16_n if p == "bf16" else 2048), 1) for p in measured_in}
+
+    rates = [rates_now()]
+    print("matmul GFLOP/s", rates[0], flush=True)
     warm = argparse.Namespace(**{**vars(args), "steps": 2})
     fresh_process("ours", warm, examples[: args.batch_size], args.out / "warm-up", method="std-cot")
     runs = [(m, v) for v in args.variants for m in ("std-cot", "kpod")]
@@ -675,13 +677,11 @@ def main() -> None:
         for key in ("tokens_per_s", "gflop_per_s"):
             cell[key] = round(sum(x[key] for x in rounds) / len(rounds), 1)
         cell["peak_mib"] = max(x["peak_mib"] for x in rounds)
-    rates.append(round(matmul_rate(n=bf16_n), 1))
-    result["matmul_bf16_gflop_per_s_runs"] = rates
-    result["matmul_bf16_gflop_per_s"] = max(rates)
-    if own:
-        own.append(round(matmul_rate(args.precision), 1))
-        result[f"matmul_{args.precision}_gflop_per_s_runs"] = own
-    result["matmul_gflop_per_s"] = max(own or rates)  # in the precision the loop ran in
+    rates.append(rates_now())
+    for p in measured_in:
+        result[f"matmul_{p}_gflop_per_s_runs"] = [r[p] for r in rates]
+    result["matmul_bf16_gflop_per_s"] = max(r["bf16"] for r in rates)
+    result["matmul_gflop_per_s"] = max(r[args.precision] for r in rates)  # in the loop's precision
     result["std-cot"], result["kpod"] = result["new"]["std-cot"], result["new"]["kpod"]
     result.update(training_ratios(result))
     if args.train_rows:  # a partial comparison: kept apart from the full run's figures
