@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, cpu_times, provenance  # noqa: E402
 
+from kpod.models import torch_dtype  # noqa: E402
+
 
 class _Layer(torch.nn.Module):
     """What transformers' attention functions read from the attention module."""
@@ -71,7 +73,7 @@ def mean_ms(fn, calls: int = 5) -> float:
 def measure(length: int, args, layer: _Layer, functions) -> dict:
     """One length's row: each implementation's median ms for forward+backward and forward alone."""
     b, d = args.batch, args.head_dim
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     q = torch.randn(b, args.heads, length, d, dtype=dtype, requires_grad=True)
     k = torch.randn(b, args.kv_heads, length, d, dtype=dtype, requires_grad=True)
     v = torch.randn(b, args.kv_heads, length, d, dtype=dtype, requires_grad=True)

@@ -117,7 +117,9 @@ def matmul_rate(precision: str = "bf16", seconds: float = 3.0, n: int = 2048) ->
     seconds on a CPU without fast bf16, BENCHMARKS.md "session 32")."""
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[precision]
+    from kpod.models import torch_dtype
+
+    dtype = torch_dtype(precision)
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b
