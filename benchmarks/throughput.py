@@ -46,15 +46,22 @@ from common import RESULTS, ROOT, provenance  # noqa: E402
 
 # The former settings, kept so the ratios are measured side by side on the same machine.
 VARIANTS = {
-    "old": {"loss_from_hidden": False, "lora_dropout": 0.05, "attention": "sdpa"},
+    # micro_batch_size "batch": one forward pass per optimiser step
+    "old": {
+        "loss_from_hidden": False,
+        "lora_dropout": 0.05,
+        "attention": "sdpa",
+        "micro_batch_size": "batch",
+    },
     "new": {},  # the library's defaults
     "new-sdpa": {"attention": "sdpa"},  # PyTorch's flash attention in every step (before session 27)
     "new-dropout0.05": {"lora_dropout": 0.05},  # LoRA dropout's own cost, today's code otherwise
     "new-packing": {"packing": True},  # packed rows instead of length-grouped padded batches
     "new-compile": {"compile": True},  # torch.compile of the training forward (train.compile)
     "new-gc": {"gradient_checkpointing": True},  # activations recomputed in the backward (memory)
-    # The batch of 8 in forward passes of 4 or 2 (gradient accumulation; the loss is the same): less
-    # activation memory at once, and products of 400-900 rows, which a CPU runs near its full rate.
+    # The batch in one forward pass (the default before session 35), or in passes of 4 or 2 (gradient
+    # accumulation; the loss is the same): the default micro_batch_size "auto" splits on a CPU.
+    "new-whole": {"micro_batch_size": "batch"},
     "new-micro4": {"micro_batch_size": 4},
     "new-micro2": {"micro_batch_size": 2},
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
@@ -65,7 +72,7 @@ VARIANTS = {
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 PROCESS_SETTINGS = ("allocator",)  # set on the measuring process (fresh_process), not on kpod
-BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's, defaulting to the whole batch here
+BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
 class PeakMemory:
@@ -182,12 +189,14 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     student_settings = {k: v for k, v in settings.items() if k in STUDENT_SETTINGS}
     # Two epochs (T = 2): kpod's first epoch trains schedule stage 1 (part of each rationale as
     # input), its second whole rationales, as in a real run; every method gets the same steps.
+    micro = settings.get("micro_batch_size")
+    if micro is not None:
+        train_settings["micro_batch_size"] = args.batch_size if micro == "batch" else micro
     config = TrainConfig(
         **train_settings,
         method=method,
         epochs=2,
         batch_size=args.batch_size,
-        micro_batch_size=settings.get("micro_batch_size", args.batch_size),
         max_length=args.max_length,
         precision=args.precision,
         select="last",

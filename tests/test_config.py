@@ -160,6 +160,11 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
         from_dict(TrainConfig, {"eval_batch_size": "many"}, "train")
     with pytest.raises(ConfigError, match="eval_batch_size must be at least 1 or auto"):
         TrainConfig(eval_batch_size=0)
+    assert TrainConfig().micro_batch_size == "auto"
+    with pytest.raises(ConfigError, match="micro_batch_size must be at least 1 or auto"):
+        TrainConfig(micro_batch_size=0)
+    with pytest.raises(ConfigError, match="train.micro_batch_size: expected int or 'auto', got 'half'"):
+        from_dict(TrainConfig, {"micro_batch_size": "half"}, "train")
     capsys.readouterr()
 
 

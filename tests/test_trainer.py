@@ -18,7 +18,8 @@ import yaml
 
 from kpod.data.loaders import make_example
 from kpod.data.synthetic import arithmetic_examples
-from kpod.distill.batches import global_batches, process_share
+from kpod.distill import batches as batches_module
+from kpod.distill.batches import global_batches, micro_batch_rows, process_share
 from kpod.distill.checkpoint import STATE_FILE, latest_checkpoint
 from kpod.distill.methods import METHODS, StageBuilder, get_method
 from kpod.distill.trainer import TrainConfig, train
@@ -99,6 +100,50 @@ def test_process_share_splits_a_batch_evenly_and_pads_short_ranks():
     assert [len(s) for s in shares] == [2, 2]  # same number of micro-batches on every rank
     assert sorted(i for s in shares for mb in s if mb.scale for i in mb.indices) == batch
     assert shares[1][1].scale == 0.0  # rank 1 has 2 examples: its second micro-batch is padding
+
+
+def test_micro_batch_rows_auto_splits_long_batches_on_a_cpu_only():
+    assert micro_batch_rows(8, 230, 3, "cpu") == 3  # a number is taken as it is
+    assert micro_batch_rows(8, 230, "auto", "cuda") == 8  # a GPU takes the whole share
+    assert micro_batch_rows(8, 100, "auto", "cpu") == 8  # 800 padded tokens: one pass
+    assert micro_batch_rows(8, 230, "auto", "cpu") == 4  # 1,840: two equal passes
+    assert micro_batch_rows(5, 300, "auto", "cpu") == 3  # 1,500: two passes, of 3 and 2
+    assert micro_batch_rows(8, 500, "auto", "cpu") == 2  # 4,000: four passes
+    assert micro_batch_rows(8, 5000, "auto", "cpu") == 1  # never fewer than one example a pass
+
+
+def test_auto_micro_batches_train_as_the_whole_batch_does(tiny64, tmp_path, monkeypatch):
+    """``micro_batch_size: auto`` over a small token budget splits each batch of 4 into passes
+    of 1 or 2 examples (recorded), and the logged losses equal those of one pass per batch: the
+    loss is normalised over the whole batch, whatever the split."""
+    examples = arithmetic_examples(8, seed=4)
+
+    def losses(out: Path, micro_batch_size: int | str) -> list[float]:
+        student = load_model(str(tiny64))
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        config = TrainConfig(
+            method="std-cot",
+            epochs=2,
+            batch_size=4,
+            micro_batch_size=micro_batch_size,
+            lr=1e-2,
+            precision="fp32",
+        )
+        train(config, student, builder, out, progress=False)
+        return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+    whole = losses(tmp_path / "whole", 4)
+    monkeypatch.setattr(batches_module, "AUTO_MICRO_BATCH_TOKENS", 64)
+    sizes = []
+
+    def recording(batch, rank, world, micro_batch_size):
+        sizes.append(micro_batch_size)
+        return process_share(batch, rank, world, micro_batch_size)
+
+    monkeypatch.setattr("kpod.distill.trainer.process_share", recording)
+    split = losses(tmp_path / "split", "auto")
+    assert len(sizes) == 4 and all(1 <= size < 4 for size in sizes), sizes
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_methods_build_the_right_examples(tiny_causal):

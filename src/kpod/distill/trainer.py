@@ -52,7 +52,7 @@ from kpod.allocator import cpu_allocator_hint, release_freed_memory
 from kpod.chunked_loss import head_bypass_supported
 from kpod.config import late_defaults
 from kpod.data.schema import Example
-from kpod.distill.batches import global_batches, process_share
+from kpod.distill.batches import global_batches, micro_batch_rows, process_share
 from kpod.distill.checkpoint import latest_checkpoint, read_state, save_checkpoint
 from kpod.distill.config import TrainConfig
 from kpod.distill.loss import IGNORE
@@ -439,7 +439,14 @@ class DistillRecipe:
         """One optimiser step on ``batch``; returns (loss, tokens processed, target tokens)."""
         accelerator, model, world = self.accelerator, self.model, self.world
         n_targets = sum(examples[i].n_targets for i in batch)
-        micro = process_share(batch, self.rank, world, self.config.micro_batch_size)
+        causal = self.student.kind == "causal"
+        rows = micro_batch_rows(
+            math.ceil(len(batch) / world),
+            max(examples[i].size(causal) for i in batch),
+            self.config.micro_batch_size,
+            accelerator.device.type,
+        )
+        micro = process_share(batch, self.rank, world, rows)
         step_loss = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
         for k, mb in enumerate(micro):
