@@ -67,11 +67,15 @@ VARIANTS = {
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
     # installed (kpod.allocator); skipped where none is.
     "new-jemalloc": {"allocator": True},
+    # The defaults without the heap trim after each step (kpod.allocator.release_freed_memory),
+    # under glibc's malloc and under a fast allocator: what the trim costs or saves.
+    "new-notrim": {"trim": False},
+    "new-jemalloc-notrim": {"allocator": True, "trim": False},
     # The least memory the library offers: activation checkpointing under a fast allocator.
     "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
-PROCESS_SETTINGS = ("allocator",)  # set on the measuring process (fresh_process), not on kpod
+PROCESS_SETTINGS = ("allocator", "trim")  # set on the measuring process (fresh_process), not on kpod
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
@@ -203,6 +207,10 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         keep_checkpoints=1,
         lr=1e-4,
     )
+    if settings.get("trim") is False:  # this process is the row's own (fresh_process)
+        import kpod.distill.trainer
+
+        kpod.distill.trainer.release_freed_memory = lambda: None
     distill_student(
         config,
         StudentConfig(name=args.student, **student_settings),
