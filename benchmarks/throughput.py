@@ -67,10 +67,12 @@ VARIANTS = {
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
     # installed (kpod.allocator); skipped where none is.
     "new-jemalloc": {"allocator": True},
-    # The defaults without the heap trim after each step (kpod.allocator.release_freed_memory),
-    # under glibc's malloc and under a fast allocator: what the trim costs or saves.
-    "new-notrim": {"trim": False},
-    "new-jemalloc-notrim": {"allocator": True, "trim": False},
+    # The heap trim (kpod.allocator.release_freed_memory) after every step (the default before
+    # session 35) or never, instead of the default's trim on growth (kpod.allocator.HeapTrimmer),
+    # under glibc's malloc and under a fast allocator.
+    "new-trim-always": {"trim": "always"},
+    "new-notrim": {"trim": "never"},
+    "new-jemalloc-notrim": {"allocator": True, "trim": "never"},
     # The least memory the library offers: activation checkpointing under a fast allocator.
     "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
 }
@@ -207,10 +209,17 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         keep_checkpoints=1,
         lr=1e-4,
     )
-    if settings.get("trim") is False:  # this process is the row's own (fresh_process)
+    if "trim" in settings:  # a fixed rule in place of the trainer's; this process is the row's own
         import kpod.distill.trainer
+        from kpod.allocator import release_freed_memory
 
-        kpod.distill.trainer.release_freed_memory = lambda: None
+        class FixedTrim:
+            def after_step(self) -> bool:
+                if settings["trim"] == "always":
+                    release_freed_memory()
+                return settings["trim"] == "always"
+
+        kpod.distill.trainer.HeapTrimmer = FixedTrim
     distill_student(
         config,
         StudentConfig(name=args.student, **student_settings),

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from kpod.allocator import (
+    HeapTrimmer,
     allocator_in,
     cpu_allocator_hint,
     current_allocator,
     find_fast_allocator,
+    resident_bytes,
 )
 
 GLIBC_MAPS = [
@@ -104,3 +106,29 @@ def test_trainlog_splits_a_resumed_runs_log_into_labelled_sittings(load_benchmar
     assert [w["steps"] for w in out["sittings"][1]["windows"]] == [[5, 6], [7, 8]]
     with pytest.raises(SystemExit, match="2 sittings in the log, 3 labels"):
         bench.trainlog(log, starts=[5], labels=["a", "b", "c"], window=2)
+
+
+def test_heap_trimmer_trims_only_past_its_growth_limit_and_measures_anew_after():
+    sizes = iter([100, 120, 140, 151, 90, 130, 136, 500])
+    trims = []
+    trimmer = HeapTrimmer(growth=1.5, resident=lambda: next(sizes), trim=lambda: trims.append(1))
+    done = [trimmer.after_step() for _ in range(8)]
+    # 100 sets the limit (150); 151 passes it: trim; 90 sets the limit anew (135); 136 passes it.
+    assert done == [False, False, False, True, False, False, True, False]
+    assert trimmer.trims == len(trims) == 2
+    assert trimmer.limit == 750  # 500, the step after the trim, is the new working set
+
+
+def test_heap_trimmer_does_nothing_where_memory_cannot_be_read():
+    trims = []
+    trimmer = HeapTrimmer(resident=lambda: None, trim=lambda: trims.append(1))
+    assert not any(trimmer.after_step() for _ in range(3)) and not trims
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="no /proc (not Linux)")
+def test_resident_bytes_reads_this_process():
+    import resource
+
+    size = resident_bytes()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, updated lazily
+    assert 10 * 2**20 < size <= 1.1 * peak

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kpod.allocator import cpu_allocator_hint, release_freed_memory
+from kpod.allocator import HeapTrimmer, cpu_allocator_hint
 from kpod.chunked_loss import head_bypass_supported
 from kpod.config import late_defaults
 from kpod.data.schema import Example
@@ -286,6 +286,7 @@ class DistillRecipe:
         self.ckpt_root = output / "checkpoints"
         self.best_path = output / "best_trainable.safetensors"
         self.skipped = 0
+        self.heap = HeapTrimmer()  # on a CPU, the heap trimmed back only when it has grown
 
     def setup(self, resume: bool) -> None:
         """Everything before the first step; after a crash, the newest checkpoint's state."""
@@ -518,7 +519,7 @@ class DistillRecipe:
                 loss_value, n_tokens, n_targets = float("nan"), 0, 0
             self.scheduler.step()
             if self.accelerator.device.type == "cpu":
-                release_freed_memory()
+                self.heap.after_step()
             state["step"] += 1
             seconds = time.perf_counter() - step_start
             row = {
