@@ -284,9 +284,11 @@ def baselines(args) -> dict:
     return rows
 
 
-def trl_sft(args, examples, out: Path, compile: bool = False) -> dict:
+def trl_sft(args, examples, out: Path, compile: bool = False, micro: int | None = None) -> dict:
     """TRL's SFTTrainer on the same data and LoRA settings, two epochs, timed over the second only
-    (every batch shape has been seen, so ``compile``'s graphs are all built by then)."""
+    (every batch shape has been seen, so ``compile``'s graphs are all built by then). ``micro``:
+    forward passes of that many examples with gradient accumulation up to the batch, as our
+    ``micro_batch_size: auto`` splits a batch on a CPU (so TRL gets the same chance)."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -317,8 +319,8 @@ def trl_sft(args, examples, out: Path, compile: bool = False) -> dict:
     timer = StepTimer()
     config = SFTConfig(
         output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro or args.batch_size,
+        gradient_accumulation_steps=args.batch_size // (micro or args.batch_size),
         num_train_epochs=2,
         torch_compile=compile,
         learning_rate=1e-4,
@@ -360,6 +362,7 @@ def trl_sft(args, examples, out: Path, compile: bool = False) -> dict:
         "steps": len(measured),
         "first_step_s": round(timer.times[0], 2),
         "torch_compile": compile,
+        "micro_batch_size": micro or args.batch_size,
         "trl_version": __import__("trl").__version__,
     }
 
@@ -724,6 +727,10 @@ def main() -> None:
     if not args.skip_trl:
         rows = [fresh_process("trl", args, examples, args.out / "trl")]
         print("trl", rows[-1], flush=True)
+        if args.batch_size % 2 == 0:  # the batch in two passes, as ours splits long batches on a CPU
+            micro = args.batch_size // 2
+            rows.append(fresh_process("trl", args, examples, args.out / "trl-micro", micro=micro))
+            print(f"trl micro-batches of {micro}", rows[-1], flush=True)
         if "new-compile" in result:  # TRL compiled too, when ours is
             rows.append(fresh_process("trl", args, examples, args.out / "trl-compile", compile=True))
             print("trl compiled", rows[-1], flush=True)
