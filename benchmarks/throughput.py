@@ -67,6 +67,8 @@ VARIANTS = {
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
     # installed (kpod.allocator); skipped where none is.
     "new-jemalloc": {"allocator": True},
+    # jemalloc keeping the pages it frees (its default hands them back after 10 s, about two steps)
+    "new-jemalloc-retain": {"allocator": True, "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
     # The heap trim (kpod.allocator.release_freed_memory) after every step (the default before
     # session 35) or never, instead of the default's trim on growth (kpod.allocator.HeapTrimmer),
     # under glibc's malloc and under a fast allocator.
@@ -77,7 +79,11 @@ VARIANTS = {
     "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
-PROCESS_SETTINGS = ("allocator", "trim")  # set on the measuring process (fresh_process), not on kpod
+PROCESS_SETTINGS = (
+    "allocator",
+    "trim",
+    "malloc_conf",
+)  # set on the measuring process (fresh_process), not on kpod
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
@@ -384,6 +390,9 @@ def fresh_process(kind: str, args, examples: list, out: Path, **params) -> dict:
         from kpod.allocator import find_fast_allocator
 
         env["LD_PRELOAD"] = str(find_fast_allocator())
+    malloc_conf = VARIANTS.get(params.get("variant", "new"), {}).get("malloc_conf")
+    if malloc_conf:
+        env["MALLOC_CONF"] = malloc_conf
     done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(

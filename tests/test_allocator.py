@@ -115,7 +115,7 @@ def test_heap_trimmer_trims_only_past_its_growth_limit_and_measures_anew_after()
     done = [trimmer.after_step() for _ in range(8)]
     # 100 sets the limit (150); 151 passes it: trim; 90 sets the limit anew (135); 136 passes it.
     assert done == [False, False, False, True, False, False, True, False]
-    assert trimmer.trims == len(trims) == 2
+    assert trimmer.trims == len(trims) == 2 and trimmer.size == 500
     assert trimmer.limit == 750  # 500, the step after the trim, is the new working set
 
 

@@ -146,6 +146,21 @@ def test_auto_micro_batches_train_as_the_whole_batch_does(tiny64, tmp_path, monk
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_steps_log_resident_memory_and_whether_the_heap_was_trimmed(tiny64, tmp_path, monkeypatch):
+    examples = arithmetic_examples(4, seed=4)
+    sizes = iter([100 * 2**20, 120 * 2**20, 400 * 2**20, 410 * 2**20])  # trim at the third step only
+    monkeypatch.setattr("kpod.allocator.resident_bytes", lambda: next(sizes))
+    monkeypatch.setattr("kpod.allocator.release_freed_memory", lambda: None)
+    train_tiny_std_cot(tiny64, examples, tmp_path / "run", 2, 6, dev=None, test=None)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["rss_mib"], r["heap_trim"]) for r in rows] == [
+        (100, False),
+        (120, False),
+        (400, True),
+        (410, False),
+    ]
+
+
 def test_methods_build_the_right_examples(tiny_causal):
     tok = load_tokenizer(str(tiny_causal))
     examples = arithmetic_examples(3, seed=2)

@@ -95,16 +95,19 @@ class HeapTrimmer:
     def __init__(
         self,
         growth: float = 1.5,
-        resident: Callable[[], int | None] = resident_bytes,
-        trim: Callable[[], None] = release_freed_memory,
+        resident: Callable[[], int | None] | None = None,
+        trim: Callable[[], None] | None = None,
     ) -> None:
-        self.growth, self.resident, self.trim = growth, resident, trim
+        self.growth = growth
+        self.resident = resident or (lambda: resident_bytes())  # looked up when called
+        self.trim = trim or (lambda: release_freed_memory())
         self.limit: float | None = None
         self.trims = 0
+        self.size: int | None = None  # the resident bytes read at the last step's end
 
     def after_step(self) -> bool:
         """Call at the end of each training step; returns whether it trimmed."""
-        size = self.resident()
+        size = self.size = self.resident()
         if size is None:
             return False
         if self.limit is None:

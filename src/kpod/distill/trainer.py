@@ -518,8 +518,11 @@ class DistillRecipe:
             else:
                 loss_value, n_tokens, n_targets = float("nan"), 0, 0
             self.scheduler.step()
+            heap = {}
             if self.accelerator.device.type == "cpu":
-                self.heap.after_step()
+                trimmed = self.heap.after_step()
+                if self.heap.size is not None:  # resident memory at the step's end, before any trim
+                    heap = {"rss_mib": round(self.heap.size / 2**20), "heap_trim": trimmed}
             state["step"] += 1
             seconds = time.perf_counter() - step_start
             row = {
@@ -533,6 +536,7 @@ class DistillRecipe:
                 "step_s": seconds,
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
                 "elapsed_s": time.perf_counter() - self.start_time,
+                **heap,
             }
             if self.compile_before is not None and batch:
                 # This run's first step in this process compiled the model: say where that time went.
