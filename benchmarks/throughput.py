@@ -217,12 +217,13 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     )
     if "trim" in settings:  # a fixed rule in place of the trainer's; this process is the row's own
         import kpod.distill.trainer
-        from kpod.allocator import release_freed_memory
+        from kpod.allocator import HeapTrimmer
 
-        class FixedTrim:
+        class FixedTrim(HeapTrimmer):
             def after_step(self) -> bool:
+                self.size = self.resident()  # logged as the trainer's own rule logs it
                 if settings["trim"] == "always":
-                    release_freed_memory()
+                    self.trim()
                 return settings["trim"] == "always"
 
         kpod.distill.trainer.HeapTrimmer = FixedTrim
