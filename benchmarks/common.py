@@ -13,10 +13,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kpod.allocator import current_allocator
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# This tree's kpod before an installed one: a clone measured with another tree's `.venv` (whose
+# editable install points at that tree's src) measured the other tree's code until session 35.
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+from kpod.allocator import current_allocator  # noqa: E402
 
 
 def git_commit() -> str:

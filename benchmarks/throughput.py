@@ -79,11 +79,8 @@ VARIANTS = {
     "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
-PROCESS_SETTINGS = (
-    "allocator",
-    "trim",
-    "malloc_conf",
-)  # set on the measuring process (fresh_process), not on kpod
+# Set on the measuring process (fresh_process), not on kpod.
+PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf")
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 

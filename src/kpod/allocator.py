@@ -82,14 +82,15 @@ class HeapTrimmer:
 
     Trimming after every step (kpod until session 35) held the process near its working set, but
     each step then faulted the pages it had just given back in again, zero-filled: the real loop
-    ran 13-15 % faster with no trim at all, at 3 % more peak memory over a short run (BENCHMARKS.md
-    "Issue #21, session 35"). Without any trim, though, a process once grew past 17 GB over a long
-    run (memory allocator section). So the trim is kept for growth: :meth:`after_step` trims only
-    when the resident memory at a step's end exceeds ``growth`` times what it was at the end of the
-    first step after the start or after the last trim (that step's working set, freed pages
-    included), and measures anew after trimming, so that a stage of longer examples raises the
-    limit instead of trimming at every step. ``resident`` and ``trim`` are what it reads and calls
-    (tests give their own).
+    was slower with it than without in seven of eight pairs of rows, by 9 % on average (near those
+    rows' noise), for 2-6 % less peak memory over a short run, where the resident memory without
+    trims settled within 1.2x of the first step's (BENCHMARKS.md "Issue #21, session 35"). Without
+    any trim, though, a process once grew past 17 GB over a long run (memory allocator section).
+    So the trim is kept for growth: :meth:`after_step` trims only when the resident memory at a
+    step's end exceeds ``growth`` times what it was at the end of the first step after the start
+    or after the last trim (that step's working set, freed pages included), and measures anew
+    after trimming, so that a stage of longer examples raises the limit instead of trimming at
+    every step. ``resident`` and ``trim`` are what it reads and calls (tests give their own).
     """
 
     def __init__(

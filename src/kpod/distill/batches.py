@@ -55,7 +55,8 @@ class MicroBatch:
 # Padded tokens per forward pass above which ``micro_batch_size: auto`` splits a batch on a CPU. The
 # real loop (SmolLM2-135M, LoRA, bf16 on an AVX512-BF16 CPU; BENCHMARKS.md "Issue #21, session 35")
 # ran batches of 8 GSM8K examples (about 1,300-1,800 padded tokens) 10 % faster in two passes of 4
-# than in one, with a quarter less peak memory, and 9 % slower in four passes of 2.
+# than in one, with a quarter less peak memory, and 9 % slower in four passes of 2; batches of about
+# 1,000-1,280 tokens split in two ran at one pass's speed with 10 % less memory.
 AUTO_MICRO_BATCH_TOKENS = 1024
 
 
