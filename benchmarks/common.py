@@ -124,3 +124,20 @@ class SittingClock:
 
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def random_training_batch(rows: int, length: int) -> dict:
+    """A causal training batch of random tokens as the step benchmarks time it: ``rows`` x
+    ``length`` tokens, the first 45 % of each row unlabelled (as a question is), random token
+    weights, no padding."""
+    import torch
+
+    ids = torch.randint(100, 40000, (rows, length))
+    labels = ids.clone()
+    labels[:, : int(length * 0.45)] = -100
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones(rows, length, dtype=torch.long),
+        "labels": labels,
+        "weights": torch.rand(rows, length),
+    }

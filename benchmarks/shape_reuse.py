@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance  # noqa: E402
+from common import RESULTS, provenance, random_training_batch  # noqa: E402
 
 
 def main() -> None:
@@ -44,18 +44,6 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     bf16 = args.precision == "bf16"
 
-    def batch(width: int) -> dict:
-        ids = torch.randint(100, 40000, (args.batch, width))
-        labels = ids.clone()
-        labels[:, : int(width * 0.45)] = -100  # an unlabelled question
-        ones = torch.ones(args.batch, width, dtype=torch.long)
-        return {
-            "input_ids": ids,
-            "attention_mask": ones,
-            "labels": labels,
-            "weights": torch.rand(args.batch, width),
-        }
-
     def tokens_per_s(data: dict) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -70,10 +58,11 @@ def main() -> None:
     rounds = []
     held = frozen_linears_in(model, torch.bfloat16) if bf16 else contextlib.nullcontext()
     with held, lora_input_casts_off(model), attention_implementation(model, "eager"):
-        fixed = batch(args.width)
+        fixed = random_training_batch(args.batch, args.width)
         tokens_per_s(fixed), tokens_per_s(fixed)  # warm-up
         for k in range(args.rounds):
-            new = [batch(w + k) for w in widths]  # shifted each round: never seen before
+            # widths shifted each round: never seen before
+            new = [random_training_batch(args.batch, w + k) for w in widths]
             row = {"fixed": [tokens_per_s(fixed) for _ in range(4)]}
             row["new_widths"] = [tokens_per_s(b) for b in new]
             row["same_widths_again"] = [tokens_per_s(b) for b in new]

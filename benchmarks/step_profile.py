@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, cpu_times, provenance  # noqa: E402
+from common import RESULTS, cpu_times, provenance, random_training_batch  # noqa: E402
 
 
 def main() -> None:
@@ -44,16 +44,8 @@ def main() -> None:
     torch.manual_seed(0)
     student = StudentConfig()
     model = student.load().model
-    b, n = args.batch, args.length
-    ids = torch.randint(100, 40000, (b, n))
-    labels = ids.clone()
-    labels[:, : int(n * 0.45)] = -100
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones(b, n, dtype=torch.long),
-        "labels": labels,
-        "weights": torch.rand(b, n),
-    }
+    n = args.length
+    batch = random_training_batch(args.batch, n)
 
     bf16 = args.precision == "bf16"
 
