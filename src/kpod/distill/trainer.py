@@ -471,7 +471,7 @@ class DistillRecipe:
             step_loss += loss.detach() / world
             if mb.scale:
                 tokens += tensors["attention_mask"].sum() + (
-                    0 if self.student.kind == "causal" else (tensors["labels"] != IGNORE).sum()
+                    0 if causal else (tensors["labels"] != IGNORE).sum()
                 )
         if self.config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
