@@ -23,9 +23,14 @@ fast bf16 products); a run with
 ``train_rows`` / ``eval_rows`` and leaves those figures as they were.
 
 Achieved FLOP/s counts, per real token, 2 x (the student's non-embedding parameters) for the
-forward and as much again for the activations' gradients (LoRA: the frozen weights get none), plus
-4 x hidden x vocabulary per labelled token for the output projection and its gradient; attention
-scores and the adapters' own products are left out (a few per cent at these lengths).
+forward and as much again for the activations' gradients (LoRA: the frozen weights get none); the
+adapters' own products, 6 x their parameters (forward, input and weight gradients); causal
+attention's scores and weighted sum, 6 x hidden x layers x L per token of an example of length L
+(half the square the eager kernel computes: what the model needs, not what padding or the mask
+waste); plus 4 x hidden x vocabulary per labelled token for the output projection and its
+gradient. Sessions 11-35 left attention and the adapters out ("a few per cent"); at GSM8K's
+lengths they add about a tenth, so the former count is kept beside it (``gflop_per_s_dense``,
+``mfu_bf16_dense``).
 """
 
 from __future__ import annotations
@@ -151,18 +156,32 @@ def matmul_rate(precision: str = "bf16", seconds: float = 3.0, n: int = 2048) ->
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def flops_per_step(student: str, out: Path) -> tuple[float, float]:
-    """(FLOPs per real token, FLOPs per labelled token) of a training step (module docstring)."""
+def training_flops(student: str, examples: list, lora_r: int) -> dict[str, float]:
+    """FLOPs of a training step (module docstring): per real token, ``dense`` (the projections'
+    products), ``attention`` (scores and their weighted sum, averaged over ``examples``' lengths)
+    and ``adapters`` (the LoRA products); per labelled token, ``head`` (the output projection)."""
     from transformers import AutoConfig
 
-    from kpod.models import resolve_model_path
+    from kpod.models import load_tokenizer, resolve_model_path
+    from kpod.prompt import render_example
 
     config = AutoConfig.from_pretrained(resolve_model_path(student))
     d, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     inter = config.intermediate_size
     kv = d * config.num_key_value_heads // config.num_attention_heads
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o, k, v, gate/up/down
-    return 4.0 * layers * per_layer, 4.0 * d * vocab
+    adapted = (d + d) * 2 + (d + kv) * 2 + (d + inter) * 3  # in + out of each adapted projection
+    tok = load_tokenizer(student)
+    lengths = [len(tok(render_example(e, tokenizer=tok).text).input_ids) for e in examples]
+    # causal attention: a token at position t reads t keys, 4 d t FLOPs forward (scores and sum),
+    # twice that backward: 6 d L^2 per example and layer, spread over its L tokens
+    pairs_per_token = sum(n * n for n in lengths) / max(sum(lengths), 1)
+    return {
+        "dense": 4.0 * layers * per_layer,
+        "attention": 6.0 * d * layers * pairs_per_token,
+        "adapters": 6.0 * lora_r * layers * adapted,
+        "head": 4.0 * d * vocab,
+    }
 
 
 def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
@@ -237,12 +256,15 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     first, rows = rows[0], rows[1:]  # the first step warms up (and compiles)
     first_step_s = first["step_s"]
     tokens, seconds = sum(r["tokens"] for r in rows), sum(r["step_s"] for r in rows)
-    per_token, per_label = flops_per_step(args.student, out)
+    flops = training_flops(args.student, examples, student_settings.get("lora_r", StudentConfig().lora_r))
+    per_token = flops["dense"] + flops["attention"] + flops["adapters"]
     labelled = sum(r["targets"] for r in rows)
     return {
         "variant": variant,
         "tokens_per_s": round(tokens / seconds, 1),
-        "gflop_per_s": round((per_token * tokens + per_label * labelled) / seconds / 1e9, 1),
+        "gflop_per_s": round((per_token * tokens + flops["head"] * labelled) / seconds / 1e9, 1),
+        # the count of sessions 11-35: projections and head only
+        "gflop_per_s_dense": round((flops["dense"] * tokens + flops["head"] * labelled) / seconds / 1e9, 1),
         "labelled_tokens": labelled,
         "tokens": tokens,
         "seconds": round(seconds, 2),
@@ -512,8 +534,8 @@ def training_ratios(result: dict) -> dict:
     def peak(variant: str) -> float:
         return max(cell["peak_mib"] for cell in result[variant].values())
 
-    def mfu(variant: str, rate: str = "matmul_bf16_gflop_per_s") -> float:
-        return round(result[variant]["std-cot"]["gflop_per_s"] / result[rate], 3)
+    def mfu(variant: str, rate: str = "matmul_bf16_gflop_per_s", count: str = "gflop_per_s") -> float:
+        return round(result[variant]["std-cot"][count] / result[rate], 3)
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3)
@@ -523,6 +545,7 @@ def training_ratios(result: dict) -> dict:
     # The share of the rate in the precision the loop ran in: on a CPU without fast bf16 the loop
     # runs in fp32 (precision auto) and its share of the bf16 rate says nothing.
     out["mfu"] = mfu("new", "matmul_gflop_per_s")
+    out["mfu_bf16_dense"] = mfu("new", count="gflop_per_s_dense")  # the count before session 36
     if old:
         for method, key in METHOD_KEYS:
             out[f"new_over_old_{key}"] = ratio(speed("new", method), speed("old", method))
@@ -591,7 +614,14 @@ def main() -> None:
         "--eval-rows",
         nargs="+",
         help="only these evaluation rows (names as in results/throughput.json), beside today's fp32 "
-        "row; with --eval-only the rows are stored under eval_rows, the full evaluation's left as they were",
+        "row; with --eval-only the rows are stored under eval_rows (or --eval-key), the full "
+        "evaluation's left as they were",
+    )
+    parser.add_argument(
+        "--eval-key",
+        default="eval_rows",
+        help="with --eval-rows --eval-only, the results file's key for the rows (eval_rows_trained: "
+        "a trained student's, beside the untrained student's eval_rows)",
     )
     parser.add_argument(
         "--eval-file", type=Path, help="questions for the evaluation rows (any format kpod reads)"
@@ -655,7 +685,7 @@ def main() -> None:
         else:
             questions, _ = load_data(args.eval_n, load_tokenizer(args.student), args.max_length)
         if args.eval_rows:  # a comparison of some rows: kept apart from the full evaluation's figures
-            store_part("eval_rows", {**started, **evaluation(args, questions)})
+            store_part(args.eval_key, {**started, **evaluation(args, questions)})
             return
         path = RESULTS / "throughput.json"
         result = json.loads(path.read_text()) if path.exists() else {}
@@ -717,7 +747,7 @@ def main() -> None:
     for method, variant in runs:
         cell = result[variant][method]
         rounds = cell["rounds"]
-        for key in ("tokens_per_s", "gflop_per_s"):
+        for key in ("tokens_per_s", "gflop_per_s", "gflop_per_s_dense"):
             cell[key] = round(sum(x[key] for x in rounds) / len(rounds), 1)
         cell["peak_mib"] = max(x["peak_mib"] for x in rounds)
     rates.append(rates_now())
@@ -764,6 +794,7 @@ def main() -> None:
             "eval_new_over_old",
             "eval_answers_changed",
             "eval_rows",
+            "eval_rows_trained",
             "baselines",
         )
         result.update({k: before[k] for k in kept if k in before and k not in result})
@@ -779,6 +810,7 @@ def main() -> None:
                     "ours_over_trl",
                     "mfu_bf16",
                     "mfu",
+                    "mfu_bf16_dense",
                     "peak_rss_new_over_old",
                     "eval_new_over_old",
                     "eval_answers_changed",
