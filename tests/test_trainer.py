@@ -146,6 +146,27 @@ def test_auto_micro_batches_train_as_the_whole_batch_does(tiny64, tmp_path, monk
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_trains_with_the_steps_own_attention(tiny64, tmp_path):
+    """With activation checkpointing the backward pass runs each layer's forward again; it must
+    use the attention the step's forward used (eager here, the model's own being sdpa), or
+    torch.utils.checkpoint refuses the recomputed tensors (the backward once ran outside the
+    step's attention block). The logged losses equal those of the same run without it."""
+    examples = arithmetic_examples(8, seed=4)
+
+    def losses(out: Path, checkpointing: bool) -> list[float]:
+        student = load_model(str(tiny64), gradient_checkpointing=checkpointing)
+        assert student.model.config._attn_implementation == "sdpa"
+        builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
+        config = TrainConfig(
+            method="std-cot", epochs=2, batch_size=4, lr=1e-2, precision="bf16", attention="eager"
+        )
+        train(config, student, builder, out, progress=False)
+        return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+    plain = losses(tmp_path / "plain", False)
+    torch.testing.assert_close(losses(tmp_path / "checkpointed", True), plain, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_steps_log_resident_memory_and_whether_the_heap_was_trimmed(tiny64, tmp_path, monkeypatch):
     examples = arithmetic_examples(4, seed=4)
     sizes = iter([100 * 2**20, 120 * 2**20, 400 * 2**20, 410 * 2**20])  # trim at the third step only

@@ -69,6 +69,7 @@ from kpod.models import (
     forward_replaced,
     frozen_linears_for,
     lora_input_casts_off,
+    lora_scaling_folded,
     training_attention,
 )
 from kpod.precision import compute_precision
@@ -464,10 +465,15 @@ class DistillRecipe:
                 self.compiled_forward is not None,
                 self.precision,
             )
-            with sync, attention_implementation(model, attention), accelerator.autocast():
-                loss = self.builder.method.loss(model, tensors, self.shape)
-                loss = loss * (mb.scale * world / n_targets)
-            accelerator.backward(loss)
+            # The backward pass inside the attention block, as it is inside DDP's no_sync: under
+            # gradient checkpointing it runs the forward again, which must use the same attention
+            # (else torch.utils.checkpoint refuses the recomputed tensors); autocast is the
+            # forward's only (a recomputation restores it itself).
+            with sync, attention_implementation(model, attention):
+                with accelerator.autocast():
+                    loss = self.builder.method.loss(model, tensors, self.shape)
+                    loss = loss * (mb.scale * world / n_targets)
+                accelerator.backward(loss)
             step_loss += loss.detach() / world
             if mb.scale:
                 tokens += tensors["attention_mask"].sum() + (
@@ -495,11 +501,14 @@ class DistillRecipe:
         on a CPU (the same numbers, without a cast per forward pass:
         :func:`kpod.models.frozen_linears_for`), LoRA inputs not cast to float32 on their way to a
         product that casts them back (the same numbers: :func:`kpod.models.lora_input_casts_off`),
-        and with ``compile`` the compiled forward (:func:`kpod.models.forward_replaced`); dev
-        scoring and saving see the student as loaded."""
+        the LoRA scaling applied to B instead of the adapter's output where that is exact (the
+        same numbers: :func:`kpod.models.lora_scaling_folded`), and with ``compile`` the compiled
+        forward (:func:`kpod.models.forward_replaced`); dev scoring and saving see the student as
+        loaded."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen_linears_for(self.model, self.precision, self.accelerator.device.type))
             stack.enter_context(lora_input_casts_off(self.model))
+            stack.enter_context(lora_scaling_folded(self.model))
             if self.compiled_forward is not None:
                 stack.enter_context(forward_replaced(self.model, self.compiled_forward))
             yield
