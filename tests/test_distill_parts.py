@@ -220,6 +220,69 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_cau
         assert param.dtype == torch.float32 and torch.equal(param, before[name]), name
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_lora_scaling_folded_into_b_gives_the_same_loss_and_gradients(tiny_causal, precision) -> None:
+    """With the scaling (alpha / r = 2) applied to B's weight instead of the adapter's output, the
+    loss and every adapter gradient are the same bit for bit, as steps run in bf16 (frozen weights
+    in bf16, LoRA inputs uncast, eager attention) and in fp32, and the element-wise products over
+    the adapters' outputs are gone: one forward, one backward per adapted projection. A scaling
+    that is not a power of two is left to peft; afterwards every layer runs peft's forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kpod.distill.batches import collate
+    from kpod.models import (
+        StudentConfig,
+        attention_implementation,
+        frozen_linears_for,
+        lora_input_casts_off,
+        lora_scaling_folded,
+    )
+
+    class ActivationProducts(TorchDispatchMode):
+        n = 0  # element-wise products with a (batch, length, features) result
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.n += func is torch.ops.aten.mul.Tensor and out.dim() == 3
+            return out
+
+    def counted(model, batch):
+        with ActivationProducts() as products:
+            loss, grads = _loss_and_grads(model, batch, "causal", from_hidden=True, precision=precision)
+        return loss, grads, products.n
+
+    torch.manual_seed(0)
+    student = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=8, lora_dropout=0.0).load()
+    model = student.model.eval()
+    for name, param in model.named_parameters():  # B starts at zero: give it values to scale
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    ex = build_stage_example(EXAMPLE, 1, student.tokenizer)
+    batch = collate(
+        [dataclasses.replace(ex, weights=[0.2 + (j % 5) / 5 for j in range(len(ex.labels))])], 0, "causal"
+    )
+    with (
+        frozen_linears_for(model, precision, "cpu"),
+        lora_input_casts_off(model),
+        attention_implementation(model, "eager"),
+    ):
+        counted(model, batch)  # the tied head's bf16 cast is made once, at the first pass
+        plain_loss, plain, plain_products = counted(model, batch)
+        with lora_scaling_folded(model) as n:
+            assert n == 2 * 7  # q, k, v, o, gate, up, down of both layers
+            loss, grads, products = counted(model, batch)
+    assert loss.item() == plain_loss.item()
+    assert plain.keys() == grads.keys() and all("lora" in k for k in plain) and len(plain) == 2 * 2 * 7
+    for name, grad in plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    assert plain_products - products == 2 * 2 * 7
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+    odd = StudentConfig(name=str(tiny_causal), lora_r=4, lora_alpha=6, lora_dropout=0.0).load()
+    with lora_scaling_folded(odd.model) as n:
+        assert n == 0  # 1.5 would round differently
+
+
 def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_with_fewer_copies(tiny_causal) -> None:
     """As training steps run (bf16 autocast, frozen weights in bf16, eager attention), LoRA layers
     that hand a bf16 input to their adapter uncast give exactly the same loss and adapter

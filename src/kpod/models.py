@@ -335,6 +335,70 @@ def lora_input_casts_off(model: Any) -> Iterator[int]:
             module.cast_input_dtype_enabled = True
 
 
+@contextlib.contextmanager
+def lora_scaling_folded(model: Any) -> Iterator[int]:
+    """Within the block, each plain LoRA linear layer whose scaling (``alpha / r``) is a power of
+    two multiplies its adapter's small B weight (``out x r``) by the scaling instead of the
+    adapter's output (``tokens x out``); afterwards peft's own forward again. Yields how many
+    layers it changed. Layers with dropout, a LoRA variant (DoRA), a bias on B, or another
+    scaling are left alone, and a call with extra arguments (``adapter_names``), a merged or
+    disabled adapter runs peft's forward.
+
+    Why: peft computes ``lora_B(lora_A(x)) * scaling``: one element-wise product over the
+    adapter's whole output in the forward pass and another over its gradient in the backward
+    pass, for each of the seven projections of every layer; folded into B they cost a product
+    over ``r x out`` values. Scaling by a power of two is exact in floating point, so the products
+    (bf16 under autocast, or fp32) and their gradients are the same bit for bit (tested); another
+    scaling would round differently, so it keeps peft's path.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        yield 0
+        return
+
+    def plain(module: Any) -> bool:
+        adapters = list(module.lora_A.keys())
+        return bool(adapters) and all(
+            isinstance(module.lora_dropout[a], torch.nn.Identity)
+            and a not in getattr(module, "lora_variant", {})
+            and getattr(module.lora_B[a], "bias", None) is None
+            and module.scaling[a] > 0
+            and math.frexp(module.scaling[a])[0] == 0.5
+            for a in adapters
+        )
+
+    def folded(module: Any) -> Any:
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if args or kwargs or module.disable_adapters or module.merged:
+                return type(module).forward(module, x, *args, **kwargs)
+            result = module.base_layer(x)
+            dtype = result.dtype
+            for adapter in module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+                x = module._cast_input_dtype(x, lora_A.weight.dtype)
+                result = result + F.linear(lora_A(x), lora_B.weight * module.scaling[adapter])
+            return result.to(dtype)
+
+        return forward
+
+    changed = [m for m in model.modules() if type(m) is LoraLinear and plain(m)]
+    for module in changed:
+        module.forward = folded(module)
+    try:
+        yield len(changed)
+    finally:
+        for module in changed:
+            del module.forward
+
+
 # Decoder-only families whose RMS norm outputs are read by linear projections only (the attention's
 # q, k, v; the MLP's gate and up; the output projection after the final norm).
 NORM_FED_LINEARS_ONLY = ("llama", "mistral", "qwen2")
