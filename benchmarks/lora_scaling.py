@@ -10,7 +10,8 @@ so that both see the same machine.
 
 Each round times ``--steps`` steps of each setting (the order reversed every other round) on one
 fixed batch; the losses of the two settings' first steps must be equal (the fold is exact).
-Results: results/lora-scaling.json (tokens/s of every timed step, the means and their ratio).
+Results: results/lora-scaling.json (``-fp32`` before ``.json`` for fp32): tokens/s of every timed
+step, the means and their ratio.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def main() -> None:
     result |= {"loss": losses["peft"], "tokens_per_s": timed, "mean_tokens_per_s": mean}
     result["folded_over_peft"] = round(mean["folded"] / mean["peft"], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lora-scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "" if bf16 else f"-{args.precision}"
+    (RESULTS / f"lora-scaling{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(mean, result["folded_over_peft"])
 
 
