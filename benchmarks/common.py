@@ -141,3 +141,38 @@ def random_training_batch(rows: int, length: int) -> dict:
         "labels": labels,
         "weights": torch.rand(rows, length),
     }
+
+
+def bare_step(model, batch: dict, bf16: bool, optimizer=None) -> tuple[float, float]:
+    """(tokens/s, loss) of one training step of ``model`` on ``batch`` as the step benchmarks time
+    it: the loss from hidden states under bf16 autocast (or fp32), its backward, the optimiser's
+    step where one is given (without, the weights stay as they are), the gradients dropped."""
+    import torch
+
+    from kpod.distill.loss import sequence_nll
+
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)
+    (loss / 1000).backward()
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return round(batch["input_ids"].numel() / (time.perf_counter() - start), 1), loss.item()
+
+
+def fixed_heap_trimmer(always: bool) -> type:
+    """A :class:`kpod.allocator.HeapTrimmer` with a fixed rule in place of the trainer's: the heap
+    trimmed after every step (kpod's rule before session 35), or never. It reads the resident
+    memory at each step's end as the trainer's own rule does (logged as ``rss_mib``)."""
+    from kpod.allocator import HeapTrimmer
+
+    class FixedTrim(HeapTrimmer):
+        def after_step(self) -> bool:
+            self.size = self.resident()
+            if always:
+                self.trim()
+                self.trims += 1
+            return always
+
+    return FixedTrim

@@ -10,23 +10,15 @@ Arguments as ``kpod run``'s; each step's ``rss_mib`` and ``tokens_per_s`` land i
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import kpod.distill.trainer as trainer
-from kpod.allocator import HeapTrimmer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-class TrimAlways(HeapTrimmer):
-    """The heap trimmed at the end of every step."""
-
-    def after_step(self) -> bool:
-        self.size = self.resident()
-        self.trim()
-        self.trims += 1
-        return True
-
+from common import fixed_heap_trimmer  # noqa: E402
 
 if __name__ == "__main__":
-    trainer.HeapTrimmer = TrimAlways
+    import kpod.distill.trainer as trainer
     from kpod.cli import main
 
+    trainer.HeapTrimmer = fixed_heap_trimmer(always=True)
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -20,12 +20,11 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance, random_training_batch  # noqa: E402
+from common import RESULTS, bare_step, provenance, random_training_batch  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +40,6 @@ def main() -> None:
 
     import torch
 
-    from kpod.distill.loss import sequence_nll
     from kpod.models import (
         StudentConfig,
         attention_implementation,
@@ -60,15 +58,7 @@ def main() -> None:
     batch = random_training_batch(args.batch, args.width)
 
     def step(optimizer: torch.optim.Optimizer | None) -> tuple[float, float]:
-        """(tokens/s, loss) of one step; without an optimiser the weights stay as they are."""
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)
-        (loss / 1000).backward()
-        if optimizer is not None:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return round(batch["input_ids"].numel() / (time.perf_counter() - start), 1), loss.item()
+        return bare_step(model, batch, bf16, optimizer)
 
     settings = {"peft": contextlib.nullcontext, "folded": lambda: lora_scaling_folded(model)}
     held = frozen_linears_in(model, torch.bfloat16) if bf16 else contextlib.nullcontext()

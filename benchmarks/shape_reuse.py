@@ -16,12 +16,11 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, provenance, random_training_batch  # noqa: E402
+from common import RESULTS, bare_step, provenance, random_training_batch  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +35,6 @@ def main() -> None:
 
     import torch
 
-    from kpod.distill.loss import sequence_nll
     from kpod.models import StudentConfig, attention_implementation, frozen_linears_in, lora_input_casts_off
 
     torch.manual_seed(0)
@@ -45,13 +43,7 @@ def main() -> None:
     bf16 = args.precision == "bf16"
 
     def tokens_per_s(data: dict) -> float:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sequence_nll(model, data, "causal", 0, 0, from_hidden=True)
-        (loss / 1000).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return round(data["input_ids"].numel() / (time.perf_counter() - start), 1)
+        return bare_step(model, data, bf16, optimizer)[0]
 
     widths = [args.width - 23, args.width - 15, args.width - 7, args.width + 1]
     widths += [args.width - 11, args.width - 19, args.width - 3, args.width - 27]

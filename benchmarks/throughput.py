@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, provenance  # noqa: E402
+from common import RESULTS, ROOT, fixed_heap_trimmer, provenance  # noqa: E402
 
 # The former settings, kept so the ratios are measured side by side on the same machine.
 VARIANTS = {
@@ -233,16 +233,8 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
     )
     if "trim" in settings:  # a fixed rule in place of the trainer's; this process is the row's own
         import kpod.distill.trainer
-        from kpod.allocator import HeapTrimmer
 
-        class FixedTrim(HeapTrimmer):
-            def after_step(self) -> bool:
-                self.size = self.resident()  # logged as the trainer's own rule logs it
-                if settings["trim"] == "always":
-                    self.trim()
-                return settings["trim"] == "always"
-
-        kpod.distill.trainer.HeapTrimmer = FixedTrim
+        kpod.distill.trainer.HeapTrimmer = fixed_heap_trimmer(settings["trim"] == "always")
     distill_student(
         config,
         StudentConfig(name=args.student, **student_settings),
