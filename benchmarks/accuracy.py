@@ -571,17 +571,11 @@ def run_one(
 
 def _under_fast_allocator() -> None:
     """Run again with jemalloc (or another fast allocator) preloaded where one is installed and none
-    is loaded: glibc's heap slows a long CPU run (BENCHMARKS.md, "Memory allocator"); results are
-    the same, and each result's ``machine`` names the allocator."""
-    import os
+    is loaded, as the kpod command does: glibc's heap slows a long CPU run (BENCHMARKS.md, "Memory
+    allocator"); results are the same, and each result's ``machine`` names the allocator."""
+    from kpod.allocator import restart_on_fast_allocator
 
-    from kpod.allocator import current_allocator, find_fast_allocator
-
-    if os.environ.get("LD_PRELOAD") or current_allocator() != "system":
-        return
-    library = find_fast_allocator()
-    if library is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "LD_PRELOAD": str(library)})
+    restart_on_fast_allocator([sys.executable, *sys.argv])
 
 
 def pin_generation_precision(suite: str) -> str | None:

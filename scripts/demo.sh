@@ -10,10 +10,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
-# Training on the CPU is faster under jemalloc than under glibc's malloc, whose heap fragments
-# (BENCHMARKS.md, "Memory allocator"); the results are the same. Preloaded where it is installed.
-if [ -z "${LD_PRELOAD:-}" ]; then
-  lib="$(.venv/bin/python -c 'from kpod.allocator import find_fast_allocator as f; print(f() or "")')"
-  if [ -n "$lib" ]; then export LD_PRELOAD="$lib"; fi
-fi
+# The kpod command restarts itself on jemalloc where it is installed (kpod.allocator).
 exec .venv/bin/kpod run configs/quickstart.yaml "$@"

@@ -15,8 +15,10 @@ from kpod.allocator import (
     allocator_in,
     cpu_allocator_hint,
     current_allocator,
+    fast_allocator_preload,
     find_fast_allocator,
     resident_bytes,
+    restart_on_fast_allocator,
 )
 
 GLIBC_MAPS = [
@@ -91,6 +93,66 @@ def test_a_preloaded_allocator_is_seen_in_a_real_process():
     )
     assert plain.stdout.split() == ["system", "False"]
     assert preloaded.stdout.split() == [allocator_in([str(lib)]), "True"]
+
+
+def test_fast_allocator_preload_only_where_it_helps_and_nothing_is_preloaded():
+    lib = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert fast_allocator_preload({}, "system", lib, "glibc") == str(lib)
+    assert fast_allocator_preload({"KPOD_FAST_MALLOC": "1"}, "system", lib, "glibc") == str(lib)
+    for off in ("0", "false", "No", " off "):
+        assert fast_allocator_preload({"KPOD_FAST_MALLOC": off}, "system", lib, "glibc") is None
+    assert fast_allocator_preload({}, "jemalloc", lib, "glibc") is None  # loaded already
+    assert fast_allocator_preload({}, "system", None, "glibc") is None  # none installed
+    assert fast_allocator_preload({}, "system", lib, "") is None  # not glibc (macOS)
+    # the user's own preload is kept, and a restarted process (LD_PRELOAD set) never restarts again,
+    # even where the library did not load
+    assert fast_allocator_preload({"LD_PRELOAD": "/opt/libfoo.so"}, "system", lib, "glibc") is None
+    assert fast_allocator_preload({"LD_PRELOAD": str(lib)}, "system", lib, "glibc") is None
+    assert fast_allocator_preload({"LD_PRELOAD": " "}, "system", lib, "glibc") == str(lib)
+
+
+def test_restart_execs_the_same_command_with_the_preload(monkeypatch, tmp_path):
+    import kpod.allocator as allocator
+
+    lib = tmp_path / "libjemalloc.so.2"
+    monkeypatch.setattr(allocator, "find_fast_allocator", lambda: lib)
+    monkeypatch.setattr(allocator, "current_allocator", lambda env=None: "system")
+    monkeypatch.setattr(allocator, "glibc", lambda: object())
+    calls = []
+    argv = ["/usr/bin/python3", "-X", "utf8", "/venv/bin/kpod", "distill", "--config", "a b.yaml"]
+    restart_on_fast_allocator(argv, {"HOME": "/h"}, execve=lambda *a: calls.append(a))
+    assert calls == [(sys.executable, [sys.executable, *argv[1:]], {"HOME": "/h", "LD_PRELOAD": str(lib)})]
+    calls.clear()
+    restart_on_fast_allocator(argv, {"KPOD_FAST_MALLOC": "0"}, execve=lambda *a: calls.append(a))
+    monkeypatch.setattr(allocator, "glibc", lambda: None)
+    restart_on_fast_allocator(argv, {}, execve=lambda *a: calls.append(a))
+    assert calls == []
+
+
+@pytest.mark.skipif(
+    find_fast_allocator() is None or not Path("/proc/self/maps").exists(),
+    reason="no jemalloc/tcmalloc/mimalloc installed (Debian: apt-get install libjemalloc2; .ci/run does)",
+)
+def test_a_restarted_process_runs_on_the_fast_allocator_and_the_opt_out_keeps_malloc():
+    code = (
+        "import sys; from kpod.allocator import restart_on_fast_allocator as r, current_allocator as c; "
+        "print('start', flush=True); r(); print(c(), sys.argv[1:])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "KPOD_FAST_MALLOC")}
+    restarted = subprocess.run(
+        [sys.executable, "-c", code, "x y", "z"], env=env, capture_output=True, text=True, check=True
+    )
+    kept = subprocess.run(
+        [sys.executable, "-c", code, "x y"],
+        env={**env, "KPOD_FAST_MALLOC": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lib = find_fast_allocator()
+    # the first process printed 'start' before it was replaced; the second one started again
+    assert restarted.stdout.splitlines() == ["start", "start", f"{allocator_in([str(lib)])} ['x y', 'z']"]
+    assert kept.stdout.splitlines() == ["start", "system ['x y']"]
 
 
 def test_trainlog_splits_a_resumed_runs_log_into_labelled_sittings(load_benchmark, tmp_path):

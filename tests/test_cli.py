@@ -113,3 +113,25 @@ def test_weights_train_show_eval(tiny_causal: Path, tmp_path: Path, capsys) -> N
     assert main(["weights", "show", str(data), str(out_dir), "--html", str(page)]) == 0
     assert page.read_text().count('class="ex"') == 5
     assert "range from w = " in page.read_text()  # the legend gives the weights' true range
+
+
+def test_model_commands_from_the_command_line_restart_on_a_fast_allocator(monkeypatch, tmp_path) -> None:
+    """The console script (argv None) restarts a model command before it does any work; a call with
+    argv (a notebook, a test) and a command that runs no model never do."""
+    import kpod.allocator
+
+    class Restarted(Exception):
+        pass
+
+    def restart():
+        raise Restarted
+
+    monkeypatch.setattr(kpod.allocator, "restart_on_fast_allocator", restart)
+    missing = str(tmp_path / "missing")
+    for command in (["eval", missing, missing], ["distill", missing, "--out", missing]):
+        monkeypatch.setattr(sys, "argv", ["kpod", *command])
+        with pytest.raises(Restarted):
+            main()
+    assert main(["eval", missing, missing]) == 2  # run in this process: the missing model's error
+    monkeypatch.setattr(sys, "argv", ["kpod", "report", missing])
+    assert main() == 2  # no model: no restart, the command's own error

@@ -6,21 +6,26 @@ lists, so a long training process slows down, and a restart from its checkpoint 
 until it slows again. jemalloc does not use glibc's heap; preloading it changes no result
 (bit-identical weights, ``benchmarks/allocator.py numerics``). BENCHMARKS.md ("Memory allocator")
 has the measurements. A
-process cannot swap its allocator once started, so kpod says so (:func:`cpu_allocator_hint`) and
-``make demo`` preloads jemalloc where it is installed (:func:`find_fast_allocator`;
-``scripts/demo.sh``).
+process cannot swap its allocator once started, so the ``kpod`` commands that run a model restart
+themselves once with jemalloc preloaded where it is installed and nothing else is preloaded
+(:func:`restart_on_fast_allocator`; ``KPOD_FAST_MALLOC=0`` keeps the C library's malloc), and the
+trainer says how to preload it where it still runs without (:func:`cpu_allocator_hint`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 # Shared-library name fragments of the allocators worth preloading, in order of preference.
 FAST_ALLOCATORS = {"jemalloc": "libjemalloc", "tcmalloc": "libtcmalloc", "mimalloc": "libmimalloc"}
+
+# The environment variable that keeps the C library's malloc for the kpod commands (0, false, no, off).
+OPT_OUT_VARIABLE = "KPOD_FAST_MALLOC"
 
 # Where Debian/Ubuntu, Fedora and conda put them (the package libjemalloc2 on Debian).
 LIBRARY_DIRS = (
@@ -175,3 +180,49 @@ def cpu_allocator_hint(
         f"tokens/s within 40 min); to avoid it, with the same results, {how} "
         "(BENCHMARKS.md, Memory allocator)"
     )
+
+
+def fast_allocator_preload(
+    env: Mapping[str, str], allocator: str, library: Path | None, libc: str
+) -> str | None:
+    """The ``LD_PRELOAD`` value to restart this process with, so that it runs on a fast allocator,
+    or ``None`` to run on as it is.
+
+    ``None`` when the user opted out (``KPOD_FAST_MALLOC`` set to 0, false, no or off), when the C
+    library is not glibc (macOS, musl: its heap is the one measured to fragment), when a fast
+    allocator is loaded already (``allocator`` is not ``system``), when none is installed, or when
+    ``LD_PRELOAD`` is set at all: what the user preloads is kept as it is, and a restarted process,
+    which has it set, never restarts again, even where the library failed to load.
+    """
+    if env.get(OPT_OUT_VARIABLE, "").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    if libc != "glibc" or allocator != "system" or library is None:
+        return None
+    if env.get("LD_PRELOAD", "").strip():
+        return None
+    return str(library)
+
+
+def restart_on_fast_allocator(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    execve: Callable[[str, list[str], dict[str, str]], Any] = os.execve,
+) -> None:
+    """Replace this Python process by the same command with jemalloc (or tcmalloc, mimalloc)
+    preloaded, when :func:`fast_allocator_preload` says so; returns only when it does not.
+
+    Call it before any work: the new process starts from the beginning, with the same
+    interpreter, interpreter options and arguments (``argv``, default ``sys.orig_argv``), open
+    files and environment plus ``LD_PRELOAD``. It costs one more interpreter start (about 0.2 s
+    here) against a training run that slows as glibc's heap fragments (module docstring).
+    """
+    env = dict(os.environ if env is None else env)
+    libc = "glibc" if glibc() is not None else ""
+    preload = fast_allocator_preload(env, current_allocator(env=env), find_fast_allocator(), libc)
+    if preload is None:
+        return
+    argv = list(sys.orig_argv if argv is None else argv)
+    env["LD_PRELOAD"] = preload
+    sys.stdout.flush()
+    sys.stderr.flush()
+    execve(sys.executable, [sys.executable, *argv[1:]], env)

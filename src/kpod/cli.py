@@ -823,9 +823,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run a model over many batches: started from the command line, they restart
+# themselves once on jemalloc where it is installed (kpod.allocator.restart_on_fast_allocator),
+# since CPU training under glibc's malloc slows as its heap fragments. KPOD_FAST_MALLOC=0 opts out.
+MODEL_COMMANDS = frozenset({cmd_weights_train, cmd_schedule_plan, cmd_eval, cmd_distill, cmd_run, cmd_serve})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``kpod`` command. ``argv`` given (a notebook, a test): parsed and run in this process as
+    it is; ``None`` (the console script): ``sys.argv``, and a model command may first restart the
+    process with a faster allocator preloaded (``MODEL_COMMANDS``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.func in MODEL_COMMANDS:
+        from kpod.allocator import restart_on_fast_allocator
+
+        restart_on_fast_allocator()
     from kpod.lock import set_wait
 
     set_wait(getattr(args, "wait", False))
