@@ -20,6 +20,7 @@ from kpod.allocator import (
     resident_bytes,
     restart_on_fast_allocator,
 )
+from kpod.errors import ConfigError
 
 GLIBC_MAPS = [
     "7f0000000000-7f0000100000 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libc.so.6",
@@ -109,6 +110,8 @@ def test_fast_allocator_preload_only_where_it_helps_and_nothing_is_preloaded():
     assert fast_allocator_preload({"LD_PRELOAD": "/opt/libfoo.so"}, "system", lib, "glibc") is None
     assert fast_allocator_preload({"LD_PRELOAD": str(lib)}, "system", lib, "glibc") is None
     assert fast_allocator_preload({"LD_PRELOAD": " "}, "system", lib, "glibc") == str(lib)
+    with pytest.raises(ConfigError, match="KPOD_FAST_MALLOC='maybe' in the environment: use 0"):
+        fast_allocator_preload({"KPOD_FAST_MALLOC": "maybe"}, "jemalloc", None, "")
 
 
 def test_restart_execs_the_same_command_with_the_preload(monkeypatch, tmp_path):

@@ -135,3 +135,11 @@ def test_model_commands_from_the_command_line_restart_on_a_fast_allocator(monkey
     assert main(["eval", missing, missing]) == 2  # run in this process: the missing model's error
     monkeypatch.setattr(sys, "argv", ["kpod", "report", missing])
     assert main() == 2  # no model: no restart, the command's own error
+
+
+def test_a_bad_fast_malloc_setting_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setenv("KPOD_FAST_MALLOC", "maybe")
+    monkeypatch.setattr(sys, "argv", ["kpod", "eval", str(tmp_path / "m"), str(tmp_path / "d")])
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kpod: error: KPOD_FAST_MALLOC='maybe' in the environment") and err.count("\n") == 1

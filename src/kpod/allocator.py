@@ -177,8 +177,8 @@ def cpu_allocator_hint(
     )
     return (
         "note: CPU training under glibc malloc slows down as its heap fragments (measured: 130 to 60 "
-        f"tokens/s within 40 min); to avoid it, with the same results, {how} "
-        "(BENCHMARKS.md, Memory allocator)"
+        f"tokens/s within 40 min); to avoid it, with the same results, {how} (the kpod command "
+        f"does so itself unless LD_PRELOAD or {OPT_OUT_VARIABLE}=0 is set; BENCHMARKS.md, Memory allocator)"
     )
 
 
@@ -188,13 +188,22 @@ def fast_allocator_preload(
     """The ``LD_PRELOAD`` value to restart this process with, so that it runs on a fast allocator,
     or ``None`` to run on as it is.
 
-    ``None`` when the user opted out (``KPOD_FAST_MALLOC`` set to 0, false, no or off), when the C
+    ``None`` when the user opted out (``KPOD_FAST_MALLOC`` set to 0, false, no or off; a value
+    that is neither that nor 1, true, yes or on is a :class:`~kpod.errors.ConfigError`), when the C
     library is not glibc (macOS, musl: its heap is the one measured to fragment), when a fast
     allocator is loaded already (``allocator`` is not ``system``), when none is installed, or when
     ``LD_PRELOAD`` is set at all: what the user preloads is kept as it is, and a restarted process,
     which has it set, never restarts again, even where the library failed to load.
     """
-    if env.get(OPT_OUT_VARIABLE, "").strip().lower() in {"0", "false", "no", "off"}:
+    choice = env.get(OPT_OUT_VARIABLE, "").strip().lower()
+    if choice not in {"", "1", "true", "yes", "on", "0", "false", "no", "off"}:
+        from kpod.errors import ConfigError
+
+        raise ConfigError(
+            f"{OPT_OUT_VARIABLE}={env[OPT_OUT_VARIABLE]!r} in the environment: use 0 (keep the C "
+            "library's malloc) or 1 (preload jemalloc where installed, the default)"
+        )
+    if choice in {"0", "false", "no", "off"}:
         return None
     if libc != "glibc" or allocator != "system" or library is None:
         return None

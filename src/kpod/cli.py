@@ -30,6 +30,14 @@ weights that single out keypoint tokens, then train the student on more and more
 rationale, stage by stage.
 """
 
+ENVIRONMENT = """\
+environment:
+  KPOD_CACHE                  where converted checkpoints and measurements are kept (~/.cache/kpod)
+  KPOD_GENERATION_PRECISION   fp32 or bf16 for generation, instead of measuring which is faster here
+  KPOD_FAST_MALLOC            0 keeps the C library's malloc; by default the commands that run a model
+                              restart once with jemalloc preloaded where it is installed (Linux)
+"""
+
 
 def _parse_columns(text: str | None) -> dict[str, str] | None:
     if not text:
@@ -528,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kpod.weighting.config import READ_SETTINGS, WeightingConfig
 
     parser = argparse.ArgumentParser(
-        prog="kpod", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="kpod",
+        description=DESCRIPTION,
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kpod {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -835,14 +846,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     process with a faster allocator preloaded (``MODEL_COMMANDS``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None and args.func in MODEL_COMMANDS:
-        from kpod.allocator import restart_on_fast_allocator
-
-        restart_on_fast_allocator()
     from kpod.lock import set_wait
 
     set_wait(getattr(args, "wait", False))
     try:
+        if argv is None and args.func in MODEL_COMMANDS:
+            from kpod.allocator import restart_on_fast_allocator
+
+            restart_on_fast_allocator()
         return int(args.func(args) or 0)
     except KpodError as err:
         print(f"kpod: error: {err}", file=sys.stderr)
