@@ -1,0 +1,119 @@
+"""Would casting the RMS norms' outputs to bf16 once pay in training steps, and what would it change?
+
+Under bf16 autocast each projection that reads a norm's output (q, k and v after the first norm,
+gate and up after the second; in each, peft's base layer and LoRA's A) casts that float32 output
+to bf16 itself. :func:`kpod.models.norm_outputs_in` casts it once instead, but only in passes
+without gradients (token weighting's answer predictor, difficulty scoring): with gradients, the
+readers' gradients would then add up in bf16 where autocast adds them in float32. This measures
+that trade-off for a training step. It times the bare step of the offline student as the trainer
+runs it (LoRA r 16, alpha 32 on every linear layer, frozen weights held in bf16, LoRA inputs uncast,
+the scaling folded, eager attention, the loss from hidden states, AdamW) as it is and with every
+norm's output cast once, alternating in one process. It also reports how far the LoRA gradients of
+one batch move (largest difference over the largest gradient, per tensor, then the worst tensor).
+
+    .venv/bin/python benchmarks/norm_cast.py            # batch 4 x 224 tokens
+
+Results: results/norm-cast.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, bare_step, provenance, random_training_batch  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each setting per round")
+    args = parser.parse_args()
+
+    import torch
+
+    from kpod.distill.loss import sequence_nll
+    from kpod.models import (
+        StudentConfig,
+        attention_implementation,
+        frozen_linears_in,
+        inner_model,
+        lora_input_casts_off,
+        lora_scaling_folded,
+    )
+
+    torch.manual_seed(0)
+    model = StudentConfig().load().model
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, param in trainable.items():  # B starts at zero; a trained B is not
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    batch = random_training_batch(args.batch, args.width)
+    norms = [
+        module
+        for name, module in inner_model(model).named_modules()
+        if name.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")
+    ]
+
+    @contextlib.contextmanager
+    def cast_once():
+        handles = [n.register_forward_hook(lambda m, a, out: out.to(torch.bfloat16)) for n in norms]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainable.items()}
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    settings = {"per-reader casts": contextlib.nullcontext, "cast once": cast_once}
+    held = frozen_linears_in(model, torch.bfloat16)
+    with (
+        held,
+        lora_input_casts_off(model),
+        lora_scaling_folded(model),
+        attention_implementation(model, "eager"),
+    ):
+        grads, losses = {}, {}
+        for name, setting in settings.items():
+            with setting():
+                bare_step(model, batch, True)  # warm-up
+                losses[name] = bare_step(model, batch, True)[1]
+                grads[name] = gradients()
+        moved = max(
+            float((grads["cast once"][k] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+            for k, g in grads["per-reader casts"].items()
+        )
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
+        timed: dict[str, list[float]] = {name: [] for name in settings}
+        for k in range(args.rounds):
+            for name in list(settings) if k % 2 == 0 else list(settings)[::-1]:
+                with settings[name]():
+                    timed[name] += [bare_step(model, batch, True, optimizer)[0] for _ in range(args.steps)]
+            print({name: speeds[-args.steps :] for name, speeds in timed.items()}, flush=True)
+    mean = {name: round(sum(speeds) / len(speeds), 1) for name, speeds in timed.items()}
+    result = {**provenance(), "batch": args.batch, "width": args.width, "norms": len(norms)}
+    result |= {"loss": losses, "gradient_moved": moved, "tokens_per_s": timed, "mean_tokens_per_s": mean}
+    result["cast_once_over_per_reader"] = round(mean["cast once"] / mean["per-reader casts"], 3)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "norm-cast.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(mean, result["cast_once_over_per_reader"], "gradient moved", moved, losses)
+
+
+if __name__ == "__main__":
+    main()
