@@ -161,6 +161,40 @@ def bare_step(model, batch: dict, bf16: bool, optimizer=None) -> tuple[float, fl
     return round(batch["input_ids"].numel() / (time.perf_counter() - start), 1), loss.item()
 
 
+def add_bare_step_options(parser) -> None:
+    """The options of the benchmarks that alternate settings of the bare step in one process."""
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each setting per round")
+
+
+def bare_step_student():
+    """The offline student as the bare-step benchmarks train it, and its trainable parameters by
+    name: LoRA's B drawn at random (a new adapter's B is zero; a trained one is not)."""
+    from kpod.models import StudentConfig
+
+    model = StudentConfig().load().model
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, param in trainable.items():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    return model, trainable
+
+
+def alternating_rounds(settings: dict, step, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Tokens/s of ``steps`` calls of ``step()`` under each of ``settings`` (name: a context manager
+    factory) per round, the order reversed every other round so that both see the same machine;
+    prints each round."""
+    timed: dict[str, list[float]] = {name: [] for name in settings}
+    for k in range(rounds):
+        for name in list(settings) if k % 2 == 0 else list(settings)[::-1]:
+            with settings[name]():
+                timed[name] += [step() for _ in range(steps)]
+        print({name: speeds[-steps:] for name, speeds in timed.items()}, flush=True)
+    return timed
+
+
 def fixed_heap_trimmer(always: bool) -> type:
     """A :class:`kpod.allocator.HeapTrimmer` with a fixed rule in place of the trainer's: the heap
     trimmed after every step (kpod's rule before session 35), or never. It reads the resident

@@ -24,24 +24,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, bare_step, provenance, random_training_batch  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    add_bare_step_options,
+    alternating_rounds,
+    bare_step,
+    bare_step_student,
+    provenance,
+    random_training_batch,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps of each setting per round")
+    add_bare_step_options(parser)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     args = parser.parse_args()
 
     import torch
 
     from kpod.models import (
-        StudentConfig,
         attention_implementation,
         frozen_linears_in,
         lora_input_casts_off,
@@ -49,11 +53,7 @@ def main() -> None:
     )
 
     torch.manual_seed(0)
-    model = StudentConfig().load().model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for name, param in model.named_parameters():  # B starts at zero; a trained B is not
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
+    model, trainable = bare_step_student()
     bf16 = args.precision == "bf16"
     batch = random_training_batch(args.batch, args.width)
 
@@ -70,13 +70,8 @@ def main() -> None:
                 losses[name] = step(None)[1]
         if losses["peft"] != losses["folded"]:
             raise SystemExit(f"the fold changed the loss: {losses}")
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        timed: dict[str, list[float]] = {name: [] for name in settings}
-        for k in range(args.rounds):
-            for name in list(settings) if k % 2 == 0 else list(settings)[::-1]:
-                with settings[name]():
-                    timed[name] += [step(optimizer)[0] for _ in range(args.steps)]
-            print({name: speeds[-args.steps :] for name, speeds in timed.items()}, flush=True)
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
+        timed = alternating_rounds(settings, lambda: step(optimizer)[0], args.rounds, args.steps)
     mean = {name: round(sum(speeds) / len(speeds), 1) for name, speeds in timed.items()}
     result = {**provenance(), "batch": args.batch, "width": args.width, "precision": args.precision}
     result |= {"loss": losses["peft"], "tokens_per_s": timed, "mean_tokens_per_s": mean}

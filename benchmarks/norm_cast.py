@@ -26,24 +26,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, bare_step, provenance, random_training_batch  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    add_bare_step_options,
+    alternating_rounds,
+    bare_step,
+    bare_step_student,
+    provenance,
+    random_training_batch,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps of each setting per round")
+    add_bare_step_options(parser)
     args = parser.parse_args()
 
     import torch
 
     from kpod.distill.loss import sequence_nll
     from kpod.models import (
-        StudentConfig,
         attention_implementation,
         frozen_linears_in,
         inner_model,
@@ -52,11 +56,7 @@ def main() -> None:
     )
 
     torch.manual_seed(0)
-    model = StudentConfig().load().model
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    for name, param in trainable.items():  # B starts at zero; a trained B is not
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
+    model, trainable = bare_step_student()
     batch = random_training_batch(args.batch, args.width)
     norms = [
         module
@@ -100,12 +100,8 @@ def main() -> None:
             for k, g in grads["per-reader casts"].items()
         )
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
-        timed: dict[str, list[float]] = {name: [] for name in settings}
-        for k in range(args.rounds):
-            for name in list(settings) if k % 2 == 0 else list(settings)[::-1]:
-                with settings[name]():
-                    timed[name] += [bare_step(model, batch, True, optimizer)[0] for _ in range(args.steps)]
-            print({name: speeds[-args.steps :] for name, speeds in timed.items()}, flush=True)
+        step = lambda: bare_step(model, batch, True, optimizer)[0]  # noqa: E731
+        timed = alternating_rounds(settings, step, args.rounds, args.steps)
     mean = {name: round(sum(speeds) / len(speeds), 1) for name, speeds in timed.items()}
     result = {**provenance(), "batch": args.batch, "width": args.width, "norms": len(norms)}
     result |= {"loss": losses, "gradient_moved": moved, "tokens_per_s": timed, "mean_tokens_per_s": mean}
