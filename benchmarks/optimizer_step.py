@@ -6,7 +6,7 @@ quickstart's trainable parameters (LoRA r 16 on every linear layer of the offlin
 tensors) with random gradients, beside AdamW's ``foreach`` and ``fused`` implementations, and says how
 far the fused one's weights are from the loop's after the timed steps (the same maths; rounding
 may differ). Compare with a training step's seconds (``benchmarks/throughput.py``'s rows: about
-1,800 tokens a step at 200-350 tokens/s).
+1,300 tokens a step at 190-390 tokens/s).
 
     .venv/bin/python benchmarks/optimizer_step.py [--steps 20 --rounds 2]
 
@@ -61,10 +61,10 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
+    implementations = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     rows = []
     for _ in range(args.rounds):
         row = {}
-        implementations = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
         for name, options in implementations.items():
             row[name], final = step_ms(params, args.steps, **options)
             if name == "loop":
