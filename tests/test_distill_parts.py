@@ -326,6 +326,66 @@ def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_with_fewer_cop
         assert n == 0
 
 
+@pytest.mark.parametrize("setting", ["plain", "dropout", "checkpointing"])
+def test_norm_casts_shared_give_the_same_loss_and_gradients_with_fewer_casts(setting, tiny_causal) -> None:
+    """As training steps run under bf16 autocast (frozen weights in bf16, eager attention), the
+    projections that read a norm's output sharing one cast of it give exactly the same loss and
+    adapter gradients (their gradients still add up in float32), with fewer casts: per layer
+    q, k, v and LoRA's three A read one cast instead of six, gate, up and their A one instead of
+    four. With LoRA dropout the A layers read the dropout's output and cast it themselves; under
+    gradient checkpointing the recomputed forward shares its casts too. In fp32 nothing changes;
+    afterwards no hook is left."""
+    from tiny_models import counting_casts
+
+    from kpod.distill.batches import collate
+    from kpod.models import StudentConfig, attention_implementation, frozen_linears_in, norm_casts_shared
+
+    def counted(model, batch, precision="bf16"):
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with counting_casts() as casts:
+            loss, grads = _loss_and_grads(model, batch, "causal", from_hidden=True, precision=precision)
+        return loss, grads, casts.n
+
+    torch.manual_seed(0)
+    dropout = 0.1 if setting == "dropout" else 0.0
+    student = StudentConfig(
+        name=str(tiny_causal),
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        gradient_checkpointing=setting == "checkpointing",
+    ).load()
+    model = student.model.train() if setting != "plain" else student.model.eval()
+    for name, param in model.named_parameters():  # B starts at zero: give A a gradient
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    ex = build_stage_example(EXAMPLE, 1, student.tokenizer)
+    batch = collate(
+        [dataclasses.replace(ex, weights=[0.2 + (j % 5) / 5 for j in range(len(ex.labels))])], 0, "causal"
+    )
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()  # checkpointing's own (peft's input gradients)
+    with attention_implementation(model, "eager"):
+        fp32_loss, fp32, _ = counted(model, batch, "fp32")
+        with norm_casts_shared(model, torch.bfloat16):
+            shared_fp32_loss, shared_fp32, _ = counted(model, batch, "fp32")
+        with frozen_linears_in(model, torch.bfloat16):
+            counted(model, batch)  # the tied head's bf16 cast is made once, at the first pass
+            plain_loss, plain, plain_casts = counted(model, batch)
+            with norm_casts_shared(model, torch.bfloat16) as n:
+                assert n == 2 * 2  # two norms in each of the two layers
+                loss, grads, casts = counted(model, batch)
+    assert loss.item() == plain_loss.item() and shared_fp32_loss.item() == fp32_loss.item()
+    assert plain.keys() == grads.keys() and len(plain) == 2 * 2 * 7
+    for name, grad in plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(shared_fp32[name], fp32[name], rtol=0, atol=0, msg=name)
+    per_layer = (3 - 1) + (2 - 1) if setting == "dropout" else (6 - 1) + (4 - 1)
+    passes = 2 if setting == "checkpointing" else 1  # checkpointing runs the forward pass twice
+    assert plain_casts - casts == 2 * per_layer * passes
+    assert hooks() == before
+
+
 def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny_causal) -> None:
     """``train.compile``: the compiled forward (dynamic shapes) gives eager's loss and adapter
     gradients to fp32 rounding on padded batches of two different lengths and sizes, with weights

@@ -64,7 +64,8 @@ def schedule_inputs(examples, stages: int) -> dict[str, list[int]]:
 
 
 def train_tiny_std_cot(model_dir, examples, out, epochs, eval_max_new_tokens, *, dev, test, **settings):
-    """std-cot on a tiny causal model with these tests' usual settings (batch 2, lr 1e-2, fp32)."""
+    """std-cot on a tiny causal model with these tests' usual settings (batch 2, lr 1e-2, fp32 unless
+    ``settings`` say otherwise)."""
     student = load_model(str(model_dir))
     builder = StageBuilder(get_method("std-cot"), examples, student.tokenizer)
     config = TrainConfig(
@@ -72,9 +73,8 @@ def train_tiny_std_cot(model_dir, examples, out, epochs, eval_max_new_tokens, *,
         epochs=epochs,
         batch_size=2,
         lr=1e-2,
-        precision="fp32",
         eval_max_new_tokens=eval_max_new_tokens,
-        **settings,
+        **{"precision": "fp32", **settings},
     )
     return train(config, student, builder, out, dev=dev, test=test, progress=False)
 
@@ -589,6 +589,34 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     with pytest.raises(ConfigError, match="train.compile: no C\\+\\+ compiler"):
         run("no-compiler", compile=True)
     assert not (tmp_path / "no-compiler" / "checkpoints").exists()
+
+
+def test_bf16_training_steps_share_the_norms_casts_with_the_same_losses(tiny_causal, tmp_path, monkeypatch):
+    """Under bf16 the trainer's steps run with each norm's output cast once for all its readers
+    (kpod.models.norm_casts_shared; its exactness: test_distill_parts), entered once per epoch
+    around the training steps and never around generation; every logged loss is the same bit for
+    bit as a run without it."""
+    import kpod.distill.trainer as trainer
+
+    real, entered = trainer.norm_casts_shared, []
+
+    @contextlib.contextmanager
+    def recording(model, dtype):
+        assert dtype == torch.bfloat16 and model.training
+        with real(model, dtype) as n:
+            entered.append(n)
+            yield n
+
+    examples = arithmetic_examples(4, seed=3)
+    monkeypatch.setattr(trainer, "norm_casts_shared", recording)
+    shared = tiny_std_cot_losses(tiny_causal, examples, tmp_path / "shared", precision="bf16")
+    assert entered == [2 * 2, 2 * 2]  # two epochs; two norms in each of the two layers
+    monkeypatch.setattr(trainer, "norm_casts_shared", lambda model, dtype: contextlib.nullcontext(0))
+    assert tiny_std_cot_losses(tiny_causal, examples, tmp_path / "plain", precision="bf16") == shared
+    entered.clear()
+    monkeypatch.setattr(trainer, "norm_casts_shared", recording)
+    tiny_std_cot_losses(tiny_causal, examples, tmp_path / "fp32")
+    assert entered == []  # fp32 has no casts to share
 
 
 def test_select_from_epoch_leaves_earlier_epochs_out_of_dev_scoring(tiny_causal, tmp_path, monkeypatch):

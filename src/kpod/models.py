@@ -423,11 +423,7 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
     if getattr(getattr(inner, "config", None), "model_type", None) not in NORM_FED_LINEARS_ONLY:
         yield 0
         return
-    norms = [
-        module
-        for name, module in inner.named_modules()
-        if name.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")
-    ]
+    norms = _layer_norms(inner)
     final = getattr(getattr(inner, "model", None), "norm", None)
     if final is not None:
         norms.append(final)
@@ -442,6 +438,95 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
     handles = [norm.register_forward_hook(cast) for norm in norms]
     try:
         yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layer_norms(inner: Any) -> list[Any]:
+    """The two RMS norms of every decoder layer of a llama-family model (by their names)."""
+    return [
+        module
+        for name, module in inner.named_modules()
+        if name.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")
+    ]
+
+
+def _shared_cast_function() -> Any:
+    """The autograd function of :func:`norm_casts_shared`, built on first use (torch is imported
+    lazily in this module)."""
+    global _SHARED_CAST
+    if _SHARED_CAST is None:
+        import torch
+
+        class SharedCast(torch.autograd.Function):
+            """Forward: ``low``, the cast of ``source`` made once, handed on as a view (no copy).
+            Backward: the gradient cast to ``source``'s dtype, as autocast's own cast would
+            return it, so each reader's gradient reaches ``source`` separately in float32."""
+
+            @staticmethod
+            def forward(ctx: Any, source: Any, low: Any) -> Any:
+                ctx.source_dtype = source.dtype
+                return low.view_as(low)
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:
+                return grad.to(ctx.source_dtype), None
+
+        _SHARED_CAST = SharedCast
+    return _SHARED_CAST
+
+
+_SHARED_CAST: Any = None
+
+
+@contextlib.contextmanager
+def norm_casts_shared(model: Any, dtype: Any) -> Iterator[int]:
+    """Within the block, under autocast to ``dtype``, the linear layers that read a decoder
+    layer's RMS norm output (q, k, v, gate and up: peft's base layer and LoRA's A in each) share
+    one cast of it instead of each casting it again, in passes with and without gradients; the
+    gradients are the same bit for bit. Yields how many norms it changed (0 for a model without
+    llama-family norm names, which is left alone).
+
+    How: each norm's output carries its ``dtype`` cast, made once; a linear layer that receives
+    such a tensor under autocast to that dtype reads the cast through an autograd function whose
+    backward casts the gradient back to float32, as the autocast cast it replaces would. So each
+    reader's gradient still reaches the norm's output in float32 and they add up there in the same
+    order as before (casting the output itself instead, as :func:`norm_outputs_in` does without
+    gradients, would add them up in bf16: up to 2 % of a LoRA gradient, BENCHMARKS.md "Issue #21,
+    session 37"). Readers other than linear layers, and linear layers run outside autocast, still
+    see the float32 output.
+
+    Why: a layer's ten readers made ten bf16 copies of the same activations in the forward pass,
+    and the LoRA readers kept theirs for the backward pass (training steps 1.04x as fast, about
+    100 MB less peak memory at 900 tokens a pass; BENCHMARKS.md "Issue #21, session 38")."""
+    import torch
+
+    inner = inner_model(model)
+    norms = _layer_norms(inner)
+    if not norms:
+        yield 0
+        return
+    shared = _shared_cast_function()
+
+    def autocast_to(device_type: str) -> bool:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype
+
+    def cast_once(module: Any, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.dtype != dtype and autocast_to(output.device.type):
+            output._kpod_shared_cast = output.detach().to(dtype)
+
+    def read_shared(module: Any, args: Any) -> Any:
+        low = getattr(args[0], "_kpod_shared_cast", None) if args else None
+        if low is None or not autocast_to(low.device.type):
+            return None
+        return (shared.apply(args[0], low), *args[1:])
+
+    handles = [norm.register_forward_hook(cast_once) for norm in norms]
+    linears = [m for m in inner.modules() if isinstance(m, torch.nn.Linear)]
+    handles += [linear.register_forward_pre_hook(read_shared) for linear in linears]
+    try:
+        yield len(norms)
     finally:
         for handle in handles:
             handle.remove()

@@ -70,6 +70,8 @@ from kpod.models import (
     frozen_linears_for,
     lora_input_casts_off,
     lora_scaling_folded,
+    norm_casts_shared,
+    torch_dtype,
     training_attention,
 )
 from kpod.precision import compute_precision
@@ -503,14 +505,18 @@ class DistillRecipe:
         product that casts them back (the same numbers: :func:`kpod.models.lora_input_casts_off`),
         the LoRA scaling applied to B instead of the adapter's output where that is exact (the
         same numbers: :func:`kpod.models.lora_scaling_folded`), and with ``compile`` the compiled
-        forward (:func:`kpod.models.forward_replaced`); dev scoring and saving see the student as
-        loaded."""
+        forward (:func:`kpod.models.forward_replaced`), without it, under autocast, each norm's
+        output cast once for all the projections that read it (the same numbers:
+        :func:`kpod.models.norm_casts_shared`; inductor fuses those casts itself); dev scoring
+        and saving see the student as loaded."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen_linears_for(self.model, self.precision, self.accelerator.device.type))
             stack.enter_context(lora_input_casts_off(self.model))
             stack.enter_context(lora_scaling_folded(self.model))
             if self.compiled_forward is not None:
                 stack.enter_context(forward_replaced(self.model, self.compiled_forward))
+            elif self.precision != "fp32":
+                stack.enter_context(norm_casts_shared(self.model, torch_dtype(self.precision)))
             yield
 
     def _train_steps(self, epoch: int, examples: Sequence[StageExample], batches: list[list[int]]) -> None:
