@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 
 from kpod.allocator import (
+    FilePages,
     HeapTrimmer,
     allocator_in,
     cpu_allocator_hint,
     current_allocator,
     fast_allocator_preload,
+    file_mapped_ranges,
     find_fast_allocator,
     resident_bytes,
     restart_on_fast_allocator,
+    whole_pages,
 )
 from kpod.errors import ConfigError
 
@@ -197,3 +200,47 @@ def test_resident_bytes_reads_this_process():
     size = resident_bytes()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, updated lazily
     assert 10 * 2**20 < size <= 1.1 * peak
+
+
+def test_file_mapped_ranges_keep_file_mappings_only():
+    maps = (
+        "7f00000000-7f00001000 r--p 00000000 08:01 42   /cache/model.safetensors\n"
+        "7f00002000-7f00004000 rw-p 00000000 00:00 0 \n"
+        "55aa0000-55ab0000 rw-p 00000000 00:00 0      [heap]\n"
+        "7f00005000-7f00006000 r-xp 00001000 08:01 43   /usr/lib/libc.so.6\n"
+    )
+    assert file_mapped_ranges(maps) == [(0x7F00000000, 0x7F00001000), (0x7F00005000, 0x7F00006000)]
+
+
+def test_whole_pages_leave_the_partly_covered_edge_pages_out():
+    assert whole_pages(4096, 8192, 4096) == (4096, 8192)
+    assert whole_pages(4100, 8192, 4096) == (8192, 4096)  # both edge pages are shared with others
+    assert whole_pages(4100, 4000, 4096) is None  # inside one page
+    assert whole_pages(0, 4095, 4096) is None
+
+
+def test_file_pages_of_a_mapped_tensor_leave_the_process_and_read_back_the_same(tmp_path):
+    """A tensor mapped from a file, once read, holds its pages; released, the process's file pages
+    drop by about its size and the tensor reads back the same values. Memory of the process's
+    own (not a file's) is left alone."""
+    import torch
+
+    def file_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile"))
+        return int(line.split()[1]) / 1024
+
+    n = 16 * 2**20  # 64 MiB of float32
+    values = torch.arange(n, dtype=torch.float32) % 977
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert torch.equal(mapped, values)  # read: its pages are resident
+    pages = FilePages()
+    assert pages.release(values) == 0  # anonymous memory: no advice
+    before = file_mib()
+    released = pages.release(mapped)
+    if released == 0:
+        pytest.skip("this kernel does not take MADV_PAGEOUT (Linux 5.4 and later)")
+    assert released >= n * 4 - 2 * pages.page and pages.released == released
+    assert before - file_mib() > 0.9 * 64
+    assert torch.equal(mapped, values)

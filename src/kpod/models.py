@@ -277,9 +277,18 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
     were cast at every forward pass (13 % of a CPU training step, BENCHMARKS.md "Issue #21"). The
     cast is the same rounding either way, so the losses and gradients are unchanged. Weights that
     are shared (a tied output projection, which is also the input embedding) are left alone.
+
+    The float32 weights' pages are handed back to the kernel as each is converted, where they are
+    pages of the mapped weights file (:class:`kpod.allocator.FilePages`): nothing in the block
+    reads them, and otherwise reading them once for the conversion kept them resident beside
+    their bf16 copies (about 400 MB of a 135M student; BENCHMARKS.md "Issue #21, session 38").
+    Reads after the block fault them in again from the file.
     """
     import torch
 
+    from kpod.allocator import FilePages
+
+    pages = FilePages()
     counts: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         counts[id(param)] = counts.get(id(param), 0) + 1
@@ -295,6 +304,7 @@ def frozen_linears_in(model: Any, dtype: Any) -> Iterator[int]:
         ):
             saved.append((weight, weight.data))
             weight.data = weight.data.to(dtype)
+            pages.release(saved[-1][1])
     try:
         yield len(saved)
     finally:
