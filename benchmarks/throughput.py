@@ -82,10 +82,15 @@ VARIANTS = {
     "new-jemalloc-notrim": {"allocator": True, "trim": "never"},
     # The least memory the library offers: activation checkpointing under a fast allocator.
     "new-gc-jemalloc": {"gradient_checkpointing": True, "allocator": True},
+    # Session 38's two changes, each turned off in the measuring process: every projection casting
+    # a norm's output itself (no kpod.models.norm_casts_shared), and the float32 weights' file
+    # pages kept resident beside their bf16 copies (no kpod.allocator.FilePages advice).
+    "new-casts-per-reader": {"allocator": True, "undo": "norm_casts_shared"},
+    "new-pages-kept": {"allocator": True, "undo": "file_pages"},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
-PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf")
+PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf", "undo")
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
@@ -235,6 +240,16 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         import kpod.distill.trainer
 
         kpod.distill.trainer.HeapTrimmer = fixed_heap_trimmer(settings["trim"] == "always")
+    if settings.get("undo") == "norm_casts_shared":
+        import contextlib
+
+        import kpod.distill.trainer
+
+        kpod.distill.trainer.norm_casts_shared = lambda model, dtype: contextlib.nullcontext(0)
+    if settings.get("undo") == "file_pages":
+        import kpod.allocator
+
+        kpod.allocator.FilePages.release = lambda self, tensor: 0
     distill_student(
         config,
         StudentConfig(name=args.student, **student_settings),
@@ -557,6 +572,15 @@ def training_ratios(result: dict) -> dict:
         if old:
             out["peak_rss_jemalloc_over_old"] = ratio(peak("new-jemalloc"), peak("old"))
         out["jemalloc_over_new_stdcot"] = ratio(speed("new-jemalloc", "std-cot"), speed("new", "std-cot"))
+    if "new-jemalloc" in result and "new-casts-per-reader" in result:  # both under jemalloc
+        for method, key in METHOD_KEYS:
+            out[f"shared_casts_over_per_reader_{key}"] = ratio(
+                speed("new-jemalloc", method), speed("new-casts-per-reader", method)
+            )
+        per_reader = peak("new-casts-per-reader")
+        out["peak_rss_shared_casts_over_per_reader"] = ratio(peak("new-jemalloc"), per_reader)
+    if "new-jemalloc" in result and "new-pages-kept" in result:
+        out["peak_rss_pages_released_over_kept"] = ratio(peak("new-jemalloc"), peak("new-pages-kept"))
     if "new-gc-jemalloc" in result:
         if old:
             out["peak_rss_gc_jemalloc_over_old"] = ratio(peak("new-gc-jemalloc"), peak("old"))
