@@ -1,15 +1,19 @@
-"""Would casting the RMS norms' outputs to bf16 once pay in training steps, and what would it change?
+"""Casting the RMS norms' outputs to bf16 once in training steps: what it pays, and what it changes.
 
 Under bf16 autocast each projection that reads a norm's output (q, k and v after the first norm,
 gate and up after the second; in each, peft's base layer and LoRA's A) casts that float32 output
-to bf16 itself. :func:`kpod.models.norm_outputs_in` casts it once instead, but only in passes
-without gradients (token weighting's answer predictor, difficulty scoring): with gradients, the
-readers' gradients would then add up in bf16 where autocast adds them in float32. This measures
-that trade-off for a training step. It times the bare step of the offline student as the trainer
-runs it (LoRA r 16, alpha 32 on every linear layer, frozen weights held in bf16, LoRA inputs uncast,
-the scaling folded, eager attention, the loss from hidden states, AdamW) as it is and with every
-norm's output cast once, alternating in one process. It also reports how far the LoRA gradients of
-one batch move (largest difference over the largest gradient, per tensor, then the worst tensor).
+to bf16 itself. Two ways of casting it once are compared with that, alternating in one process:
+
+- ``shared`` (the trainer's since session 38, :func:`kpod.models.norm_casts_shared`): one cast,
+  read by every projection through a function whose backward casts each reader's gradient back to
+  float32, so the gradients add up in float32 as before;
+- ``cast once`` (measured in session 37, not adopted): the norm's output itself cast to bf16, so
+  the readers' gradients add up in bf16 before one cast back.
+
+It times the bare step of the offline student as the trainer runs it (LoRA r 16, alpha 32 on every
+linear layer, frozen weights held in bf16, LoRA inputs uncast, the scaling folded, eager attention,
+the loss from hidden states, AdamW) and reports how far each moves the LoRA gradients of one batch
+(largest difference over the largest gradient, per tensor, then the worst tensor).
 
     .venv/bin/python benchmarks/norm_cast.py            # batch 4 x 224 tokens
 
@@ -53,6 +57,7 @@ def main() -> None:
         inner_model,
         lora_input_casts_off,
         lora_scaling_folded,
+        norm_casts_shared,
     )
 
     torch.manual_seed(0)
@@ -81,7 +86,11 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return grads
 
-    settings = {"per-reader casts": contextlib.nullcontext, "cast once": cast_once}
+    settings = {
+        "per-reader casts": contextlib.nullcontext,
+        "shared": lambda: norm_casts_shared(model, torch.bfloat16),
+        "cast once": cast_once,
+    }
     held = frozen_linears_in(model, torch.bfloat16)
     with (
         held,
@@ -95,20 +104,24 @@ def main() -> None:
                 bare_step(model, batch, True)  # warm-up
                 losses[name] = bare_step(model, batch, True)[1]
                 grads[name] = gradients()
-        moved = max(
-            float((grads["cast once"][k] - g).abs().max() / g.abs().max().clamp_min(1e-30))
-            for k, g in grads["per-reader casts"].items()
-        )
+        moved = {
+            name: max(
+                float((grads[name][k] - g).abs().max() / g.abs().max().clamp_min(1e-30))
+                for k, g in grads["per-reader casts"].items()
+            )
+            for name in ("shared", "cast once")
+        }
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
         step = lambda: bare_step(model, batch, True, optimizer)[0]  # noqa: E731
         timed = alternating_rounds(settings, step, args.rounds, args.steps)
     mean = {name: round(sum(speeds) / len(speeds), 1) for name, speeds in timed.items()}
     result = {**provenance(), "batch": args.batch, "width": args.width, "norms": len(norms)}
     result |= {"loss": losses, "gradient_moved": moved, "tokens_per_s": timed, "mean_tokens_per_s": mean}
+    result["shared_over_per_reader"] = round(mean["shared"] / mean["per-reader casts"], 3)
     result["cast_once_over_per_reader"] = round(mean["cast once"] / mean["per-reader casts"], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "norm-cast.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(mean, result["cast_once_over_per_reader"], "gradient moved", moved, losses)
+    print(mean, result["shared_over_per_reader"], result["cast_once_over_per_reader"], "moved", moved)
 
 
 if __name__ == "__main__":
