@@ -582,12 +582,17 @@ def test_compile_runs_the_compiled_forward_in_training_steps_only(tiny_causal, t
     assert "compile" not in key_data(TrainConfig()) and key_data(TrainConfig(compile=True))["compile"] is True
     # Without a C++ compiler (inductor's need on a CPU) the run stops at once, naming the option:
     # inductor told to search for one that does not exist (its search is cached per candidate list,
-    # so emptying PATH after an earlier compilation in this process would not be seen).
+    # so emptying PATH after an earlier compilation in this process would not be seen). Through
+    # inductor's own patch: pytest's monkeypatch would delete the setting on undo (a config
+    # proxy's attribute is not in its __dict__), breaking every later compilation in the process.
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("kpod-test-no-such-c++",))
-    with pytest.raises(ConfigError, match="train.compile: no C\\+\\+ compiler"):
+    with (
+        inductor_config.patch({"cpp.cxx": ("kpod-test-no-such-c++",)}),
+        pytest.raises(ConfigError, match="train.compile: no C\\+\\+ compiler"),
+    ):
         run("no-compiler", compile=True)
+    assert inductor_config.cpp.cxx != ("kpod-test-no-such-c++",)
     assert not (tmp_path / "no-compiler" / "checkpoints").exists()
 
 
