@@ -78,6 +78,31 @@ from kpod.precision import compute_precision
 from kpod.prompt import PromptFormat
 
 
+@contextlib.contextmanager
+def training_step_weights(
+    model: Any, precision: str, device_type: str, compiled: Any = None
+) -> Iterator[None]:
+    """Within the block, the student as the trainer's steps see it: frozen weights stored in bf16
+    under bf16 autocast on a CPU (the same numbers, without a cast per forward pass:
+    :func:`kpod.models.frozen_linears_for`), LoRA inputs not cast to float32 on their way to a
+    product that casts them back (the same numbers: :func:`kpod.models.lora_input_casts_off`), the
+    LoRA scaling applied to B instead of the adapter's output where that is exact (the same
+    numbers: :func:`kpod.models.lora_scaling_folded`), and with a ``compiled`` forward that one
+    (:func:`kpod.models.forward_replaced`), without, under autocast, each norm's output cast once
+    for all the projections that read it (the same numbers: :func:`kpod.models.norm_casts_shared`;
+    inductor fuses those casts itself). ``precision`` is the resolved one (fp32, bf16, fp16). The
+    benchmarks that time a bare step use it too, so that they time what the trainer runs."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(frozen_linears_for(model, precision, device_type))
+        stack.enter_context(lora_input_casts_off(model))
+        stack.enter_context(lora_scaling_folded(model))
+        if compiled is not None:
+            stack.enter_context(forward_replaced(model, compiled))
+        elif precision != "fp32":
+            stack.enter_context(norm_casts_shared(model, torch_dtype(precision)))
+        yield
+
+
 def _forget_other_mixed_precision(mixed: str) -> None:
     """Let this process train in another precision than its last training did (fp32 and then
     ``auto``'s bf16 in one notebook, or the test suite): accelerate keeps one mixed precision per
@@ -497,27 +522,12 @@ class DistillRecipe:
         with self.step_weights():
             self._train_steps(epoch, examples, batches)
 
-    @contextlib.contextmanager
-    def step_weights(self) -> Iterator[None]:
-        """The student as training steps see it: frozen weights stored in bf16 under bf16 autocast
-        on a CPU (the same numbers, without a cast per forward pass:
-        :func:`kpod.models.frozen_linears_for`), LoRA inputs not cast to float32 on their way to a
-        product that casts them back (the same numbers: :func:`kpod.models.lora_input_casts_off`),
-        the LoRA scaling applied to B instead of the adapter's output where that is exact (the
-        same numbers: :func:`kpod.models.lora_scaling_folded`), and with ``compile`` the compiled
-        forward (:func:`kpod.models.forward_replaced`), without it, under autocast, each norm's
-        output cast once for all the projections that read it (the same numbers:
-        :func:`kpod.models.norm_casts_shared`; inductor fuses those casts itself); dev scoring
-        and saving see the student as loaded."""
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(frozen_linears_for(self.model, self.precision, self.accelerator.device.type))
-            stack.enter_context(lora_input_casts_off(self.model))
-            stack.enter_context(lora_scaling_folded(self.model))
-            if self.compiled_forward is not None:
-                stack.enter_context(forward_replaced(self.model, self.compiled_forward))
-            elif self.precision != "fp32":
-                stack.enter_context(norm_casts_shared(self.model, torch_dtype(self.precision)))
-            yield
+    def step_weights(self) -> contextlib.AbstractContextManager[None]:
+        """The student as training steps see it (:func:`training_step_weights`); dev scoring and
+        saving see the student as loaded."""
+        return training_step_weights(
+            self.model, self.precision, self.accelerator.device.type, self.compiled_forward
+        )
 
     def _train_steps(self, epoch: int, examples: Sequence[StageExample], batches: list[list[int]]) -> None:
         config, state, steps_per_epoch = self.config, self.state, self.steps_per_epoch
