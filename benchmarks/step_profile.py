@@ -1,7 +1,9 @@
 """Where one training step's CPU time goes, by operator: ``torch.profiler`` over a forward and
 backward of the offline student as the trainer runs it (LoRA r 16 on every linear layer, bf16
-autocast with frozen weights held in bf16, or fp32 as ``precision: auto`` runs on a CPU without fast
-bf16 products; the loss from hidden states), on one batch of random tokens.
+autocast or fp32 as ``precision: auto`` runs on a CPU without fast bf16 products, the step's weights
+as the trainer holds them (``kpod.distill.trainer.training_step_weights``: frozen weights in bf16,
+the LoRA scaling folded, the norms' casts shared; since session 38, frozen weights in bf16 only
+before), the loss from hidden states), on one batch of random tokens.
 
     .venv/bin/python benchmarks/step_profile.py --length 100 --attention eager
     .venv/bin/python benchmarks/step_profile.py --length 32 --attention sdpa
@@ -16,7 +18,6 @@ command, machine and PyTorch's CPU capability above it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kpod.distill.loss import sequence_nll
-    from kpod.models import StudentConfig, attention_implementation, frozen_linears_in
+    from kpod.distill.trainer import training_step_weights
+    from kpod.models import StudentConfig, attention_implementation
 
     torch.manual_seed(0)
     student = StudentConfig()
@@ -55,8 +57,7 @@ def main() -> None:
         (loss / 1000).backward()
         model.zero_grad(set_to_none=True)
 
-    held = frozen_linears_in(model, torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with held, attention_implementation(model, args.attention):
+    with training_step_weights(model, args.precision, "cpu"), attention_implementation(model, args.attention):
         step()
         step()
         steal0, all0 = cpu_times()
