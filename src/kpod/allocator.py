@@ -162,7 +162,8 @@ class FilePages:
     and a later read (the weights put back for evaluation) faults them in again from the file.
     Pages of private memory that a process did write are swapped, never dropped, so even a wrong
     call costs time, not data. Tensors outside a file mapping, and systems without the call, are
-    left alone. ``maps`` is read once, when the object is made."""
+    left alone; a file on a memory file system (tmpfs) keeps its pages, having no disk to drop
+    them to. ``maps`` is read once, when the object is made."""
 
     def __init__(self, maps: Path = Path("/proc/self/maps")) -> None:
         self.ranges: list[tuple[int, int]] = []
