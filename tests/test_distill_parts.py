@@ -327,14 +327,16 @@ def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_with_fewer_cop
 
 
 @pytest.mark.parametrize("setting", ["plain", "dropout", "checkpointing"])
-def test_norm_casts_shared_give_the_same_loss_and_gradients_with_fewer_casts(setting, tiny_causal) -> None:
+def test_norm_casts_shared_give_the_same_loss_and_gradients_with_fewer_casts(
+    setting, tiny_causal, tiny_seq2seq
+) -> None:
     """As training steps run under bf16 autocast (frozen weights in bf16, eager attention), the
     projections that read a norm's output sharing one cast of it give exactly the same loss and
     adapter gradients (their gradients still add up in float32), with fewer casts: per layer
     q, k, v and LoRA's three A read one cast instead of six, gate, up and their A one instead of
     four. With LoRA dropout the A layers read the dropout's output and cast it themselves; under
     gradient checkpointing the recomputed forward shares its casts too. In fp32 nothing changes;
-    afterwards no hook is left."""
+    afterwards no hook is left. A model without llama-family norms (T5) is left alone."""
     from tiny_models import counting_casts
 
     from kpod.distill.batches import collate
@@ -384,6 +386,8 @@ def test_norm_casts_shared_give_the_same_loss_and_gradients_with_fewer_casts(set
     passes = 2 if setting == "checkpointing" else 1  # checkpointing runs the forward pass twice
     assert plain_casts - casts == 2 * per_layer * passes
     assert hooks() == before
+    with norm_casts_shared(StudentConfig(name=str(tiny_seq2seq), lora_r=4).load().model, torch.bfloat16) as n:
+        assert n == 0
 
 
 def test_compiled_forward_gives_the_same_loss_and_gradients_at_every_length(tiny_causal) -> None:
