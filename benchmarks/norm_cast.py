@@ -51,23 +51,13 @@ def main() -> None:
     import torch
 
     from kpod.distill.loss import sequence_nll
-    from kpod.models import (
-        attention_implementation,
-        frozen_linears_in,
-        inner_model,
-        lora_input_casts_off,
-        lora_scaling_folded,
-        norm_casts_shared,
-    )
+    from kpod.distill.trainer import training_step_weights
+    from kpod.models import attention_implementation, decoder_layer_norms, inner_model, norm_casts_shared
 
     torch.manual_seed(0)
     model, trainable = bare_step_student()
     batch = random_training_batch(args.batch, args.width)
-    norms = [
-        module
-        for name, module in inner_model(model).named_modules()
-        if name.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")
-    ]
+    norms = decoder_layer_norms(inner_model(model))
 
     @contextlib.contextmanager
     def cast_once():
@@ -91,13 +81,8 @@ def main() -> None:
         "shared": lambda: norm_casts_shared(model, torch.bfloat16),
         "cast once": cast_once,
     }
-    held = frozen_linears_in(model, torch.bfloat16)
-    with (
-        held,
-        lora_input_casts_off(model),
-        lora_scaling_folded(model),
-        attention_implementation(model, "eager"),
-    ):
+    step_weights = training_step_weights(model, "bf16", "cpu", share_norm_casts=False)  # settings below
+    with step_weights, attention_implementation(model, "eager"):
         grads, losses = {}, {}
         for name, setting in settings.items():
             with setting():

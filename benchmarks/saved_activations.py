@@ -19,7 +19,6 @@ totals to results/saved-activations[-per-reader].json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -66,17 +65,16 @@ def main() -> None:
 
     import torch
 
-    import kpod.distill.trainer as trainer
     from kpod.distill.loss import sequence_nll
+    from kpod.distill.trainer import training_step_weights
     from kpod.models import attention_implementation, inner_model
 
     torch.manual_seed(0)
     model, _ = bare_step_student()
     batch = random_training_batch(args.batch, args.width)
     layers = len(inner_model(model).model.layers)
-    if args.per_reader:
-        trainer.norm_casts_shared = lambda model, dtype: contextlib.nullcontext(0)
-    with trainer.training_step_weights(model, "bf16", "cpu"), attention_implementation(model, "eager"):
+    step_weights = training_step_weights(model, "bf16", "cpu", share_norm_casts=not args.per_reader)
+    with step_weights, attention_implementation(model, "eager"):
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = sequence_nll(model, batch, "causal", 0, 0, from_hidden=True)

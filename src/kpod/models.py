@@ -433,7 +433,7 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
     if getattr(getattr(inner, "config", None), "model_type", None) not in NORM_FED_LINEARS_ONLY:
         yield 0
         return
-    norms = _layer_norms(inner)
+    norms = decoder_layer_norms(inner)
     final = getattr(getattr(inner, "model", None), "norm", None)
     if final is not None:
         norms.append(final)
@@ -453,8 +453,9 @@ def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
             handle.remove()
 
 
-def _layer_norms(inner: Any) -> list[Any]:
-    """The two RMS norms of every decoder layer of a llama-family model (by their names)."""
+def decoder_layer_norms(inner: Any) -> list[Any]:
+    """The two RMS norms of every decoder layer of a llama-family model (by their names) inside
+    ``inner`` (:func:`inner_model`'s)."""
     return [
         module
         for name, module in inner.named_modules()
@@ -515,7 +516,7 @@ def norm_casts_shared(model: Any, dtype: Any) -> Iterator[int]:
     import torch
 
     inner = inner_model(model)
-    norms = _layer_norms(inner)
+    norms = decoder_layer_norms(inner)
     if not norms:
         yield 0
         return

@@ -80,7 +80,7 @@ from kpod.prompt import PromptFormat
 
 @contextlib.contextmanager
 def training_step_weights(
-    model: Any, precision: str, device_type: str, compiled: Any = None
+    model: Any, precision: str, device_type: str, compiled: Any = None, share_norm_casts: bool = True
 ) -> Iterator[None]:
     """Within the block, the student as the trainer's steps see it: frozen weights stored in bf16
     under bf16 autocast on a CPU (the same numbers, without a cast per forward pass:
@@ -91,14 +91,15 @@ def training_step_weights(
     (:func:`kpod.models.forward_replaced`), without, under autocast, each norm's output cast once
     for all the projections that read it (the same numbers: :func:`kpod.models.norm_casts_shared`;
     inductor fuses those casts itself). ``precision`` is the resolved one (fp32, bf16, fp16). The
-    benchmarks that time a bare step use it too, so that they time what the trainer runs."""
+    benchmarks that time a bare step use it too, so that they time what the trainer runs;
+    ``share_norm_casts=False`` is theirs, for the per-reader casts the trainer ran before session 38."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_linears_for(model, precision, device_type))
         stack.enter_context(lora_input_casts_off(model))
         stack.enter_context(lora_scaling_folded(model))
         if compiled is not None:
             stack.enter_context(forward_replaced(model, compiled))
-        elif precision != "fp32":
+        elif precision != "fp32" and share_norm_casts:
             stack.enter_context(norm_casts_shared(model, torch_dtype(precision)))
         yield
 
