@@ -25,6 +25,12 @@ from kpod.allocator import (
 )
 from kpod.errors import ConfigError
 
+# The tests that start a real process on a fast allocator.
+needs_fast_allocator = pytest.mark.skipif(
+    find_fast_allocator() is None or not Path("/proc/self/maps").exists(),
+    reason="no jemalloc/tcmalloc/mimalloc installed (Debian: apt-get install libjemalloc2; .ci/run does)",
+)
+
 GLIBC_MAPS = [
     "7f0000000000-7f0000100000 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libc.so.6",
     "7f0000200000-7f0000300000 r-xp 00000000 08:01 124 /usr/lib/x86_64-linux-gnu/libm.so.6",
@@ -77,10 +83,7 @@ def test_hint_only_under_glibc_and_says_how():
     assert cpu_allocator_hint("system", lib, "musl") is None
 
 
-@pytest.mark.skipif(
-    find_fast_allocator() is None or not Path("/proc/self/maps").exists(),
-    reason="no jemalloc/tcmalloc/mimalloc installed (Debian: apt-get install libjemalloc2; .ci/run does)",
-)
+@needs_fast_allocator
 def test_a_preloaded_allocator_is_seen_in_a_real_process():
     code = (
         "from kpod.allocator import current_allocator as c, cpu_allocator_hint as h; print(c(), h() is None)"
@@ -135,10 +138,7 @@ def test_restart_execs_the_same_command_with_the_preload(monkeypatch, tmp_path):
     assert calls == []
 
 
-@pytest.mark.skipif(
-    find_fast_allocator() is None or not Path("/proc/self/maps").exists(),
-    reason="no jemalloc/tcmalloc/mimalloc installed (Debian: apt-get install libjemalloc2; .ci/run does)",
-)
+@needs_fast_allocator
 def test_a_restarted_process_runs_on_the_fast_allocator_and_the_opt_out_keeps_malloc():
     code = (
         "import sys; from kpod.allocator import restart_on_fast_allocator as r, current_allocator as c; "
