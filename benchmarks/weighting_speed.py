@@ -57,12 +57,14 @@ def main() -> None:
     from kpod.data.loaders import load_examples
     from kpod.models import autocast, frozen_linears_in, load_model, norm_outputs_in
     from kpod.pipeline import data_step, load_pipeline_config
+    from kpod.precision import compute_precision
     from kpod.weighting.maths import apply_mask
     from kpod.weighting.train import AnswerPredictor, _answer_losses, _encode, _prefix_lengths
 
     started = provenance()
     config = load_pipeline_config(ROOT / "configs" / "quickstart.yaml")
     wcfg = config.weighting
+    precision = compute_precision(wcfg.precision, "cpu")  # auto: what the weighting would run in
     with tempfile.TemporaryDirectory() as tmp:
         data_step(config.data, Path(tmp))
         examples = load_examples(Path(tmp) / "train.jsonl", "kpod")[0]
@@ -104,7 +106,7 @@ def main() -> None:
         dtype = torch.bfloat16 if bf16_weights else torch.float32  # fp32: nothing converted
         with (
             torch.no_grad(),
-            autocast("cpu", wcfg.precision),
+            autocast("cpu", precision),
             frozen_linears_in(predictor.model, dtype),
             norm_outputs_in(predictor.model, torch.bfloat16) if norms else contextlib.nullcontext(),
         ):
@@ -134,7 +136,7 @@ def main() -> None:
         "batches": args.batches,
         "batch_size": size,
         "sequences_per_example": wcfg.experimental.samples * wcfg.experimental.n_prefixes,
-        "precision": wcfg.precision,
+        "precision": precision,
         "seconds_per_batch": {k: round(sum(v) / len(v) / args.batches, 2) for k, v in seconds.items()},
         "seconds_by_round": seconds,
         "before_over_today": round(sum(seconds["before"]) / sum(seconds["today"]), 3),
