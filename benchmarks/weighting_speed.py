@@ -12,10 +12,11 @@ answer predictor under the weighting's defaults (bf16 autocast, batch 8, 4 masks
 the full rationale and one shorter prefix). Also records whether ``bf16``'s losses equal
 ``before``'s (they should, bit for bit) and how far today's are from before's (bf16 rounding).
 
-Session 30 added (c): the predictor's norms hand their outputs on in bf16, cast once instead of
-once per projection that reads them (``kpod.models.norm_outputs_in``); ``today`` has it, the row
-``session29`` is today's path without it (``session29_over_today``; the losses should be the same
-bit for bit: ``norm_cast_losses_equal``). ``--threads 1`` times it as `make demo`'s main stream
+Session 30 added (c): the predictor's norms' outputs cast to bf16 once instead of once per
+projection that reads them (since session 39 ``kpod.models.norm_casts_shared``, the trainer's; session
+30's ``norm_outputs_in`` handed the cast output on itself); ``today`` has it, the row ``session29`` is
+today's path without it (``session29_over_today``; the losses should be the same bit for bit:
+``norm_cast_losses_equal``). ``--threads 1`` times it as `make demo`'s main stream
 runs it (one thread).
 
     .venv/bin/python benchmarks/weighting_speed.py              # 6 batches x 3 rounds
@@ -55,7 +56,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from kpod.data.loaders import load_examples
-    from kpod.models import autocast, frozen_linears_in, load_model, norm_outputs_in
+    from kpod.models import autocast, frozen_linears_in, load_model, norm_casts_shared
     from kpod.pipeline import data_step, load_pipeline_config
     from kpod.precision import compute_precision
     from kpod.weighting.maths import apply_mask
@@ -108,7 +109,7 @@ def main() -> None:
             torch.no_grad(),
             autocast("cpu", precision),
             frozen_linears_in(predictor.model, dtype),
-            norm_outputs_in(predictor.model, torch.bfloat16) if norms else contextlib.nullcontext(),
+            norm_casts_shared(predictor.model, torch.bfloat16) if norms else contextlib.nullcontext(),
         ):
             for batch, versions, prefixes in batches:
                 out.append(_answer_losses(predictor, batch, versions, prefixes, share_questions=share))

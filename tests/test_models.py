@@ -44,17 +44,23 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny_causal) -> None:
         pass
 
 
-def test_norm_outputs_cast_once_give_the_same_forward_with_fewer_casts(tiny_causal, tiny_seq2seq) -> None:
-    """Without a gradient under bf16 autocast, a llama-family model whose norms hand on bf16 gives
-    the same logits bit for bit with fewer casts (each layer's q, k, v and gate, up read one cast);
-    with a gradient, or without autocast, nothing changes; other families are left alone; the
-    hooks are gone afterwards."""
+def test_norm_casts_shared_give_the_same_forward_with_fewer_casts(tiny_causal, tiny_seq2seq) -> None:
+    """Under bf16 autocast, the projections that read a llama-family norm's output sharing one
+    cast of it give the same logits bit for bit with fewer casts (each layer's q, k, v and gate,
+    up read one cast), in forward-only passes (difficulty scoring, the token weighting) as with a
+    gradient; the norm's output itself stays float32 for any reader that is not a linear layer;
+    without autocast nothing changes; other families are left alone; the hooks are gone
+    afterwards. (Gradients: test_distill_parts.)"""
     from tiny_models import counting_casts
 
-    from kpod.models import norm_outputs_in
+    from kpod.models import norm_casts_shared
 
     model = load_model(str(tiny_causal), trainable=False).model.eval()
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2]])
+    norm_dtypes = []
+    model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda module, args, output: norm_dtypes.append(output.dtype)
+    )
 
     def run(grad: bool, precision: str = "bf16"):
         with torch.set_grad_enabled(grad), autocast("cpu", precision), counting_casts() as casts:
@@ -64,17 +70,19 @@ def test_norm_outputs_cast_once_give_the_same_forward_with_fewer_casts(tiny_caus
     plain, plain_casts = run(False)
     plain_grad, grad_casts = run(True)
     fp32, fp32_casts = run(False, "fp32")
-    with norm_outputs_in(model, torch.bfloat16) as n:
-        assert n == 2 * 2 + 1  # two norms in each of the two layers, and the final one
+    with norm_casts_shared(model, torch.bfloat16) as n:
+        assert n == 2 * 2  # two norms in each of the two layers
         cast, casts = run(False)
         cast_grad, casts_grad = run(True)
         cast_fp32, casts_fp32 = run(False, "fp32")
     assert torch.equal(cast, plain) and torch.equal(cast_grad, plain_grad) and torch.equal(cast_fp32, fp32)
-    # per layer 3 + 2 reads became 1 + 1 casts; the final norm's single reader: 1 for 1
-    assert plain_casts - casts == 2 * (5 - 2)
-    assert casts_grad == grad_casts and casts_fp32 == fp32_casts
-    assert not any(m._forward_hooks for m in model.modules())
-    with norm_outputs_in(load_model(str(tiny_seq2seq), trainable=False).model, torch.bfloat16) as n:
+    # per layer 3 + 2 reads became 1 + 1 casts, with and without a gradient
+    assert plain_casts - casts == 2 * (5 - 2) and grad_casts - casts_grad == 2 * (5 - 2)
+    assert casts_fp32 == fp32_casts
+    assert norm_dtypes == [torch.float32] * 6
+    model.model.layers[0].input_layernorm._forward_hooks.clear()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with norm_casts_shared(load_model(str(tiny_seq2seq), trainable=False).model, torch.bfloat16) as n:
         assert n == 0
 
 

@@ -409,50 +409,6 @@ def lora_scaling_folded(model: Any) -> Iterator[int]:
             del module.forward
 
 
-# Decoder-only families whose RMS norm outputs are read by linear projections only (the attention's
-# q, k, v; the MLP's gate and up; the output projection after the final norm).
-NORM_FED_LINEARS_ONLY = ("llama", "mistral", "qwen2")
-
-
-@contextlib.contextmanager
-def norm_outputs_in(model: Any, dtype: Any) -> Iterator[int]:
-    """Within the block, the RMS norms of a :data:`NORM_FED_LINEARS_ONLY` model hand their output
-    on in ``dtype`` (cast once), in forward passes that record no gradient under autocast to
-    ``dtype``; other passes, and other model families, are left alone. Yields how many norms it
-    changed.
-
-    Why: the norm computes in float32, and autocast then casts its output to bf16 separately for
-    each projection that reads it (three for q, k and v, two for gate and up): five casts of a
-    layer's activations where one does. Every reader casts to the same bf16, so the outputs are
-    the same bit for bit (tested); the token weighting's answer losses 1.02-1.14x faster
-    (BENCHMARKS.md "Issue #21, session 30"). With a gradient the readers' gradients would add up
-    in bf16 instead of float32, a different rounding: training steps are not changed."""
-    import torch
-
-    inner = inner_model(model)
-    if getattr(getattr(inner, "config", None), "model_type", None) not in NORM_FED_LINEARS_ONLY:
-        yield 0
-        return
-    norms = decoder_layer_norms(inner)
-    final = getattr(getattr(inner, "model", None), "norm", None)
-    if final is not None:
-        norms.append(final)
-
-    def cast(module: Any, args: Any, output: Any) -> Any:
-        if torch.is_grad_enabled() or not torch.is_autocast_enabled(output.device.type):
-            return output
-        if torch.get_autocast_dtype(output.device.type) != dtype:
-            return output
-        return output.to(dtype)
-
-    handles = [norm.register_forward_hook(cast) for norm in norms]
-    try:
-        yield len(handles)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def decoder_layer_norms(inner: Any) -> list[Any]:
     """The two RMS norms of every decoder layer of a llama-family model (by their names) inside
     ``inner`` (:func:`inner_model`'s)."""
@@ -496,23 +452,27 @@ def norm_casts_shared(model: Any, dtype: Any) -> Iterator[int]:
     """Within the block, under autocast to ``dtype``, the linear layers that read a decoder
     layer's RMS norm output (q, k, v, gate and up: peft's base layer and LoRA's A in each) share
     one cast of it instead of each casting it again, in passes with and without gradients; the
-    gradients are the same bit for bit. Yields how many norms it changed (0 for a model without
-    llama-family norm names, which is left alone).
+    outputs and gradients are the same bit for bit. Yields how many norms it changed (0 for a model
+    without llama-family norm names, which is left alone). The trainer's steps, the difficulty
+    scoring and the token weighting's answer predictor all run under it.
 
     How: each norm's output carries its ``dtype`` cast, made once; a linear layer that receives
-    such a tensor under autocast to that dtype reads the cast through an autograd function whose
-    backward casts the gradient back to float32, as the autocast cast it replaces would. So each
-    reader's gradient still reaches the norm's output in float32 and they add up there in the same
-    order as before (casting the output itself instead, as :func:`norm_outputs_in` does without
-    gradients, would add them up in bf16: up to 2 % of a LoRA gradient, BENCHMARKS.md "Issue #21,
-    session 37"). Readers other than linear layers, and linear layers run outside autocast, still
-    see the float32 output.
+    such a tensor under autocast to that dtype reads the cast instead. With a gradient it reads it
+    through an autograd function whose backward casts the gradient back to float32, as the
+    autocast cast it replaces would, so each reader's gradient still reaches the norm's output in
+    float32 and they add up there in the same order as before (handing the bf16 output itself to
+    every reader would add them up in bf16: up to 2 % of a LoRA gradient, BENCHMARKS.md "Issue #21,
+    session 37"). Readers other than linear layers (a family whose norm output also feeds a
+    residual sum), and linear layers run outside autocast, still see the float32 output, so no
+    family needs to be listed as safe.
 
     Why: a layer's ten readers made ten bf16 copies of the same activations in the forward pass,
     and the LoRA readers kept theirs for the backward pass: 89 MiB fewer saved tensors at 896
     tokens a pass, 110 MiB less peak memory in the loop, and about 1 % of a bare step (the backward
     casts, which most of the inexact version's 3-4 % came from, stay; BENCHMARKS.md "Issue #21,
-    session 38")."""
+    session 38"). In forward-only passes five casts a layer become two (the token weighting's
+    answer losses: BENCHMARKS.md "Issue #21, session 39"; session 30's forerunner, which cast the
+    norms' outputs themselves for a list of families, 1.02-1.14x)."""
     import torch
 
     inner = inner_model(model)
@@ -533,6 +493,8 @@ def norm_casts_shared(model: Any, dtype: Any) -> Iterator[int]:
         low = getattr(args[0], "_kpod_shared_cast", None) if args else None
         if low is None or not autocast_to(low.device.type):
             return None
+        if not torch.is_grad_enabled():  # no gradient to route: the cast itself, as autocast's
+            return (low, *args[1:])
         return (shared.apply(args[0], low), *args[1:])
 
     handles = [norm.register_forward_hook(cast_once) for norm in norms]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from kpod.batching import pad_ids
 from kpod.chunked_loss import bypassed_head, head_bypass_supported, linear_token_logprobs
 from kpod.data.schema import Example
-from kpod.models import autocast, frozen_linears_for, gqa_attention_on_cpu, norm_outputs_in
+from kpod.models import autocast, frozen_linears_for, gqa_attention_on_cpu, norm_casts_shared
 from kpod.precision import compute_precision
 from kpod.progressive.maths import step_difficulty
 from kpod.prompt import PromptFormat, render_example, tokenize_rendered, tokenize_split
@@ -120,12 +120,12 @@ def score_difficulties(
 def _scoring_precision(model: Any, device_type: str, precision: str) -> Iterator[None]:
     """``fp32``: as loaded. Otherwise autocast, with the frozen student's linear weights held in
     bf16 where :func:`kpod.models.frozen_linears_for` says (no cast at every forward), and its
-    norms' outputs cast to bf16 once, not once per projection (:func:`kpod.models.norm_outputs_in`;
+    norms' outputs cast to bf16 once, not once per projection (:func:`kpod.models.norm_casts_shared`;
     the same numbers). In either precision the attention reads grouped key/value heads in place
     (:func:`kpod.models.gqa_attention_on_cpu`; the same numbers)."""
     with (
         frozen_linears_for(model, precision, device_type),
-        norm_outputs_in(model, torch.bfloat16),
+        norm_casts_shared(model, torch.bfloat16),
         gqa_attention_on_cpu(),
         autocast(device_type, precision),
     ):

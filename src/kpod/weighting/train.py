@@ -62,7 +62,7 @@ from kpod.models import (
     gqa_attention_on_cpu,
     last_positions,
     load_model,
-    norm_outputs_in,
+    norm_casts_shared,
 )
 from kpod.precision import compute_precision
 from kpod.prompt import answer_text, render_prompt
@@ -459,13 +459,13 @@ def train_weighting(
     model.weighter.train()
     # The frozen predictor's weights in bf16 for the loop under bf16 on a CPU: autocast would cast
     # them again at every forward pass (the same rounding; kpod.models.frozen_linears_for); and
-    # its norms' outputs cast once, not once per projection (kpod.models.norm_outputs_in); its
+    # its norms' outputs cast once, not once per projection (kpod.models.norm_casts_shared); its
     # attention reads grouped key/value heads in place (kpod.models.gqa_attention_on_cpu).
     device_type = config.device.split(":")[0]
     precision = compute_precision(config.precision, device_type)  # auto: bf16 where its products are fast
     with (
         frozen_linears_for(predictor.model, precision, device_type),
-        norm_outputs_in(predictor.model, torch.bfloat16),
+        norm_casts_shared(predictor.model, torch.bfloat16),
         gqa_attention_on_cpu(),
     ):
         for epoch in range(config.epochs):
