@@ -1,4 +1,5 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,6 +237,40 @@ def test_cast_once_reuses_a_cast_only_while_the_weight_is_unchanged() -> None:
     del weight
     gc.collect()
     assert key not in models._CASTS  # dropped with its weight
+
+
+def test_cast_once_hands_back_the_pages_of_a_frozen_mapped_weight(tmp_path, monkeypatch) -> None:
+    """A frozen weight mapped from a file (a tied embedding loaded by mmap) has its float32 pages
+    handed back once it is cast, and reads back the same values (an embedding lookup after the
+    cast); a weight that trains is never advised (its pages may be written), nor is a cached
+    cast's weight again."""
+    from kpod import models
+
+    def file_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile"))
+        return int(line.split()[1]) / 1024
+
+    n = 8 * 2**20  # 32 MiB of float32: 2**17 rows of 64
+    values = (torch.arange(n, dtype=torch.float32) % 977).reshape(-1, 64)
+    path = tmp_path / "embedding.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32).reshape(-1, 64)
+    weight = torch.nn.Parameter(mapped, requires_grad=False)
+    released, real = [], models._release_file_pages
+    monkeypatch.setattr(models, "_release_file_pages", lambda t: released.append(real(t)) or released[-1])
+    before = file_mib()
+    cast = models.cast_once(weight, torch.bfloat16)
+    assert torch.equal(cast, values.to(torch.bfloat16)) and len(released) == 1
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    mount = max((m for m in mounts if str(tmp_path.resolve()).startswith(m[1])), key=lambda m: len(m[1]))
+    if mount[2] not in ("tmpfs", "ramfs") and released[0] > 0:  # a disk to drop the pages to
+        assert released[0] >= n * 4 - 2 * 4096 and file_mib() < before + 4
+    rows = torch.tensor([0, 5, 2**17 - 1])
+    assert torch.equal(torch.nn.functional.embedding(rows, weight), values[rows])
+    assert models.cast_once(weight, torch.bfloat16) is cast and len(released) == 1
+    trained = torch.nn.Parameter(torch.randn(16, 4))
+    models.cast_once(trained, torch.bfloat16)
+    assert len(released) == 1
 
 
 def test_gqa_attention_on_cpu_reads_grouped_heads_in_place_with_the_same_outputs(tmp_path) -> None:
