@@ -87,6 +87,9 @@ VARIANTS = {
     # pages kept resident beside their bf16 copies (no kpod.allocator.FilePages advice).
     "new-casts-per-reader": {"allocator": True, "undo": "norm_casts_shared"},
     "new-pages-kept": {"allocator": True, "undo": "file_pages"},
+    # Session 39's: the tied embedding's float32 pages kept after the output projection's bf16 cast
+    # (kpod.models.cast_once hands them back otherwise).
+    "new-head-pages-kept": {"allocator": True, "undo": "cast_pages"},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
@@ -246,6 +249,10 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         import kpod.distill.trainer
 
         kpod.distill.trainer.norm_casts_shared = lambda model, dtype: contextlib.nullcontext(0)
+    if settings.get("undo") == "cast_pages":
+        import kpod.models
+
+        kpod.models._release_file_pages = lambda tensor: 0
     if settings.get("undo") == "file_pages":
         import kpod.allocator
 
@@ -581,6 +588,9 @@ def training_ratios(result: dict) -> dict:
         out["peak_rss_shared_casts_over_per_reader"] = ratio(peak("new-jemalloc"), per_reader)
     if "new-jemalloc" in result and "new-pages-kept" in result:
         out["peak_rss_pages_released_over_kept"] = ratio(peak("new-jemalloc"), peak("new-pages-kept"))
+    if "new-jemalloc" in result and "new-head-pages-kept" in result:
+        kept = peak("new-head-pages-kept")
+        out["peak_rss_head_pages_released_over_kept"] = ratio(peak("new-jemalloc"), kept)
     if "new-gc-jemalloc" in result:
         if old:
             out["peak_rss_gc_jemalloc_over_old"] = ratio(peak("new-gc-jemalloc"), peak("old"))
