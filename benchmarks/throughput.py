@@ -74,6 +74,9 @@ VARIANTS = {
     "new-jemalloc": {"allocator": True},
     # jemalloc keeping the pages it frees (its default hands them back after 10 s, about two steps)
     "new-jemalloc-retain": {"allocator": True, "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+    # jemalloc without its arena for allocations of 8 MiB and more, which hands their pages back
+    # at every free (so a step's large activations are faulted in again at the next step)
+    "new-jemalloc-nohuge": {"allocator": True, "malloc_conf": "oversize_threshold:0"},
     # The heap trim (kpod.allocator.release_freed_memory) after every step (the default before
     # session 35) or never, instead of the default's trim on growth (kpod.allocator.HeapTrimmer),
     # under glibc's malloc and under a fast allocator.
