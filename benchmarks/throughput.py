@@ -77,6 +77,10 @@ VARIANTS = {
     # jemalloc without its arena for allocations of 8 MiB and more, which hands their pages back
     # at every free (so a step's large activations are faulted in again at the next step)
     "new-jemalloc-nohuge": {"allocator": True, "malloc_conf": "oversize_threshold:0"},
+    # PyTorch's CPU allocations of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE: 2
+    # MiB-aligned, madvise(MADV_HUGEPAGE)), under glibc's malloc and under jemalloc
+    "new-thp": {"env": {"THP_MEM_ALLOC_ENABLE": "1"}},
+    "new-jemalloc-thp": {"allocator": True, "env": {"THP_MEM_ALLOC_ENABLE": "1"}},
     # The heap trim (kpod.allocator.release_freed_memory) after every step (the default before
     # session 35) or never, instead of the default's trim on growth (kpod.allocator.HeapTrimmer),
     # under glibc's malloc and under a fast allocator.
@@ -96,7 +100,7 @@ VARIANTS = {
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
-PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf", "undo")
+PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf", "undo", "env")
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
@@ -430,6 +434,7 @@ def fresh_process(kind: str, args, examples: list, out: Path, **params) -> dict:
     malloc_conf = VARIANTS.get(params.get("variant", "new"), {}).get("malloc_conf")
     if malloc_conf:
         env["MALLOC_CONF"] = malloc_conf
+    env.update(VARIANTS.get(params.get("variant", "new"), {}).get("env", {}))
     done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(
