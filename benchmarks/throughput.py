@@ -74,11 +74,12 @@ VARIANTS = {
     "new-jemalloc": {"allocator": True},
     # jemalloc keeping the pages it frees (its default hands them back after 10 s, about two steps)
     "new-jemalloc-retain": {"allocator": True, "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
-    # jemalloc without its arena for allocations of 8 MiB and more, which hands their pages back
-    # at every free (so a step's large activations are faulted in again at the next step)
+    # jemalloc without its arena for allocations of 8 MiB and more (the guess tested in session 39:
+    # that arena's eager purging made jemalloc's rows slower; it did not, BENCHMARKS.md)
     "new-jemalloc-nohuge": {"allocator": True, "malloc_conf": "oversize_threshold:0"},
     # PyTorch's CPU allocations of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE: 2
-    # MiB-aligned, madvise(MADV_HUGEPAGE)), under glibc's malloc and under jemalloc
+    # MiB-aligned, madvise(MADV_HUGEPAGE)), under glibc's malloc and under jemalloc (session 39: no
+    # gain under glibc, slower under jemalloc; not adopted)
     "new-thp": {"env": {"THP_MEM_ALLOC_ENABLE": "1"}},
     "new-jemalloc-thp": {"allocator": True, "env": {"THP_MEM_ALLOC_ENABLE": "1"}},
     # The heap trim (kpod.allocator.release_freed_memory) after every step (the default before
