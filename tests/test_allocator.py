@@ -224,15 +224,10 @@ def test_file_pages_of_a_mapped_tensor_leave_the_process_and_read_back_the_same(
     drop by about its size and the tensor reads back the same values. Memory of the process's
     own (not a file's) is left alone."""
     import torch
+    from tiny_models import memory_file_system, resident_file_mib
 
-    def file_mib() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile"))
-        return int(line.split()[1]) / 1024
-
-    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    mount = max((m for m in mounts if str(tmp_path.resolve()).startswith(m[1])), key=lambda m: len(m[1]))
-    if mount[2] in ("tmpfs", "ramfs"):  # memory-backed files have no disk to drop their pages to
-        pytest.skip(f"the test's files are on {mount[2]} ({mount[1]})")
+    if fs := memory_file_system(tmp_path):  # memory-backed files have no disk to drop their pages to
+        pytest.skip(f"the test's files are on {fs} ({tmp_path})")
     n = 16 * 2**20  # 64 MiB of float32
     values = torch.arange(n, dtype=torch.float32) % 977
     path = tmp_path / "weights.bin"
@@ -241,10 +236,10 @@ def test_file_pages_of_a_mapped_tensor_leave_the_process_and_read_back_the_same(
     assert torch.equal(mapped, values)  # read: its pages are resident
     pages = FilePages()
     assert pages.release(values) == 0  # anonymous memory: no advice
-    before = file_mib()
+    before = resident_file_mib()
     released = pages.release(mapped)
     if released == 0:
         pytest.skip("this kernel does not take MADV_PAGEOUT (Linux 5.4 and later)")
     assert released >= n * 4 - 2 * pages.page and pages.released == released
-    assert before - file_mib() > 0.9 * 64
+    assert before - resident_file_mib() > 0.9 * 64
     assert torch.equal(mapped, values)

@@ -1,5 +1,4 @@
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -244,11 +243,9 @@ def test_cast_once_hands_back_the_pages_of_a_frozen_mapped_weight(tmp_path, monk
     handed back once it is cast, and reads back the same values (an embedding lookup after the
     cast); a weight that trains is never advised (its pages may be written), nor is a cached
     cast's weight again."""
-    from kpod import models
+    from tiny_models import memory_file_system, resident_file_mib
 
-    def file_mib() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile"))
-        return int(line.split()[1]) / 1024
+    from kpod import models
 
     n = 8 * 2**20  # 32 MiB of float32: 2**17 rows of 64
     values = (torch.arange(n, dtype=torch.float32) % 977).reshape(-1, 64)
@@ -258,13 +255,11 @@ def test_cast_once_hands_back_the_pages_of_a_frozen_mapped_weight(tmp_path, monk
     weight = torch.nn.Parameter(mapped, requires_grad=False)
     released, real = [], models._release_file_pages
     monkeypatch.setattr(models, "_release_file_pages", lambda t: released.append(real(t)) or released[-1])
-    before = file_mib()
+    before = resident_file_mib()
     cast = models.cast_once(weight, torch.bfloat16)
     assert torch.equal(cast, values.to(torch.bfloat16)) and len(released) == 1
-    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    mount = max((m for m in mounts if str(tmp_path.resolve()).startswith(m[1])), key=lambda m: len(m[1]))
-    if mount[2] not in ("tmpfs", "ramfs") and released[0] > 0:  # a disk to drop the pages to
-        assert released[0] >= n * 4 - 2 * 4096 and file_mib() < before + 4
+    if not memory_file_system(tmp_path) and released[0] > 0:  # a disk to drop the pages to
+        assert released[0] >= n * 4 - 2 * 4096 and resident_file_mib() < before + 4
     rows = torch.tensor([0, 5, 2**17 - 1])
     assert torch.equal(torch.nn.functional.embedding(rows, weight), values[rows])
     assert models.cast_once(weight, torch.bfloat16) is cast and len(released) == 1

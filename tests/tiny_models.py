@@ -108,3 +108,17 @@ def counting_casts():
             return func(*args, **(kwargs or {}))
 
     return Casts()
+
+
+def resident_file_mib() -> float:
+    """This process's resident pages of mapped files (``RssFile`` of ``/proc/self/status``), MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile"))
+    return int(line.split()[1]) / 1024
+
+
+def memory_file_system(path: Path) -> str | None:
+    """``tmpfs`` or ``ramfs`` where ``path`` lies on a memory-backed file system, whose files have
+    no disk to drop their pages to; ``None`` elsewhere."""
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    mount = max((m for m in mounts if str(path.resolve()).startswith(m[1])), key=lambda m: len(m[1]))
+    return mount[2] if mount[2] in ("tmpfs", "ramfs") else None
