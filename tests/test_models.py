@@ -58,7 +58,7 @@ def test_norm_casts_shared_give_the_same_forward_with_fewer_casts(tiny_causal, t
     model = load_model(str(tiny_causal), trainable=False).model.eval()
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2]])
     norm_dtypes = []
-    model.model.layers[0].input_layernorm.register_forward_hook(
+    recorder = model.model.layers[0].input_layernorm.register_forward_hook(
         lambda module, args, output: norm_dtypes.append(output.dtype)
     )
 
@@ -80,7 +80,7 @@ def test_norm_casts_shared_give_the_same_forward_with_fewer_casts(tiny_causal, t
     assert plain_casts - casts == 2 * (5 - 2) and grad_casts - casts_grad == 2 * (5 - 2)
     assert casts_fp32 == fp32_casts
     assert norm_dtypes == [torch.float32] * 6
-    model.model.layers[0].input_layernorm._forward_hooks.clear()
+    recorder.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     with norm_casts_shared(load_model(str(tiny_seq2seq), trainable=False).model, torch.bfloat16) as n:
         assert n == 0
