@@ -57,6 +57,7 @@ VARIANTS = {
         "lora_dropout": 0.05,
         "attention": "sdpa",
         "micro_batch_size": "batch",
+        "recompute_elementwise": False,
     },
     "new": {},  # the library's defaults
     "new-sdpa": {"attention": "sdpa"},  # PyTorch's flash attention in every step (before session 27)
@@ -98,6 +99,10 @@ VARIANTS = {
     # Session 39's: the tied embedding's float32 pages kept after the output projection's bf16 cast
     # (kpod.models.cast_once hands them back otherwise).
     "new-head-pages-kept": {"allocator": True, "undo": "cast_pages"},
+    # Session 40's: attention's softmax and the MLP's activation kept for the backward pass instead
+    # of recomputed there (train.recompute_elementwise false), under jemalloc and under glibc.
+    "new-activations-kept": {"allocator": True, "recompute_elementwise": False},
+    "new-glibc-activations-kept": {"recompute_elementwise": False},
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
@@ -600,6 +605,18 @@ def training_ratios(result: dict) -> dict:
     if "new-jemalloc" in result and "new-head-pages-kept" in result:
         kept = peak("new-head-pages-kept")
         out["peak_rss_head_pages_released_over_kept"] = ratio(peak("new-jemalloc"), kept)
+    if "new-jemalloc" in result and "new-activations-kept" in result:  # both under jemalloc
+        for method, key in METHOD_KEYS:
+            out[f"recomputed_over_kept_{key}"] = ratio(
+                speed("new-jemalloc", method), speed("new-activations-kept", method)
+            )
+        out["peak_rss_recomputed_over_kept"] = ratio(peak("new-jemalloc"), peak("new-activations-kept"))
+    if "new-glibc-activations-kept" in result:
+        for method, key in METHOD_KEYS:
+            out[f"recomputed_over_kept_glibc_{key}"] = ratio(
+                speed("new", method), speed("new-glibc-activations-kept", method)
+            )
+        out["peak_rss_recomputed_over_kept_glibc"] = ratio(peak("new"), peak("new-glibc-activations-kept"))
     if "new-gc-jemalloc" in result:
         if old:
             out["peak_rss_gc_jemalloc_over_old"] = ratio(peak("new-gc-jemalloc"), peak("old"))

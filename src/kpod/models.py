@@ -522,6 +522,137 @@ def norm_casts_shared(model: Any, dtype: Any) -> Iterator[int]:
             handle.remove()
 
 
+def _recompute_policy(saved_ops: Any) -> Any:
+    """The selective-checkpoint context factory of :func:`elementwise_recomputed`: the outputs of
+    ``saved_ops`` kept, everything else in the block recomputed in the backward pass."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return CheckpointPolicy.MUST_SAVE if op in saved_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def _activation_checkpointing(inner: Any) -> bool:
+    """Whether the transformers model ``inner`` runs under its own gradient (activation)
+    checkpointing; read under the property's newer name where transformers has it (the older one
+    warns that it is deprecated)."""
+    name = "is_activation_checkpointing"
+    return bool(getattr(inner, name if hasattr(type(inner), name) else "is_gradient_checkpointing", False))
+
+
+def _is_gated_mlp(module: Any) -> bool:
+    """Whether ``module`` is a llama-style gated MLP, ``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``: its class's ``forward`` compiles to the same bytecode and names as llama's (the
+    families that copy llama's MLP class do), so replacing that forward changes nothing else."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaMLP
+    except ImportError:
+        return False
+    forward = getattr(type(module), "forward", None)
+    code, reference = getattr(forward, "__code__", None), LlamaMLP.forward.__code__
+    return (
+        code is not None
+        and code.co_code == reference.co_code
+        and code.co_names == reference.co_names
+        and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    )
+
+
+@contextlib.contextmanager
+def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True) -> Iterator[int]:
+    """Within the block, training passes (with gradients) keep less for the backward pass and
+    recompute the rest from it, exactly: in eager attention, the scores' product (bf16) instead of
+    the float32 softmax, its bf16 copy and the key and value heads repeated for each query head;
+    in a llama-style gated MLP, the gate's and up's outputs without the activation's output. The
+    losses and gradients are the same bit for bit (the recomputation replays the same kernels on
+    the same inputs; tested). Yields how many modules it changed: eager attention counts its
+    model's attention modules, whether a step then attends eagerly or not. A model under the
+    model's own gradient checkpointing (which already recomputes whole layers) is left alone.
+
+    How: PyTorch's selective activation checkpointing around the family's own
+    ``eager_attention_forward`` (looked up in the attention module's own file, so a family's own
+    variant, with soft-capping or sinks, is what is replayed) keeping the outputs of its two
+    batched products, and around ``act_fn(gate) * up`` keeping the product (which ``down_proj``
+    keeps anyway). The attention function is reached through transformers' attention registry
+    (its ``eager`` entry, set for the block, for this model's modules only); other models' eager
+    attention, and passes without gradients, run the plain function.
+
+    Why: at 4 x 224 tokens the softmax's float32 output and bf16 copy are a third of what a step
+    keeps (310 of 937 MiB) and the activation's output another 79 MiB (BENCHMARKS.md "Issue #21,
+    session 38"), for element-wise work that is about 1 % of the step to redo."""
+    import sys
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inner = inner_model(model)
+    if _activation_checkpointing(inner):
+        yield 0
+        return
+    aten = torch.ops.aten
+    attention_saves = _recompute_policy({aten.bmm.default, aten.mm.default})
+    mlp_saves = _recompute_policy({aten.mul.Tensor})
+
+    def family_eager(module: Any) -> Any:
+        return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+    eager_of = {
+        id(module): family_eager(module)
+        for module in inner.modules()
+        if attention and hasattr(module, "num_key_value_groups") and family_eager(module) is not None
+    }
+
+    def recomputed_eager(module: Any, *args: Any, **kwargs: Any) -> Any:
+        eager = eager_of.get(id(module)) or family_eager(module)
+        if eager is None:
+            raise ModelError(f"no eager attention function for {type(module).__name__}")
+        if id(module) not in eager_of or not torch.is_grad_enabled():
+            return eager(module, *args, **kwargs)
+        return checkpoint(eager, module, *args, use_reentrant=False, context_fn=attention_saves, **kwargs)
+
+    def gated(act: Any, gate: Any, up: Any) -> Any:
+        return act(gate) * up
+
+    def mlp_forward(module: Any) -> Any:
+        def forward(x: Any) -> Any:
+            gate, up = module.gate_proj(x), module.up_proj(x)
+            if torch.is_grad_enabled():
+                product = checkpoint(
+                    gated, module.act_fn, gate, up, use_reentrant=False, context_fn=mlp_saves
+                )
+            else:
+                product = gated(module.act_fn, gate, up)
+            return module.down_proj(product)
+
+        return forward
+
+    mlps = [m for m in inner.modules() if mlp and _is_gated_mlp(m)]
+    for module in mlps:
+        module.forward = mlp_forward(module)
+    registry = None
+    if eager_of:
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+        except ImportError:
+            eager_of.clear()
+    before = registry._local_mapping.get("eager") if registry is not None else None
+    if registry is not None and eager_of:
+        registry["eager"] = recomputed_eager
+    try:
+        yield len(mlps) + len(eager_of)
+    finally:
+        for module in mlps:
+            del module.forward
+        if registry is not None and eager_of:
+            if before is None:
+                del registry["eager"]
+            else:
+                registry["eager"] = before
+
+
 @contextlib.contextmanager
 def gqa_attention_on_cpu() -> Iterator[bool]:
     """Within the block, transformers' SDPA attention hands grouped-query attention on a CPU to

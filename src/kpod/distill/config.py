@@ -78,6 +78,13 @@ class TrainConfig:
             ``compile``); ``sdpa`` or ``eager`` for every batch. A student loaded with another
             implementation keeps it (:func:`kpod.models.training_attention`; BENCHMARKS.md "Issue
             #21, sessions 27 and 33").
+        recompute_elementwise: keep less of each training step for its backward pass and
+            recompute the rest there: eager attention's softmax (its float32 output, its bf16
+            copy, the repeated key and value heads) and a llama-style MLP's activation output
+            (:func:`kpod.models.elementwise_recomputed`). The same losses and gradients bit for
+            bit; on by default, for the memory (BENCHMARKS.md "Issue #21, session 40"). Does
+            nothing under ``compile`` or the student's ``gradient_checkpointing`` (which
+            recomputes whole layers).
         compile: run the student's forward and backward passes of training steps through
             ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
             dev and test generation stay eager). The first step pays the compilation (on a
@@ -88,7 +95,7 @@ class TrainConfig:
     """
 
     # Added after results were keyed; at their default they do what ran before (kpod.config.key_data).
-    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("compile",)
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("compile", "recompute_elementwise")
     # Added later with a default that changed what runs (so part of every key): what a checkpoint
     # written before such a field existed ran with, so that it resumes only under that value.
     FORMER_VALUES: ClassVar[dict[str, Any]] = {"attention": "sdpa"}
@@ -121,6 +128,7 @@ class TrainConfig:
     loss_chunk: int = 512
     packing: bool = False
     attention: Literal["auto", "sdpa", "eager"] = "auto"
+    recompute_elementwise: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -66,6 +66,7 @@ from kpod.models import (
     compile_stats,
     compile_unavailable,
     compiled_forward,
+    elementwise_recomputed,
     forward_replaced,
     frozen_linears_for,
     lora_input_casts_off,
@@ -80,7 +81,12 @@ from kpod.prompt import PromptFormat
 
 @contextlib.contextmanager
 def training_step_weights(
-    model: Any, precision: str, device_type: str, compiled: Any = None, share_norm_casts: bool = True
+    model: Any,
+    precision: str,
+    device_type: str,
+    compiled: Any = None,
+    share_norm_casts: bool = True,
+    recompute_elementwise: bool = False,
 ) -> Iterator[None]:
     """Within the block, the student as the trainer's steps see it: frozen weights stored in bf16
     under bf16 autocast on a CPU (the same numbers, without a cast per forward pass:
@@ -92,7 +98,10 @@ def training_step_weights(
     for all the projections that read it (the same numbers: :func:`kpod.models.norm_casts_shared`;
     inductor fuses those casts itself). ``precision`` is the resolved one (fp32, bf16, fp16). The
     benchmarks that time a bare step use it too, so that they time what the trainer runs;
-    ``share_norm_casts=False`` is theirs, for the per-reader casts the trainer ran before session 38."""
+    ``share_norm_casts=False`` is theirs, for the per-reader casts the trainer ran before session 38.
+    ``recompute_elementwise`` (the trainer's ``train.recompute_elementwise``): attention's softmax
+    and the MLP's activation recomputed in the backward pass instead of kept, without a
+    ``compiled`` forward (the same numbers, less memory: :func:`kpod.models.elementwise_recomputed`)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_linears_for(model, precision, device_type))
         stack.enter_context(lora_input_casts_off(model))
@@ -101,6 +110,8 @@ def training_step_weights(
             stack.enter_context(forward_replaced(model, compiled))
         elif precision != "fp32" and share_norm_casts:
             stack.enter_context(norm_casts_shared(model, torch_dtype(precision)))
+        if compiled is None and recompute_elementwise:
+            stack.enter_context(elementwise_recomputed(model))
         yield
 
 
@@ -527,7 +538,11 @@ class DistillRecipe:
         """The student as training steps see it (:func:`training_step_weights`); dev scoring and
         saving see the student as loaded."""
         return training_step_weights(
-            self.model, self.precision, self.accelerator.device.type, self.compiled_forward
+            self.model,
+            self.precision,
+            self.accelerator.device.type,
+            self.compiled_forward,
+            recompute_elementwise=self.config.recompute_elementwise,
         )
 
     def _train_steps(self, epoch: int, examples: Sequence[StageExample], batches: list[list[int]]) -> None:
