@@ -103,6 +103,14 @@ VARIANTS = {
     # of recomputed there (train.recompute_elementwise false), under jemalloc and under glibc.
     "new-activations-kept": {"allocator": True, "recompute_elementwise": False},
     "new-glibc-activations-kept": {"recompute_elementwise": False},
+    # glibc's malloc with fixed thresholds (its dynamic ones off): blocks up to 32 MiB from the heap,
+    # whose free top is handed back only past 4 GiB, so a step's freed activations are reused
+    # instead of faulted in again (a session 40 probe).
+    "new-glibc-fixed-thresholds": {
+        "env": {
+            "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+        }
+    },
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
@@ -468,6 +476,11 @@ def child(job_path: Path) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     measured["peak_mib"] = round(peak / 2**20, 1)
     measured["allocator"] = current_allocator()
+    # The whole process's page faults and kernel share of its CPU time (loading included): where an
+    # allocator hands memory back and faults it in again, both grow.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    measured["minor_faults"] = usage.ru_minflt
+    measured["system_share"] = round(usage.ru_stime / (usage.ru_utime + usage.ru_stime), 3)
     (out / "measured.json").write_text(json.dumps(measured))
 
 

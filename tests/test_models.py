@@ -86,6 +86,86 @@ def test_norm_casts_shared_give_the_same_forward_with_fewer_casts(tiny_causal, t
         assert n == 0
 
 
+def test_elementwise_recomputed_gives_the_same_gradients_recomputing_the_softmax_and_activation(
+    tmp_path, tiny_seq2seq
+) -> None:
+    """With attention's softmax and the MLP's activation recomputed in the backward pass, a bf16
+    training pass of a LoRA student with grouped key/value heads, a padded batch, eager
+    attention and attention dropout gives the same loss and LoRA gradients bit for bit (the
+    dropout's mask replayed), and the softmax and the activation do run again in the backward
+    pass (twice per layer where they ran once); passes without gradients, and another model's
+    eager attention, run the plain function once; the attention registry and the MLPs' forwards
+    are as before afterwards; a model under its own gradient checkpointing, and a seq2seq model,
+    are left alone."""
+    from tiny_models import build_causal
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kpod.models import attention_implementation, elementwise_recomputed
+
+    path = build_causal(tmp_path / "gqa", hidden=32, layers=2, heads=4, kv_heads=2)
+    model = load_model(str(path), lora=LoraSettings(r=4, alpha=8)).model.train()
+    other = load_model(str(path), trainable=False).model.eval()
+    for module in model.modules():
+        if hasattr(module, "num_key_value_groups"):
+            module.attention_dropout = 0.2
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a new adapter's B is zero, which would hide A's gradients
+            param.data.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2], [1, 6, 8, 2, 0, 0, 0, 0]])
+    mask = (torch.arange(8) < torch.tensor([[8], [4]])).long()
+    counts = {"softmax": 0, "act": 0}
+    counted = {torch.ops.aten._softmax.default: "softmax", torch.ops.aten.silu.default: "act"}
+
+    class Counting(TorchDispatchMode):
+        """Counts the softmax and SiLU kernels that run (a recomputation replaying a kept result
+        runs none)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in counted:
+                counts[counted[func]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(grad: bool = True):
+        counts.update(softmax=0, act=0)
+        torch.manual_seed(7)
+        with Counting(), torch.set_grad_enabled(grad), attention_implementation(model, "eager"):
+            with autocast("cpu", "bf16"):
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            if not grad:
+                return loss, {}, dict(counts)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, dict(counts)
+
+    plain_loss, plain_grads, plain_counts = step()
+    plain_nograd, _, _ = step(grad=False)
+    with elementwise_recomputed(model) as n:
+        assert n == 2 + 2  # the two layers' attention and MLP
+        loss, grads, recomputed_counts = step()
+        nograd, _, nograd_counts = step(grad=False)
+        counts.update(softmax=0)
+        with Counting(), torch.no_grad(), attention_implementation(other, "eager"):
+            other(input_ids=ids, attention_mask=mask)
+        other_softmax = counts["softmax"]
+    assert torch.equal(loss, plain_loss) and torch.equal(nograd, plain_nograd)
+    assert plain_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 projections
+    assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)
+    assert any(g.abs().sum() > 0 for name, g in grads.items() if "lora_A" in name)
+    assert plain_counts == {"softmax": 2, "act": 2}
+    assert recomputed_counts == {"softmax": 4, "act": 4}
+    assert nograd_counts == {"softmax": 2, "act": 2} and other_softmax == 2
+    assert "eager" not in ALL_ATTENTION_FUNCTIONS._local_mapping
+    assert not any("forward" in vars(m) for m in model.modules() if hasattr(m, "act_fn"))
+
+    checkpointed = load_model(str(path), lora=LoraSettings(r=4, alpha=8), gradient_checkpointing=True).model
+    with elementwise_recomputed(checkpointed) as n:
+        assert n == 0
+    with elementwise_recomputed(load_model(str(tiny_seq2seq), trainable=False).model) as n:
+        assert n == 0
+
+
 def test_missing_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ModelError, match="cannot load a model config"):
         load_model(str(tmp_path / "nowhere"))
