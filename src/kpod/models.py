@@ -570,7 +570,8 @@ def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True)
     losses and gradients are the same bit for bit (the recomputation replays the same kernels on
     the same inputs; tested). Yields how many modules it changed: eager attention counts its
     model's attention modules, whether a step then attends eagerly or not. A model under the
-    model's own gradient checkpointing (which already recomputes whole layers) is left alone.
+    model's own gradient checkpointing (which already recomputes whole layers) is left alone;
+    ``attention=False`` or ``mlp=False`` leaves that part as it is (to measure each apart).
 
     How: PyTorch's selective activation checkpointing around the family's own
     ``eager_attention_forward`` (looked up in the attention module's own file, so a family's own
@@ -582,7 +583,8 @@ def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True)
 
     Why: at 4 x 224 tokens the softmax's float32 output and bf16 copy are a third of what a step
     keeps (310 of 937 MiB) and the activation's output another 79 MiB (BENCHMARKS.md "Issue #21,
-    session 38"), for element-wise work that is about 1 % of the step to redo."""
+    session 38"), for element-wise work that is cheap to redo beside the products; the training
+    loop's peak falls by about a tenth (BENCHMARKS.md "Issue #21, session 40")."""
     import sys
 
     import torch

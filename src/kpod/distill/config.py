@@ -82,9 +82,12 @@ class TrainConfig:
             recompute the rest there: eager attention's softmax (its float32 output, its bf16
             copy, the repeated key and value heads) and a llama-style MLP's activation output
             (:func:`kpod.models.elementwise_recomputed`). The same losses and gradients bit for
-            bit; on by default, for the memory (BENCHMARKS.md "Issue #21, session 40"). Does
-            nothing under ``compile`` or the student's ``gradient_checkpointing`` (which
-            recomputes whole layers).
+            bit; on by default for the memory (about a tenth of the 135M student's peak), at
+            the loop's speed within its spread under jemalloc (the kpod command's allocator) and
+            possibly up to a tenth slower under glibc's malloc, where a run short of time rather
+            than memory may set it off (BENCHMARKS.md "Issue #21, session 40"). Does nothing
+            under ``compile`` or the student's ``gradient_checkpointing`` (which recomputes whole
+            layers).
         compile: run the student's forward and backward passes of training steps through
             ``torch.compile`` (inductor, dynamic shapes: one compilation for every batch length;
             dev and test generation stay eager). The first step pays the compilation (on a
