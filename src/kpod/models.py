@@ -631,7 +631,8 @@ def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True)
 
         return forward
 
-    mlps = [m for m in inner.modules() if mlp and _is_gated_mlp(m)]
+    # an MLP whose forward is already replaced on the instance (accelerate's offloading hooks) keeps it
+    mlps = [m for m in inner.modules() if mlp and _is_gated_mlp(m) and "forward" not in vars(m)]
     for module in mlps:
         module.forward = mlp_forward(module)
     registry = None
