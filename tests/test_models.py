@@ -97,8 +97,7 @@ def test_elementwise_recomputed_gives_the_same_gradients_recomputing_the_softmax
     eager attention, run the plain function once; the attention registry and the MLPs' forwards
     are as before afterwards; a model under its own gradient checkpointing, and a seq2seq model,
     are left alone."""
-    from tiny_models import build_causal
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tiny_models import build_causal, counting_kernels
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from kpod.models import attention_implementation, elementwise_recomputed
@@ -114,30 +113,21 @@ def test_elementwise_recomputed_gives_the_same_gradients_recomputing_the_softmax
             param.data.normal_(0, 0.5)
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2], [1, 6, 8, 2, 0, 0, 0, 0]])
     mask = (torch.arange(8) < torch.tensor([[8], [4]])).long()
-    counts = {"softmax": 0, "act": 0}
-    counted = {torch.ops.aten._softmax.default: "softmax", torch.ops.aten.silu.default: "act"}
 
-    class Counting(TorchDispatchMode):
-        """Counts the softmax and SiLU kernels that run (a recomputation replaying a kept result
-        runs none)."""
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in counted:
-                counts[counted[func]] += 1
-            return func(*args, **(kwargs or {}))
+    def counting():  # the softmax and SiLU kernels that run (a replayed kept result runs none)
+        return counting_kernels(softmax=torch.ops.aten._softmax.default, act=torch.ops.aten.silu.default)
 
     def step(grad: bool = True):
-        counts.update(softmax=0, act=0)
         torch.manual_seed(7)
-        with Counting(), torch.set_grad_enabled(grad), attention_implementation(model, "eager"):
+        with counting() as kernels, torch.set_grad_enabled(grad), attention_implementation(model, "eager"):
             with autocast("cpu", "bf16"):
                 loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
             if not grad:
-                return loss, {}, dict(counts)
+                return loss, {}, kernels.counts
             loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
-        return loss.detach(), grads, dict(counts)
+        return loss.detach(), grads, kernels.counts
 
     plain_loss, plain_grads, plain_counts = step()
     plain_nograd, _, _ = step(grad=False)
@@ -145,10 +135,9 @@ def test_elementwise_recomputed_gives_the_same_gradients_recomputing_the_softmax
         assert n == 2 + 2  # the two layers' attention and MLP
         loss, grads, recomputed_counts = step()
         nograd, _, nograd_counts = step(grad=False)
-        counts.update(softmax=0)
-        with Counting(), torch.no_grad(), attention_implementation(other, "eager"):
+        with counting() as kernels, torch.no_grad(), attention_implementation(other, "eager"):
             other(input_ids=ids, attention_mask=mask)
-        other_softmax = counts["softmax"]
+        other_softmax = kernels.counts["softmax"]
     assert torch.equal(loss, plain_loss) and torch.equal(nograd, plain_nograd)
     assert plain_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 projections
     assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)

@@ -94,20 +94,36 @@ def build_seq2seq(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     return directory
 
 
+def counting_kernels(**ops):
+    """A dispatch mode that counts the kernels ``ops`` (name: aten overload) that run inside it,
+    autocast's casts included (a selective checkpoint's replay of a kept result runs none): ``with
+    counting_kernels(softmax=torch.ops.aten._softmax.default) as kernels: ...``, then
+    ``kernels.counts["softmax"]``, or ``kernels.n`` for all of them together."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts = dict.fromkeys(ops, 0)
+
+        @property
+        def n(self) -> int:
+            return sum(self.counts.values())
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for name, op in ops.items():
+                self.counts[name] += func is op
+            return func(*args, **(kwargs or {}))
+
+    return Kernels()
+
+
 def counting_casts():
     """A dispatch mode that counts the dtype casts (``aten._to_copy``) run inside it, autocast's
     included: ``with counting_casts() as casts: ...``, then ``casts.n``."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Casts(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
-
-    return Casts()
+    return counting_kernels(casts=torch.ops.aten._to_copy.default)
 
 
 def resident_file_mib() -> float:
