@@ -602,9 +602,10 @@ def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True)
         return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
     eager_of = {
-        id(module): family_eager(module)
+        id(module): eager
         for module in inner.modules()
-        if attention and hasattr(module, "num_key_value_groups") and family_eager(module) is not None
+        if attention and hasattr(module, "num_key_value_groups")
+        if (eager := family_eager(module)) is not None
     }
 
     def recomputed_eager(module: Any, *args: Any, **kwargs: Any) -> Any:
@@ -635,21 +636,21 @@ def elementwise_recomputed(model: Any, attention: bool = True, mlp: bool = True)
     mlps = [m for m in inner.modules() if mlp and _is_gated_mlp(m) and "forward" not in vars(m)]
     for module in mlps:
         module.forward = mlp_forward(module)
-    registry = None
+    registry, before = None, None
     if eager_of:
         try:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
         except ImportError:
             eager_of.clear()
-    before = registry._local_mapping.get("eager") if registry is not None else None
-    if registry is not None and eager_of:
-        registry["eager"] = recomputed_eager
+        else:
+            before = registry._local_mapping.get("eager")
+            registry["eager"] = recomputed_eager
     try:
         yield len(mlps) + len(eager_of)
     finally:
         for module in mlps:
             del module.forward
-        if registry is not None and eager_of:
+        if registry is not None:
             if before is None:
                 del registry["eager"]
             else:

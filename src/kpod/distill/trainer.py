@@ -97,11 +97,12 @@ def training_step_weights(
     (:func:`kpod.models.forward_replaced`), without, under autocast, each norm's output cast once
     for all the projections that read it (the same numbers: :func:`kpod.models.norm_casts_shared`;
     inductor fuses those casts itself). ``precision`` is the resolved one (fp32, bf16, fp16). The
-    benchmarks that time a bare step use it too, so that they time what the trainer runs;
-    ``share_norm_casts=False`` is theirs, for the per-reader casts the trainer ran before session 38.
-    ``recompute_elementwise`` (the trainer's ``train.recompute_elementwise``): attention's softmax
-    and the MLP's activation recomputed in the backward pass instead of kept, without a
-    ``compiled`` forward (the same numbers, less memory: :func:`kpod.models.elementwise_recomputed`)."""
+    benchmarks that time a bare step use it too, so that they time what the trainer runs (all but
+    the recomputation below, which they leave off); ``share_norm_casts=False`` is theirs, for the
+    per-reader casts the trainer ran before session 38. ``recompute_elementwise`` (the trainer
+    passes ``train.recompute_elementwise``): attention's softmax and the MLP's activation
+    recomputed in the backward pass instead of kept, without a ``compiled`` forward (the same
+    numbers, less memory: :func:`kpod.models.elementwise_recomputed`)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(frozen_linears_for(model, precision, device_type))
         stack.enter_context(lora_input_casts_off(model))
