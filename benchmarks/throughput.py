@@ -440,15 +440,14 @@ def fresh_process(kind: str, args, examples: list, out: Path, **params) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.pkl"
     job.write_bytes(pickle.dumps({"kind": kind, "args": vars(args), "examples": examples, "params": params}))
-    env = dict(os.environ)
-    if VARIANTS.get(params.get("variant", "new"), {}).get("allocator"):
+    env, settings = dict(os.environ), VARIANTS.get(params.get("variant", "new"), {})
+    if settings.get("allocator"):
         from kpod.allocator import find_fast_allocator
 
         env["LD_PRELOAD"] = str(find_fast_allocator())
-    malloc_conf = VARIANTS.get(params.get("variant", "new"), {}).get("malloc_conf")
-    if malloc_conf:
-        env["MALLOC_CONF"] = malloc_conf
-    env.update(VARIANTS.get(params.get("variant", "new"), {}).get("env", {}))
+    if settings.get("malloc_conf"):
+        env["MALLOC_CONF"] = settings["malloc_conf"]
+    env.update(settings.get("env", {}))
     done = subprocess.run([sys.executable, __file__, "--child", str(job)], check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(
@@ -581,6 +580,13 @@ def training_ratios(result: dict) -> dict:
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3)
 
+    def compare(name: str, variant: str, baseline: str) -> None:
+        """``{name}_{method key}``: each method's speed of ``variant`` over ``baseline``'s;
+        ``peak_rss_{name}``: their peaks' ratio."""
+        for method, key in METHOD_KEYS:
+            out[f"{name}_{key}"] = ratio(speed(variant, method), speed(baseline, method))
+        out[f"peak_rss_{name}"] = ratio(peak(variant), peak(baseline))
+
     old = "old" in result
     out = {"kpod_over_stdcot": ratio(speed("new", "kpod"), speed("new", "std-cot")), "mfu_bf16": mfu("new")}
     # The share of the rate in the precision the loop ran in: on a CPU without fast bf16 the loop
@@ -588,9 +594,7 @@ def training_ratios(result: dict) -> dict:
     out["mfu"] = mfu("new", "matmul_gflop_per_s")
     out["mfu_bf16_dense"] = mfu("new", count="gflop_per_s_dense")  # the count before session 36
     if old:
-        for method, key in METHOD_KEYS:
-            out[f"new_over_old_{key}"] = ratio(speed("new", method), speed("old", method))
-        out["peak_rss_new_over_old"] = ratio(peak("new"), peak("old"))
+        compare("new_over_old", "new", "old")
     if "new-compile" in result:  # the opt-in train.compile
         for method, key in METHOD_KEYS:
             if old:
@@ -607,29 +611,16 @@ def training_ratios(result: dict) -> dict:
             out["peak_rss_jemalloc_over_old"] = ratio(peak("new-jemalloc"), peak("old"))
         out["jemalloc_over_new_stdcot"] = ratio(speed("new-jemalloc", "std-cot"), speed("new", "std-cot"))
     if "new-jemalloc" in result and "new-casts-per-reader" in result:  # both under jemalloc
-        for method, key in METHOD_KEYS:
-            out[f"shared_casts_over_per_reader_{key}"] = ratio(
-                speed("new-jemalloc", method), speed("new-casts-per-reader", method)
-            )
-        per_reader = peak("new-casts-per-reader")
-        out["peak_rss_shared_casts_over_per_reader"] = ratio(peak("new-jemalloc"), per_reader)
+        compare("shared_casts_over_per_reader", "new-jemalloc", "new-casts-per-reader")
     if "new-jemalloc" in result and "new-pages-kept" in result:
         out["peak_rss_pages_released_over_kept"] = ratio(peak("new-jemalloc"), peak("new-pages-kept"))
     if "new-jemalloc" in result and "new-head-pages-kept" in result:
         kept = peak("new-head-pages-kept")
         out["peak_rss_head_pages_released_over_kept"] = ratio(peak("new-jemalloc"), kept)
     if "new-jemalloc" in result and "new-activations-kept" in result:  # both under jemalloc
-        for method, key in METHOD_KEYS:
-            out[f"recomputed_over_kept_{key}"] = ratio(
-                speed("new-jemalloc", method), speed("new-activations-kept", method)
-            )
-        out["peak_rss_recomputed_over_kept"] = ratio(peak("new-jemalloc"), peak("new-activations-kept"))
+        compare("recomputed_over_kept", "new-jemalloc", "new-activations-kept")
     if "new-glibc-activations-kept" in result:
-        for method, key in METHOD_KEYS:
-            out[f"recomputed_over_kept_glibc_{key}"] = ratio(
-                speed("new", method), speed("new-glibc-activations-kept", method)
-            )
-        out["peak_rss_recomputed_over_kept_glibc"] = ratio(peak("new"), peak("new-glibc-activations-kept"))
+        compare("recomputed_over_kept_glibc", "new", "new-glibc-activations-kept")
     if "new-gc-jemalloc" in result:
         if old:
             out["peak_rss_gc_jemalloc_over_old"] = ratio(peak("new-gc-jemalloc"), peak("old"))
