@@ -243,3 +243,27 @@ def test_file_pages_of_a_mapped_tensor_leave_the_process_and_read_back_the_same(
     assert released >= n * 4 - 2 * pages.page and pages.released == released
     assert before - resident_file_mib() > 0.9 * 64
     assert torch.equal(mapped, values)
+
+
+@needs_fast_allocator
+def test_release_freed_memory_purges_jemallocs_kept_pages_and_leaves_glibc_to_malloc_trim():
+    """Under jemalloc the trainer's trim is jemalloc's purge (glibc's malloc_trim would act on a heap
+    jemalloc does not use): with its decay off, 300 MiB freed stay resident until the purge."""
+    lib = find_fast_allocator()
+    if allocator_in([str(lib)]) != "jemalloc":
+        pytest.skip("the fast allocator installed here is not jemalloc")
+    code = (
+        "from kpod.allocator import jemalloc_control, release_freed_memory, resident_bytes as r\n"
+        "blocks = [bytearray(2**20) for _ in range(300)]\n"
+        "full = r(); del blocks; freed = r(); release_freed_memory(); purged = r()\n"
+        "print(jemalloc_control() is not None, (full - freed) >> 20, (freed - purged) >> 20)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    kept = {**env, "LD_PRELOAD": str(lib), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    out = subprocess.run([sys.executable, "-c", code], env=kept, capture_output=True, text=True, check=True)
+    found, dropped_by_free, dropped_by_purge = out.stdout.split()
+    assert found == "True"
+    assert int(dropped_by_free) < 50  # jemalloc kept the freed pages
+    assert int(dropped_by_purge) > 250  # and handed them back when asked
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert plain.stdout.split()[0] == "False"  # glibc: no jemalloc to ask; malloc_trim as before

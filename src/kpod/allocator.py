@@ -59,14 +59,49 @@ def glibc() -> Any:
         return None
 
 
+# mallctl's name for "every arena" (jemalloc's MALLCTL_ARENAS_ALL).
+JEMALLOC_ALL_ARENAS = 4096
+
+
+@functools.cache
+def jemalloc_control() -> Any:
+    """jemalloc's ``mallctl`` when jemalloc is this process's allocator (preloaded), else ``None``.
+
+    Looked up among the process's global symbols, and only when ``/proc/self/maps`` shows jemalloc
+    loaded, so that no other library's function of that name is taken for it."""
+    if current_allocator() != "jemalloc":
+        return None
+    try:
+        import ctypes
+
+        mallctl = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return None
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    return mallctl
+
+
+def jemalloc_purge(mallctl: Any) -> bool:
+    """Hand every jemalloc arena's freed (dirty and muzzy) pages back to the OS now
+    (``arena.<all>.purge``); returns whether jemalloc took the call."""
+    return mallctl(f"arena.{JEMALLOC_ALL_ARENAS}.purge".encode(), None, None, None, 0) == 0
+
+
 def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim).
+    """Hand freed heap memory back to the OS: jemalloc's purge of its arenas where jemalloc is the
+    allocator, else glibc's malloc_trim.
 
     On CPU, length-grouped batches give every step tensors of new shapes; glibc keeps the freed
     blocks in per-thread arenas and the process grows far beyond its working set (BENCHMARKS.md,
     memory allocator). A trim brings it back near its working set; it does not defragment the
-    heap (module docstring). When to call it: :class:`HeapTrimmer`. No-op elsewhere.
+    heap (module docstring). Under jemalloc, malloc_trim would act on glibc's unused heap; the
+    purge is its counterpart. When to call it: :class:`HeapTrimmer`. No-op elsewhere.
     """
+    mallctl = jemalloc_control()
+    if mallctl is not None:
+        jemalloc_purge(mallctl)
+        return
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
