@@ -73,8 +73,26 @@ VARIANTS = {
     # The defaults in a process that preloads a fast allocator, as `make demo` does where one is
     # installed (kpod.allocator); skipped where none is.
     "new-jemalloc": {"allocator": True},
-    # jemalloc keeping the pages it frees (its default hands them back after 10 s, about two steps)
-    "new-jemalloc-retain": {"allocator": True, "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+    # jemalloc keeping the pages it frees (its default hands them back after 10 s, about two steps),
+    # never purged; or purged by the trainer's rule (kpod.allocator.HeapTrimmer: when the resident
+    # memory at a step's end has grown past 1.5x, or 1.2x, the first step's)
+    "new-jemalloc-retain": {
+        "allocator": True,
+        "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+        "trim": "never",
+    },
+    "new-jemalloc-retain-purge": {"allocator": True, "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+    "new-jemalloc-retain-purge1.2": {
+        "allocator": True,
+        "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+        "trim_growth": 1.2,
+    },
+    # retained pages in one arena for all threads (are the retained pages spread over arenas?)
+    "new-jemalloc-retain-1arena": {
+        "allocator": True,
+        "malloc_conf": "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:1",
+        "trim": "never",
+    },
     # jemalloc without its arena for allocations of 8 MiB and more (the guess tested in session 39:
     # that arena's eager purging made jemalloc's rows slower; it did not, BENCHMARKS.md)
     "new-jemalloc-nohuge": {"allocator": True, "malloc_conf": "oversize_threshold:0"},
@@ -114,7 +132,7 @@ VARIANTS = {
 }
 STUDENT_SETTINGS = ("lora_dropout", "gradient_checkpointing")  # StudentConfig's, not TrainConfig's
 # Set on the measuring process (fresh_process), not on kpod.
-PROCESS_SETTINGS = ("allocator", "trim", "malloc_conf", "undo", "env")
+PROCESS_SETTINGS = ("allocator", "trim", "trim_growth", "malloc_conf", "undo", "env")
 BATCH_SETTINGS = ("micro_batch_size",)  # TrainConfig's; "batch" stands for --batch-size
 
 
@@ -264,6 +282,13 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         import kpod.distill.trainer
 
         kpod.distill.trainer.HeapTrimmer = fixed_heap_trimmer(settings["trim"] == "always")
+    if "trim_growth" in settings:  # the trainer's rule with another growth factor
+        import functools
+
+        import kpod.distill.trainer
+
+        growth = settings["trim_growth"]
+        kpod.distill.trainer.HeapTrimmer = functools.partial(kpod.distill.trainer.HeapTrimmer, growth=growth)
     if settings.get("undo") == "norm_casts_shared":
         import contextlib
 
@@ -306,6 +331,10 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         "steps": len(rows),
         "first_step_s": round(first_step_s, 2),
         **({"first_step_compile": first["compile"]} if "compile" in first else {}),
+        # the heap trims (or jemalloc purges) of the trainer's rule, and the resident MiB at each
+        # step's end before any trim
+        "heap_trims": sum(bool(r.get("heap_trim")) for r in [first, *rows]),
+        "rss_mib_steps": [r["rss_mib"] for r in [first, *rows] if "rss_mib" in r],
     }
 
 
@@ -619,6 +648,10 @@ def training_ratios(result: dict) -> dict:
         out["peak_rss_head_pages_released_over_kept"] = ratio(peak("new-jemalloc"), kept)
     if "new-jemalloc" in result and "new-activations-kept" in result:  # both under jemalloc
         compare("recomputed_over_kept", "new-jemalloc", "new-activations-kept")
+    if "new-jemalloc" in result:  # jemalloc keeping freed pages (and purging them on growth)
+        for variant in [v for v in result if v.startswith("new-jemalloc-retain")]:
+            name = variant.removeprefix("new-jemalloc-").replace("-", "_").replace(".", "")
+            compare(f"{name}_over_jemalloc", variant, "new-jemalloc")
     if "new-glibc-activations-kept" in result:
         compare("recomputed_over_kept_glibc", "new", "new-glibc-activations-kept")
     if "new-gc-jemalloc" in result:
