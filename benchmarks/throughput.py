@@ -121,6 +121,11 @@ VARIANTS = {
     # of recomputed there (train.recompute_elementwise false), under jemalloc and under glibc.
     "new-activations-kept": {"allocator": True, "recompute_elementwise": False},
     "new-glibc-activations-kept": {"recompute_elementwise": False},
+    # Session 41's: a chunk's logits allocated afresh per chunk, with the fused
+    # log_softmax(..., dtype=float32), instead of kpod.chunked_loss.LogitBuffers kept from step to
+    # step, under glibc and under jemalloc.
+    "new-fresh-logits": {"undo": "logit_buffers"},
+    "new-jemalloc-fresh-logits": {"allocator": True, "undo": "logit_buffers"},
     # glibc's malloc with fixed thresholds (its dynamic ones off): blocks up to 32 MiB from the heap,
     # whose free top is handed back only past 4 GiB, so a step's freed activations are reused
     # instead of faulted in again (a session 40 probe).
@@ -299,6 +304,14 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         import kpod.models
 
         kpod.models._release_file_pages = lambda tensor: 0
+    if settings.get("undo") == "logit_buffers":
+        import contextlib
+
+        import kpod.chunked_loss
+        import kpod.distill.trainer
+
+        kpod.distill.trainer.kept_logit_buffers = contextlib.nullcontext
+        kpod.chunked_loss._buffers = lambda *args: None  # the fused path, as off a CPU
     if settings.get("undo") == "file_pages":
         import kpod.allocator
 
@@ -652,6 +665,10 @@ def training_ratios(result: dict) -> dict:
         for variant in [v for v in result if v.startswith("new-jemalloc-retain")]:
             name = variant.removeprefix("new-jemalloc-").replace("-", "_").replace(".", "")
             compare(f"{name}_over_jemalloc", variant, "new-jemalloc")
+    if "new-fresh-logits" in result:
+        compare("logit_buffers_over_fresh", "new", "new-fresh-logits")
+    if "new-jemalloc" in result and "new-jemalloc-fresh-logits" in result:
+        compare("logit_buffers_over_fresh_jemalloc", "new-jemalloc", "new-jemalloc-fresh-logits")
     if "new-glibc-activations-kept" in result:
         compare("recomputed_over_kept_glibc", "new", "new-glibc-activations-kept")
     if "new-gc-jemalloc" in result:

@@ -192,6 +192,77 @@ def test_weighted_linear_nll_matches_cross_entropy_by_hand() -> None:
         torch.testing.assert_close(nw, gw)
 
 
+def _fused_weighted_nll(hidden, weight, labels, tw, chunk, dtype):
+    """The chunked loss and its gradients as kpod computed them before its logit buffers: fresh
+    tensors per chunk and ``log_softmax(..., dtype=float32)`` fused."""
+    w = weight.to(dtype)
+    total, grad_h, grad_w = torch.zeros(()), torch.empty_like(hidden), torch.zeros(weight.shape)
+    for start in range(0, len(hidden), chunk):
+        h, y, t = (
+            hidden[start : start + chunk].to(dtype),
+            labels[start : start + chunk],
+            tw[start : start + chunk],
+        )
+        logp = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
+        total += (-logp.gather(1, y[:, None]).squeeze(1) * t).sum()
+        g = logp.exp_()
+        g[torch.arange(len(y)), y] -= 1
+        g = g.to(dtype)
+        grad_h[start : start + chunk] = (g @ w).to(hidden.dtype) * t[:, None]
+        grad_w += (g.T @ (h * t[:, None].to(dtype))).float()
+    return total, grad_h, grad_w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logit_buffers_give_the_fused_losses_bits_and_are_kept_only_inside_their_block(dtype) -> None:
+    """The CPU's logit buffers (kpod.chunked_loss.LogitBuffers) change no bit of the loss, its
+    gradients or the scoring's log-probabilities against the former fused path, for chunks of
+    several sizes (a shorter last one) and a second call on other inputs in the kept buffers; inside
+    kept_logit_buffers a second call reuses the first's buffer, outside nothing is kept."""
+    from kpod.chunked_loss import (
+        LOGIT_BUFFERS,
+        kept_logit_buffers,
+        linear_token_logprobs,
+        weighted_linear_nll,
+    )
+
+    torch.manual_seed(4)
+    vocab, d = 300, 24
+    weight = torch.randn(vocab, d, requires_grad=True)
+
+    def check(n: int, chunk: int) -> None:
+        hidden = (torch.randn(n, d) * 3).requires_grad_()
+        labels, tw = torch.randint(0, vocab, (n,)), torch.rand(n) + 0.1
+        total, gh, gw = _fused_weighted_nll(hidden.detach(), weight.detach(), labels, tw, chunk, dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got = weighted_linear_nll(hidden, weight, labels, tw, chunk)
+            scored = linear_token_logprobs(hidden.detach(), weight.detach(), labels, chunk)
+        nh, nw = torch.autograd.grad(got, [hidden, weight])
+        assert torch.equal(got.detach(), total)
+        assert torch.equal(nh, gh) and torch.equal(nw, gw)
+        w, h = weight.detach().to(dtype), hidden.detach().to(dtype)
+        # chunk by chunk too: an fp32 product's bits can depend on its number of rows
+        fused = torch.cat(
+            [
+                torch.log_softmax(h[i : i + chunk] @ w.T, dim=-1, dtype=torch.float32)
+                for i in range(0, n, chunk)
+            ]
+        )
+        assert torch.equal(scored, fused.gather(1, labels[:, None]).squeeze(1))
+
+    check(11, 4)
+    assert LOGIT_BUFFERS.kept is None
+    with kept_logit_buffers():
+        check(11, 4)
+        first = {k: v.data_ptr() for k, v in LOGIT_BUFFERS.kept.items()}
+        assert set(first) == {dtype, torch.float32}
+        check(9, 3)  # other values, chunk and size: in the same (large enough) buffers
+        assert {k: v.data_ptr() for k, v in LOGIT_BUFFERS.kept.items()} == first
+        check(20, 16)  # larger: the buffers grow
+        assert LOGIT_BUFFERS.kept[torch.float32].numel() == 16 * vocab
+    assert LOGIT_BUFFERS.kept is None
+
+
 def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(tiny_causal) -> None:
     """Under bf16 autocast, a LoRA student's frozen base weights stored in bf16 for the steps give
     exactly today's loss and adapter gradients (autocast rounds them the same way), the tied

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kpod.allocator import HeapTrimmer, cpu_allocator_hint
-from kpod.chunked_loss import head_bypass_supported
+from kpod.chunked_loss import head_bypass_supported, kept_logit_buffers
 from kpod.config import late_defaults
 from kpod.data.schema import Example
 from kpod.distill.batches import global_batches, micro_batch_rows, process_share
@@ -532,7 +532,7 @@ class DistillRecipe:
         examples, batches = self._stage_batches(epoch)
         if state["step"] == epoch * steps_per_epoch:
             state["epoch_loss"] = [0.0, 0]  # sum and count of step losses in this stage so far
-        with self.step_weights():
+        with self.step_weights(), kept_logit_buffers():  # a chunk's logits in one buffer, step to step
             self._train_steps(epoch, examples, batches)
 
     def step_weights(self) -> contextlib.AbstractContextManager[None]:

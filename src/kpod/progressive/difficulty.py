@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kpod.batching import pad_ids
-from kpod.chunked_loss import bypassed_head, head_bypass_supported, linear_token_logprobs
+from kpod.chunked_loss import bypassed_head, head_bypass_supported, kept_logit_buffers, linear_token_logprobs
 from kpod.data.schema import Example
 from kpod.models import autocast, frozen_linears_for, gqa_attention_on_cpu, norm_casts_shared
 from kpod.precision import compute_precision
@@ -84,7 +84,7 @@ def score_difficulties(
     handle = open(cache, "a", encoding="utf-8") if cache is not None else None
     try:
         precision = compute_precision(precision, device.type)
-        with _scoring_precision(model, device.type, precision):
+        with _scoring_precision(model, device.type, precision), kept_logit_buffers():
             for start in tqdm(
                 range(0, len(tokenized), batch_size), desc="step difficulty", disable=not progress
             ):
