@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
-from kpod.chunked_loss import head_bypass_supported
+from kpod.chunked_loss import head_bypass_supported, kept_logit_buffers
 from kpod.data.schema import Example
 from kpod.distill.loss import IGNORE, sequence_nll
 from kpod.distill.stages import build_stage_example
@@ -83,6 +83,12 @@ class WeightedSFTTrainer(SFTTrainer):
             raise ConfigError("WeightedSFTTrainer: packing and padding_free re-cut the weighted sequences")
         self.data_collator = _WeightsCollator(self.data_collator)
         self.loss_chunk = loss_chunk
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``SFTTrainer.train`` with the loss's logit buffers kept from step to step on a CPU
+        (:func:`kpod.chunked_loss.kept_logit_buffers`), as kpod's own loop keeps them."""
+        with kept_logit_buffers():
+            return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
