@@ -76,6 +76,7 @@ def main() -> None:
     settings = {"fresh": fresh, "kept": kpod.chunked_loss.kept_logit_buffers}
     faults: dict[str, list[int]] = {name: [] for name in settings}
     count = {"step": 0}
+    current = [""]  # the setting the next step runs under, for its fault count
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
 
     def step() -> float:
@@ -85,8 +86,6 @@ def main() -> None:
         speed = bare_step(model, batch, True, optimizer)[0]
         faults[current[0]].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return speed
-
-    current = [""]
 
     def tracked(name):
         @contextlib.contextmanager
