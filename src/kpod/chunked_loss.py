@@ -43,17 +43,16 @@ class LogitBuffers:
     def __init__(self) -> None:
         self.kept: dict[torch.dtype, torch.Tensor] | None = None  # set inside kept_logit_buffers
 
-    def get(self, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-        """A ``[rows, vocab]`` CPU tensor of ``dtype`` (its values arbitrary), from the kept buffer
-        of that dtype, grown when too small, or new outside :func:`kept_logit_buffers`."""
-        size = rows * vocab
+    def get(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat CPU tensor of ``size`` elements of ``dtype`` (its values arbitrary), from the kept
+        buffer of that dtype, grown when too small, or new outside :func:`kept_logit_buffers`."""
         if self.kept is None:
-            return torch.empty((rows, vocab), dtype=dtype)
+            return torch.empty(size, dtype=dtype)
         buffer = self.kept.get(dtype)
         if buffer is None or buffer.numel() < size:
             self.kept.pop(dtype, None)  # freed before its larger successor is allocated
             buffer = self.kept[dtype] = torch.empty(size, dtype=dtype)
-        return buffer[:size].view(rows, vocab)
+        return buffer[:size]
 
 
 LOGIT_BUFFERS = LogitBuffers()
@@ -96,8 +95,8 @@ def _buffers(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) ->
     """The flat logit buffers for chunks of up to ``rows`` positions on a CPU, else ``None``."""
     if device.type != "cpu":
         return None
-    first = LOGIT_BUFFERS.get(rows, vocab, dtype).view(-1)
-    second = LOGIT_BUFFERS.get(rows, vocab, torch.float32).view(-1) if dtype != torch.float32 else first
+    first = LOGIT_BUFFERS.get(rows * vocab, dtype)
+    second = LOGIT_BUFFERS.get(rows * vocab, torch.float32) if dtype != torch.float32 else first
     return first, second
 
 
