@@ -304,14 +304,10 @@ def ours(method: str, args, examples, out: Path, variant: str = "new") -> dict:
         import kpod.models
 
         kpod.models._release_file_pages = lambda tensor: 0
-    if settings.get("undo") == "logit_buffers":
-        import contextlib
-
+    if settings.get("undo") == "logit_buffers":  # the fused path, as off a CPU (nothing is kept)
         import kpod.chunked_loss
-        import kpod.distill.trainer
 
-        kpod.distill.trainer.kept_logit_buffers = contextlib.nullcontext
-        kpod.chunked_loss._buffers = lambda *args: None  # the fused path, as off a CPU
+        kpod.chunked_loss._buffers = lambda *args: None
     if settings.get("undo") == "file_pages":
         import kpod.allocator
 
