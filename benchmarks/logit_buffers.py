@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import resource
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -63,36 +65,20 @@ def main() -> None:
     model, trainable = bare_step_student()
     widths = [args.width - d for d in (0, 24, 44, 0, 64, 14)]
     batches = [random_training_batch(args.batch, w) for w in widths]
-    kept_buffers = kpod.chunked_loss._buffers
-
-    @contextlib.contextmanager
-    def fresh():
-        kpod.chunked_loss._buffers = lambda *a: None
-        try:
-            yield
-        finally:
-            kpod.chunked_loss._buffers = kept_buffers
-
+    fresh = lambda: mock.patch.object(kpod.chunked_loss, "_buffers", lambda *a: None)  # noqa: E731
     settings = {"fresh": fresh, "kept": kpod.chunked_loss.kept_logit_buffers}
-    faults: dict[str, list[int]] = {name: [] for name in settings}
-    count = {"step": 0}
-    current = [""]  # the setting the next step runs under, for its fault count
+    next_batch = itertools.cycle(batches).__next__
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-5)
+    step = lambda: bare_step(model, next_batch(), True, optimizer)[0]  # noqa: E731
+    faults = dict.fromkeys(settings, 0)  # the timed steps' minor page faults, by setting
 
-    def step() -> float:
-        batch = batches[count["step"] % len(batches)]
-        count["step"] += 1
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        speed = bare_step(model, batch, True, optimizer)[0]
-        faults[current[0]].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        return speed
-
-    def tracked(name):
+    def counted(name):
         @contextlib.contextmanager
         def enter():
-            current[0] = name
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with settings[name]():
                 yield
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
         return enter
 
@@ -104,14 +90,12 @@ def main() -> None:
         for name, setting in settings.items():  # the same batch, no optimiser step: the loss's bits
             with setting():
                 losses[name] = bare_step(model, batches[0], True)[1]
-        for name in settings:  # a warm-up step each, not timed
-            current[0] = name
-            with settings[name]():
+        for setting in settings.values():  # a warm-up step each, not timed
+            with setting():
                 step()
-        faults = {name: [] for name in settings}
-        timed = alternating_rounds({name: tracked(name) for name in settings}, step, args.rounds, args.steps)
+        timed = alternating_rounds({name: counted(name) for name in settings}, step, args.rounds, args.steps)
     mean = {name: round(sum(speeds) / len(speeds), 1) for name, speeds in timed.items()}
-    per_step = {name: round(sum(f) / len(f)) for name, f in faults.items()}
+    per_step = {name: round(faults[name] / len(speeds)) for name, speeds in timed.items()}
     allocator = current_allocator()
     result = {**provenance(), "allocator": allocator, "batch": args.batch, "widths": widths}
     result |= {"loss": losses, "loss_equal": losses["kept"] == losses["fresh"]}
